@@ -1,0 +1,41 @@
+# slimcore: two commands on a fresh machine -- `make repro` and `make test`.
+VENV    ?= .venv
+PYTHON  ?= python3
+# torch/torchvision builds that pip takes from this project's machines' local disk; override
+# for other platforms, e.g. `make TORCH_SPEC="torch==2.9.1 torchvision==0.24.1" repro`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test test-fast lint bench plots clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+repro: $(STAMP)  ## run the whole pipeline on the embedded default (dvc repro)
+	$(BIN)/dvc repro
+
+test: $(STAMP)   ## unit tests + end-to-end DVC pipeline test
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check slimcore stages tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/prune_speed.py
+	$(BIN)/python bench/latency.py
+
+plots: $(STAMP)  ## render dvc plots to dvc_plots/index.html
+	$(BIN)/dvc plots show
+
+clean:
+	rm -rf $(VENV) .slimcore dvc_plots .pytest_cache

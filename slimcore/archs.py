@@ -1,0 +1,38 @@
+"""Architecture names and input-size rules; import-light (no torch) so params validate fast."""
+
+from __future__ import annotations
+
+import functools
+
+REFERENCE_ARCHS: tuple[str, ...] = ("vgg16_bn", "resnet50", "mobilenet_v2")
+STEMS: tuple[str, ...] = ("imagenet", "cifar")
+
+# Total spatial downsampling before global pooling: the smallest input an arch accepts.
+_DOWNSAMPLING: dict[tuple[str, str], int] = {
+    ("vgg16_bn", "imagenet"): 32,
+    ("vgg16_bn", "cifar"): 8,
+    ("resnet50", "imagenet"): 32,
+    ("resnet50", "cifar"): 8,
+    ("mobilenet_v2", "imagenet"): 32,
+    ("mobilenet_v2", "cifar"): 8,
+}
+_OTHER_MIN_SIZE: dict[str, int] = {"inception_v3": 75}
+_GENERIC_MIN_SIZE = 32
+
+
+def min_image_size(arch: str, stem: str) -> int:
+    """Smallest square input (pixels) the arch accepts with this stem."""
+    return _DOWNSAMPLING.get((arch, stem), _OTHER_MIN_SIZE.get(arch, _GENERIC_MIN_SIZE))
+
+
+@functools.cache
+def classification_archs() -> tuple[str, ...]:
+    """Names of all torchvision classification models (imports torchvision: slow, so cached)."""
+    import torchvision
+
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def is_known_arch(arch: str) -> bool:
+    """True for the reference archs and any torchvision classification model name."""
+    return arch in REFERENCE_ARCHS or arch in classification_archs()

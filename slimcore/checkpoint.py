@@ -1,0 +1,145 @@
+"""One file per model: ``state_dict`` + model spec + pruning plan; never a pickled module.
+
+Files are written atomically (temp file in the same folder, fsync, rename) and read with
+``torch.load(weights_only=True)``, so loading never executes code from the file.  A model is
+rebuilt as: build the spec -> replay the pruning plan -> load the weights.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimcore.models import PLAN_ATTR, ModelSpec, spec_of
+
+FORMAT = "slimcore-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, foreign or disagrees with what was asked for."""
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and what went wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data "
+            f"(pickled code is never executed) [{str(err).splitlines()[0]}]"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated or not a torch file): {err}"
+        ) from None
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """The checkpoint's dictionary, validated as a slimcore checkpoint."""
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a slimcore checkpoint (no '{FORMAT}' header)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} != {VERSION}")
+    return ckpt
+
+
+def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None, **meta: Any) -> Path:
+    """Save ``model`` as state_dict + spec + pruning plan (+ plain ``meta``), atomically."""
+    try:
+        spec = spec or spec_of(model)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    plan = [[str(name), bool(is_out), [int(i) for i in idxs]]
+            for name, is_out, idxs in getattr(model, PLAN_ATTR, [])]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_torch_save(
+        {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(), "plan": plan,
+         "state_dict": state, "meta": meta},
+        path,
+    )
+    return Path(path)
+
+
+def _materialise_folded_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give bias-free layers the bias that constant folding added to them before saving."""
+    modules = dict(model.named_modules())
+    for key, value in state.items():
+        owner, _, leaf = key.rpartition(".")
+        module = modules.get(owner)
+        if leaf == "bias" and module is not None and getattr(module, "bias", 0) is None:
+            module.bias = nn.Parameter(torch.zeros_like(value))
+
+
+def load_model(path: Path | str, expected_arch: str | None = None) -> nn.Module:
+    """Rebuild a model from a checkpoint: spec -> replay pruning plan -> load weights (strict)."""
+    from slimcore.prune import replay_plan  # prune imports torch-pruning: only when needed
+
+    ckpt = read_checkpoint(path)
+    try:
+        spec = ModelSpec(**ckpt["spec"])
+    except TypeError as err:
+        raise CheckpointError(f"{path}: malformed model spec: {err}") from None
+    if expected_arch is not None and spec.arch != expected_arch:
+        raise CheckpointError(f"{path}: holds a {spec.arch} model, but {expected_arch} was requested")
+    model = spec.build()
+    if ckpt["plan"]:
+        replay_plan(model, ckpt["plan"], spec)
+    _materialise_folded_biases(model, ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit the rebuilt {spec.arch}: {err}") from None
+    model.eval()
+    return model
+
+
+def checkpoint_meta(path: Path | str) -> dict[str, Any]:
+    """The ``meta`` a checkpoint was saved with (no model is built)."""
+    return dict(read_checkpoint(path)["meta"])
+
+
+__all__ = [
+    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checkpoint_meta",
+    "load_model", "read_checkpoint", "safe_torch_load", "save_model",
+]

@@ -1,0 +1,85 @@
+"""Model cost: FLOPs (thop), parameters, bytes on disk and median CPU latency.
+
+FLOPs convention: thop's count, i.e. multiply-accumulates (MACs) of convolutions and linear
+layers plus thop's per-element counts for BatchNorm, pooling and activations (see README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of learnable parameters (BN running statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _input_shape(input_size: int | tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(input_size, int):
+        return (1, 3, input_size, input_size)
+    if len(input_size) == 3:
+        return (1, *input_size)
+    return tuple(input_size)
+
+
+def count_flops(model: nn.Module, input_size: int | tuple[int, ...]) -> float:
+    """thop's MAC count for one forward pass (batch 1 unless ``input_size`` says otherwise).
+
+    ``input_size``: a square image side, ``(C, H, W)`` or ``(N, C, H, W)``.  The model is not
+    modified (thop's counters are attached to a copy).
+    """
+    import thop
+
+    probe = copy.deepcopy(model).eval().cpu()
+    logging.getLogger("thop").setLevel(logging.ERROR)
+    with torch.no_grad(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        macs, _ = thop.profile(probe, inputs=(torch.zeros(_input_shape(input_size)),), verbose=False)
+    return float(macs)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` intra-op threads, restoring the previous setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, input_size: int | tuple[int, ...], runs: int = 30,
+                    warmup: int = 5, threads: int = 1) -> dict[str, float]:
+    """Median and spread of CPU wall time per forward pass, in milliseconds."""
+    model = model.eval().cpu()
+    x = torch.randn(_input_shape(input_size))
+    times = []
+    with torch_threads(threads):
+        for _ in range(warmup):
+            model(x)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
+            "p90_ms": times[(len(times) * 9) // 10], "runs": runs, "threads": threads}
+
+
+def file_bytes(path: Path | str) -> int:
+    """Size of a file on disk."""
+    return Path(path).stat().st_size
+
+
+__all__ = ["count_flops", "count_params", "file_bytes", "measure_latency", "torch_threads"]

@@ -1,0 +1,111 @@
+"""Where and how tensors are computed: device, mixed precision, threads and torch.distributed.
+
+Training stages run as one process, or as ``torchrun --standalone --nproc_per_node N`` workers
+when ``runtime.nproc > 1``; :func:`current_context` reads torchrun's environment either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from slimcore.config import RuntimeConfig
+
+
+@dataclass(frozen=True)
+class Context:
+    """The resolved runtime of this process."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full precision
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes checkpoints, metrics and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def use_grad_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Autocast region for forward passes (a no-op in full precision)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def _resolve_device(cfg: RuntimeConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("runtime.device: cuda requested but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _resolve_amp(cfg: RuntimeConfig, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or cfg.amp == "off":
+        return None  # AMP is a GPU feature here: CPU runs stay in fp32 (and bit-reproducible)
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def current_context(cfg: RuntimeConfig) -> Context:
+    """Resolve the runtime settings for this process (reads torchrun's RANK/WORLD_SIZE)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _resolve_device(cfg, local_rank)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    elif world > 1 and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+    return Context(device, _resolve_amp(cfg, device), channels_last, rank, world, local_rank)
+
+
+@contextlib.contextmanager
+def distributed(ctx: Context) -> Iterator[None]:
+    """Initialise and tear down the process group when running under torchrun."""
+    if not ctx.distributed or dist.is_initialized():
+        yield
+        return
+    backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    dist.init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], ctx: Context) -> list[float]:
+    """Sum scalars across ranks (identity in a single process)."""
+    if not ctx.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier(ctx: Context) -> None:
+    """Wait for all ranks (no-op in a single process)."""
+    if ctx.distributed:
+        dist.barrier()

@@ -1,0 +1,278 @@
+"""One training loop for baseline, sparse and fine-tune runs.
+
+SGD with momentum, linear warmup then multistep decay, label smoothing, no weight decay on BN
+parameters or biases, optional L1 sparsity on BN gammas, AMP and DistributedDataParallel on
+GPUs, a rich progress bar, per-epoch curves through dvclive, and a resumable state saved after
+every epoch: a run killed at any point continues from its last finished epoch and, on CPU,
+ends with exactly the weights an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from slimcore.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
+from slimcore.config import TrainConfig
+from slimcore.evaluate import evaluate
+from slimcore.runtime import Context, all_reduce_sum
+from slimcore.sparsity import L1Sparsity, gamma_magnitudes
+
+console = Console(stderr=True, log_path=False, width=None if Console(stderr=True).is_terminal else 160)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf: training stops before anything is saved from this epoch."""
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did (one row of the training curves)."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_top1: float
+    test_top1: float
+    test_top5: float
+    gamma_mean: float
+    gamma_small: float  # fraction of |gamma| below 1e-2
+    seconds: float
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD; weight decay on conv/linear weights only (never on BN parameters or biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """LR multiplier after ``step`` optimizer steps: linear warmup, then x lr_decay per milestone."""
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    epoch = step // max(1, steps_per_epoch)
+    return cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Curves:
+    """Per-epoch curves through dvclive (metrics.json + plot TSVs that `dvc plots` reads)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.live = None
+        if directory is not None:
+            from dvclive import Live
+
+            self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def log(self, rec: EpochRecord) -> None:
+        if self.live is None:
+            return
+        for key, value in (("train/loss", rec.train_loss), ("train/top1", rec.train_top1),
+                           ("test/top1", rec.test_top1), ("test/top5", rec.test_top5),
+                           ("lr", rec.lr), ("bn/gamma_mean", rec.gamma_mean),
+                           ("bn/gamma_below_1e-2", rec.gamma_small)):
+            self.live.log_metric(key, round(value, 6))
+        self.live.next_step()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+@dataclass
+class Trainer:
+    """Trains ``model`` in place with one schedule; see :meth:`fit`."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    ctx: Context
+    train_loader: DataLoader
+    test_loader: DataLoader | None
+    sparsity: float = 0.0
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        self.model.to(self.ctx.device)
+        if self.ctx.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.l1 = L1Sparsity(self.model, self.sparsity)
+        self.net: nn.Module = self.model
+        if self.ctx.distributed:
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size={self.cfg.batch_size} x {self.ctx.world_size} process(es) is larger "
+                f"than the training set ({len(self.train_loader.dataset)} images)"  # type: ignore[arg-type]
+            )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(self.cfg, s, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.ctx.use_grad_scaler)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        self.history: list[EpochRecord] = []
+        self.start_epoch = 0
+
+    # ---------------------------------------------------------------- resumable state
+    def state_dict(self, fingerprint: str) -> dict[str, Any]:
+        return {
+            "fingerprint": fingerprint,
+            "epoch": len(self.history),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "history": [asdict(r) for r in self.history],
+        }
+
+    def try_resume(self, path: Path, fingerprint: str) -> bool:
+        """Continue from a saved state of the same run; a stale or foreign state is ignored."""
+        if not path.is_file():
+            return False
+        try:
+            state = safe_torch_load(path, map_location=self.ctx.device)
+        except CheckpointError as err:
+            console.log(f"[yellow]ignoring unreadable resume state[/]: {err}")
+            return False
+        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+            console.log(f"[yellow]ignoring resume state from different settings[/]: {path}")
+            return False
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v])
+                        for k, v in state["rng"].items()})
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.start_epoch = int(state["epoch"])
+        console.log(f"{self.desc}: resuming after epoch {self.start_epoch}/{self.cfg.epochs} from {path}")
+        return True
+
+    # ---------------------------------------------------------------- training
+    def _train_epoch(self, epoch: int, on_step: Callable[[int, float, float], None]) -> tuple[float, float]:
+        self.net.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        device = self.ctx.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        for step, (x, y) in enumerate(self.train_loader):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if self.ctx.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.ctx.autocast():
+                logits = self.net(x)
+                loss = self.criterion(logits, y)
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteLossError(
+                    f"{self.desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}/"
+                    f"{self.steps_per_epoch} (lr {self.scheduler.get_last_lr()[0]:.4g}); lower "
+                    "the learning rate or check the data; nothing from this epoch was saved"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)  # the penalty must see unscaled gradients
+            self.l1.apply_()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            n = y.shape[0]
+            seen += n
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(1) == y).sum()
+            on_step(step, float(loss_sum) / seen, float(correct) / seen)
+        total_loss, total_correct, total_seen = all_reduce_sum(
+            [float(loss_sum), float(correct), float(seen)], self.ctx)
+        return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1)
+
+    def fit(self, state_path: Path | None = None, fingerprint: str = "",
+            curves_dir: Path | None = None) -> list[EpochRecord]:
+        """Train to ``cfg.epochs``, resuming from ``state_path`` when it holds this run's state."""
+        if state_path is not None:
+            self.try_resume(state_path, fingerprint)
+        curves = _Curves(curves_dir if self.ctx.is_main else None)
+        for rec in self.history:  # a resumed run rewrites the curves it already had
+            curves.log(rec)
+        show = self.ctx.is_main and console.is_terminal
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                            console=console, transient=True, disable=not show)
+        try:
+            with progress:
+                for epoch in range(self.start_epoch, self.cfg.epochs):
+                    rec = self._run_epoch(epoch, progress)
+                    self.history.append(rec)
+                    if self.ctx.is_main:
+                        if state_path is not None:
+                            atomic_torch_save(self.state_dict(fingerprint), state_path)
+                        curves.log(rec)
+                        console.log(
+                            f"{self.desc} epoch {epoch + 1}/{self.cfg.epochs}  loss {rec.train_loss:.4f}  "
+                            f"train {rec.train_top1:.2%}  test {rec.test_top1:.2%}  lr {rec.lr:.4g}  "
+                            f"|gamma|<1e-2 {rec.gamma_small:.1%}  {rec.seconds:.1f}s"
+                        )
+        finally:
+            curves.close()
+        return self.history
+
+    def _run_epoch(self, epoch: int, progress: Progress) -> EpochRecord:
+        start = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        task = progress.add_task(f"{self.desc} {epoch + 1}/{self.cfg.epochs}",
+                                 total=self.steps_per_epoch, stats="")
+
+        def on_step(step: int, loss: float, acc: float) -> None:
+            progress.update(task, completed=step + 1, stats=f"loss {loss:.3f} acc {acc:.1%}")
+
+        train_loss, train_top1 = self._train_epoch(epoch, on_step)
+        progress.remove_task(task)
+        test = {"top1": math.nan, "top5": math.nan}
+        if self.test_loader is not None and self.ctx.is_main:
+            test = evaluate(self.model, self.test_loader, self.ctx)
+        gammas = gamma_magnitudes(self.model)
+        return EpochRecord(
+            epoch=epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1,
+            test_top1=test["top1"], test_top5=test["top5"],
+            gamma_mean=float(gammas.mean()) if gammas.numel() else 0.0,
+            gamma_small=float((gammas < 1e-2).float().mean()) if gammas.numel() else 0.0,
+            seconds=time.perf_counter() - start,
+        )
+
+
+__all__ = ["EpochRecord", "NonFiniteLossError", "Trainer", "lr_factor", "make_optimizer"]

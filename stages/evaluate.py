@@ -1,0 +1,70 @@
+"""Stage ``evaluate``: top-1/top-5 of every model, the results table and the plot data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from stages._common import PARAMS_OPTION, console, params_for, run_app, stage, write_json
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(params_file: Path = PARAMS_OPTION) -> None:
+    """Write metrics/eval.json, metrics/results.md and metrics/plots/*.csv."""
+    with stage("evaluate"):
+        params = params_for(params_file)
+        from rich.table import Table
+
+        from slimcore import paths, report
+        from slimcore.checkpoint import atomic_write_bytes, checkpoint_meta, load_model
+        from slimcore.data import check_num_classes, load_splits, make_loader
+        from slimcore.evaluate import evaluate
+        from slimcore.models import spec_of
+        from slimcore.sparsity import gamma_magnitudes
+
+        splits = load_splits(params.data)
+        loader = make_loader(splits.test, 256, train=False, seed=params.seed, runtime=params.runtime)
+        profile = json.loads(paths.profile_report().read_text())
+        evals: dict[str, dict[str, dict[str, float]]] = {}
+        prunes: dict[str, dict[float, dict[str, object]]] = {}
+        hist_rows, tradeoff, curves = [], [], []
+        for arch in params.archs:
+            evals[arch], gammas = {}, {}
+            for label, path in paths.model_files(arch, params.prune.ratios).items():
+                model = load_model(path, expected_arch=arch)
+                check_num_classes(splits, spec_of(model).num_classes, str(path))
+                evals[arch][label] = {k: v for k, v in evaluate(model, loader).items() if k != "samples"}
+                if label in ("baseline", "sparse"):
+                    gammas[label] = gamma_magnitudes(model)
+                for epoch in checkpoint_meta(path).get("history", []):
+                    curves.append({"arch": arch, "run": label, "epoch": epoch["epoch"],
+                                   "train_loss": round(epoch["train_loss"], 5),
+                                   "test_top1": round(epoch["test_top1"], 5)})
+            prunes[arch] = {r: json.loads(paths.prune_report(arch, r).read_text()) for r in params.prune.ratios}
+            hist_rows += [{"arch": arch, **row} for row in report.gamma_histogram(gammas)]
+            tradeoff += report.tradeoff_rows(arch, params, evals[arch], profile[arch])
+        write_json(paths.eval_report(), evals)
+        plots = paths.plots_dir()
+        report.write_csv(plots / "gamma_hist.csv", hist_rows)
+        report.write_csv(plots / "tradeoff.csv", tradeoff)
+        report.write_csv(plots / "curves.csv", curves)
+        markdown = report.results_markdown(params, evals, profile, prunes)
+        atomic_write_bytes(paths.results_table(), markdown.encode())
+
+        table = Table(title="slimcore results (test top-1 %)")
+        for col in ("arch", "baseline", "sparse", *[f"{r:g}: pruned / FT" for r in params.prune.ratios]):
+            table.add_column(col, justify="right")
+        for arch, ev in evals.items():
+            cells = [f"{100 * ev[f'pruned-{paths.ratio_tag(r)}']['top1']:.2f} / "
+                     f"{100 * ev[f'finetuned-{paths.ratio_tag(r)}']['top1']:.2f}" for r in params.prune.ratios]
+            table.add_row(arch, f"{100 * ev['baseline']['top1']:.2f}", f"{100 * ev['sparse']['top1']:.2f}", *cells)
+        console.print(table)
+        console.log(f"evaluate: wrote {paths.results_table()}")
+
+
+if __name__ == "__main__":
+    run_app(app)
