@@ -11,7 +11,6 @@ import io
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +63,16 @@ def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+                      str(err).splitlines()[0])
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain data "
-            f"(pickled code is never executed) [{str(err).splitlines()[0]}]"
+            f"(pickled code is never executed): {detail}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - the weights-only unpickler raises many kinds
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or not a torch file): {err}"
+            f"{path}: not a readable checkpoint (truncated, not a torch file, or holding objects "
+            f"other than tensors; nothing in it was executed): {type(err).__name__}: {err}"
         ) from None
 
 
@@ -90,7 +92,8 @@ def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None
         spec = spec or spec_of(model)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    plan = [[str(name), bool(is_out), [int(i) for i in idxs]]
+    # Index lists as int64 tensors: plain data that torch.load(weights_only=True) reads fast.
+    plan = [[str(name), bool(is_out), torch.as_tensor([int(i) for i in idxs], dtype=torch.int64)]
             for name, is_out, idxs in getattr(model, PLAN_ATTR, [])]
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save(
@@ -111,8 +114,9 @@ def _materialise_folded_biases(model: nn.Module, state: dict[str, torch.Tensor])
             module.bias = nn.Parameter(torch.zeros_like(value))
 
 
-def load_model(path: Path | str, expected_arch: str | None = None) -> nn.Module:
-    """Rebuild a model from a checkpoint: spec -> replay pruning plan -> load weights (strict)."""
+def load_model_and_meta(path: Path | str, expected_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint (spec -> replay pruning plan -> load weights, strict),
+    and return it with the ``meta`` it was saved with."""
     from slimcore.prune import replay_plan  # prune imports torch-pruning: only when needed
 
     ckpt = read_checkpoint(path)
@@ -124,14 +128,20 @@ def load_model(path: Path | str, expected_arch: str | None = None) -> nn.Module:
         raise CheckpointError(f"{path}: holds a {spec.arch} model, but {expected_arch} was requested")
     model = spec.build()
     if ckpt["plan"]:
-        replay_plan(model, ckpt["plan"], spec)
+        plan = [[name, is_out, torch.as_tensor(idxs).tolist()] for name, is_out, idxs in ckpt["plan"]]
+        replay_plan(model, plan, spec)
     _materialise_folded_biases(model, ckpt["state_dict"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the rebuilt {spec.arch}: {err}") from None
     model.eval()
-    return model
+    return model, dict(ckpt["meta"])
+
+
+def load_model(path: Path | str, expected_arch: str | None = None) -> nn.Module:
+    """Rebuild a model from a checkpoint: spec -> replay pruning plan -> load weights (strict)."""
+    return load_model_and_meta(path, expected_arch)[0]
 
 
 def checkpoint_meta(path: Path | str) -> dict[str, Any]:
@@ -141,5 +151,5 @@ def checkpoint_meta(path: Path | str) -> dict[str, Any]:
 
 __all__ = [
     "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checkpoint_meta",
-    "load_model", "read_checkpoint", "safe_torch_load", "save_model",
+    "load_model", "load_model_and_meta", "read_checkpoint", "safe_torch_load", "save_model",
 ]

@@ -6,6 +6,9 @@ All loaders are deterministic for a given seed and epoch (``set_epoch``), shard 
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,17 +52,34 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
 
 
-def _digits(cfg: DataConfig) -> Splits:
-    """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (images 1797x8x8 in 0..16, labels).
+
+    Read straight from the CSV that scikit-learn ships (importing scikit-learn itself costs
+    over a second per stage); ``sklearn.datasets.load_digits`` is the fallback.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    origin = Path(spec.origin).parent if spec and spec.origin else None
+    csv = origin / "datasets" / "data" / "digits.csv.gz" if origin else None
+    if csv is not None and csv.is_file():
+        with gzip.open(csv, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _digits(cfg: DataConfig) -> Splits:
+    """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels."""
+    raw_images, raw_labels = _digits_arrays()
+    images = torch.from_numpy(raw_images / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(raw_labels)
     images = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear",
                            align_corners=False).expand(-1, 3, -1, -1)
     # The split is a property of the data, not of the training seed: fixed at 0.
-    train_idx, test_idx = stratified_split(bunch.target, cfg.test_fraction, seed=0)
+    train_idx, test_idx = stratified_split(raw_labels, cfg.test_fraction, seed=0)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = ((images - mean) / std).contiguous()
     return Splits(
@@ -76,7 +96,7 @@ def _transforms(image_size: int, train: bool, mean: tuple[float, ...], std: tupl
 
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     if not train:
-        resize = int(round(image_size * 1.14)) if random_resized else image_size
+        resize = round(image_size * 1.14) if random_resized else image_size
         crop = [T.CenterCrop(image_size)] if random_resized else []
         return T.Compose([T.Resize(resize), *crop, *norm])
     if random_resized:
@@ -85,26 +105,82 @@ def _transforms(image_size: int, train: bool, mean: tuple[float, ...], std: tupl
                       T.RandomHorizontalFlip(), *norm])
 
 
-def _cifar(cfg: DataConfig) -> Splits:
-    """torchvision's CIFAR-10/100 on-disk format under ``root`` (downloads only if asked)."""
-    from torchvision import datasets
+_CIFAR_LAYOUT = {
+    # name: (folder, train files, test files, meta file, label-names key, labels key)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
+}
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
 
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Reads CIFAR's pickled batches while refusing anything but numpy arrays and builtins."""
+
+    def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+
+
+def _read_batch(path: Path) -> dict:
+    with path.open("rb") as fh:
+        return _ArraysOnlyUnpickler(fh, encoding="latin1").load()
+
+
+class CifarFolder(Dataset):
+    """One split of torchvision's CIFAR-10/100 on-disk format (python pickles), read locally.
+
+    Unlike torchvision's class this does not check the official files' checksums (so tests and
+    users can use reduced copies), and it never unpickles anything but arrays.
+    """
+
+    def __init__(self, root: Path, name: str, train: bool, transform: object | None = None) -> None:
+        folder_name, train_files, test_files, meta_file, names_key, labels_key = _CIFAR_LAYOUT[name]
+        folder = root / folder_name
+        files = train_files if train else test_files
+        missing = [f for f in [*files, meta_file] if not (folder / f).is_file()]
+        if missing:
+            raise DataError(
+                f"data.root: {folder} is not a {name} copy: missing {', '.join(missing)} "
+                f"(expected torchvision's layout {folder_name}/{{{', '.join([*files, meta_file])}}}); "
+                "set data.download: true to fetch it, or point data.root at your copy"
+            )
+        try:
+            batches = [_read_batch(folder / f) for f in files]
+            self.classes = list(_read_batch(folder / meta_file)[names_key])
+            data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+            self.targets = [int(t) for b in batches for t in b[labels_key]]
+        except (pickle.UnpicklingError, KeyError, EOFError, ValueError) as err:
+            raise DataError(f"data.root: {folder} holds an unreadable {name} file: {err}") from None
+        self.data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC, as torchvision
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        from PIL import Image
+
+        image = Image.fromarray(self.data[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def _cifar(cfg: DataConfig) -> Splits:
+    """CIFAR-10/100 in torchvision's on-disk format under ``root`` (downloads only if asked)."""
     root = Path(cfg.root)
-    cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
-    folder = root / cls.base_folder
-    if not cfg.download and not folder.is_dir():
-        raise DataError(
-            f"data.root: {folder} not found: expected torchvision's {cfg.name} layout "
-            f"({cls.base_folder}/ with the python pickles) under {root}; "
-            "set data.download: true to fetch it, or point data.root at your copy"
-        )
-    try:
-        make = lambda train: cls(str(root), train=train, download=cfg.download,  # noqa: E731
-                                 transform=_transforms(cfg.image_size, train, CIFAR_MEAN, CIFAR_STD, False))
-        train, test = make(True), make(False)
-    except RuntimeError as err:
-        raise DataError(f"data.root: {folder} is not a valid {cfg.name} copy: {err}") from None
-    return Splits(train, test, num_classes=len(train.classes), name=cfg.name)
+    if cfg.download:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
+        cls(str(root), train=True, download=True)  # torchvision verifies the official checksums
+    parts = [CifarFolder(root, cfg.name, train,
+                         _transforms(cfg.image_size, train, CIFAR_MEAN, CIFAR_STD, random_resized=False))
+             for train in (True, False)]
+    return Splits(parts[0], parts[1], num_classes=len(parts[0].classes), name=cfg.name)
 
 
 def _imagefolder(cfg: DataConfig) -> Splits:

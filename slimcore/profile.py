@@ -12,7 +12,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -59,22 +59,37 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 @torch.inference_mode()
+def measure_latencies(models: Mapping[str, nn.Module], input_size: int | tuple[int, ...], runs: int = 30,
+                      warmup: int = 5, threads: int = 1) -> dict[str, dict[str, float]]:
+    """CPU wall time per forward pass (ms) of several models, timed in interleaved rounds.
+
+    Each round times every model once, so drift in machine load affects all models alike and
+    their ratios (speedups) stay meaningful.  Returns median, p10 and p90 per model.
+    """
+    x = torch.randn(_input_shape(input_size))
+    nets = {label: m.eval().cpu() for label, m in models.items()}
+    times: dict[str, list[float]] = {label: [] for label in nets}
+    with torch_threads(threads):
+        for net in nets.values():
+            for _ in range(warmup):
+                net(x)
+        for _ in range(runs):
+            for label, net in nets.items():
+                start = time.perf_counter()
+                net(x)
+                times[label].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for label, t in times.items():
+        t.sort()
+        out[label] = {"median_ms": statistics.median(t), "p10_ms": t[len(t) // 10],
+                      "p90_ms": t[(len(t) * 9) // 10], "runs": runs, "threads": threads}
+    return out
+
+
 def measure_latency(model: nn.Module, input_size: int | tuple[int, ...], runs: int = 30,
                     warmup: int = 5, threads: int = 1) -> dict[str, float]:
-    """Median and spread of CPU wall time per forward pass, in milliseconds."""
-    model = model.eval().cpu()
-    x = torch.randn(_input_shape(input_size))
-    times = []
-    with torch_threads(threads):
-        for _ in range(warmup):
-            model(x)
-        for _ in range(runs):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p10_ms": times[len(times) // 10],
-            "p90_ms": times[(len(times) * 9) // 10], "runs": runs, "threads": threads}
+    """Median and spread of CPU wall time per forward pass of one model, in milliseconds."""
+    return measure_latencies({"model": model}, input_size, runs, warmup, threads)["model"]
 
 
 def file_bytes(path: Path | str) -> int:
@@ -82,4 +97,4 @@ def file_bytes(path: Path | str) -> int:
     return Path(path).stat().st_size
 
 
-__all__ = ["count_flops", "count_params", "file_bytes", "measure_latency", "torch_threads"]
+__all__ = ["count_flops", "count_params", "file_bytes", "measure_latencies", "measure_latency", "torch_threads"]

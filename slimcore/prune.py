@@ -160,7 +160,8 @@ def _find_classifier(model: nn.Module, example_inputs: torch.Tensor) -> nn.Modul
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
 
 
 def _unsafe_reason(group: Any, dg: tp.DependencyGraph) -> str | None:
@@ -398,7 +399,7 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, expected: torch.
     try:
         with torch.no_grad():
             out = model(example_inputs)
-    except Exception as err:  # noqa: BLE001 - any failure means the surgery went wrong
+    except Exception as err:
         return f"{type(err).__name__}: {err}"
     if out.shape != expected:
         return f"output shape {tuple(out.shape)} != {tuple(expected)}"
@@ -426,11 +427,15 @@ def _slim_once(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
     with torch.no_grad():
         expected = model(example_inputs).shape
     classifier = _find_classifier(model, example_inputs)
-    dg = _build_graph(model, example_inputs)
-    groups, skipped = _collect_groups(model, dg, classifier, pol.group_score)
+    total_bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    try:
+        dg = _build_graph(model, example_inputs)
+        groups, skipped = _collect_groups(model, dg, classifier, pol.group_score)
+    except Exception as err:  # noqa: BLE001 - torch-pruning cannot model this graph at all
+        reason = f"torch-pruning cannot trace the model: {type(err).__name__}: {err}"
+        return _untouched_report(ratio, total_bn, pol, reason)
     skipped += [{"group": name, "reason": why} for name, why in excluded.items()]
     groups = [g for g in groups if g.root_name not in excluded]
-    total_bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     prunable, removed, threshold, bound_by = _select(groups, ratio, pol)
     if pol.fold_constants and removed:
         _fold_constants(model, dg, groups, example_inputs)
@@ -456,6 +461,14 @@ def _slim_once(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
         skipped=skipped,
         policy=asdict(pol),
     )
+
+
+def _untouched_report(ratio: float, total_bn: int, pol: SlimPolicy, reason: str) -> SlimReport:
+    """The report of a model left as it was because no group could be pruned safely."""
+    return SlimReport(requested_ratio=float(ratio), true_ratio=0.0, threshold=0.0, prunable_bn_channels=0,
+                      removed_bn_channels=0, total_bn_channels=total_bn, exact=ratio == 0,
+                      bound_by=[reason] if ratio else [], groups=[],
+                      skipped=[{"group": "<model>", "reason": reason}], policy=asdict(pol))
 
 
 def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,

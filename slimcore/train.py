@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -25,11 +24,10 @@ from torch.utils.data import DataLoader
 
 from slimcore.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from slimcore.config import TrainConfig
+from slimcore.console import console
 from slimcore.evaluate import evaluate
 from slimcore.runtime import Context, all_reduce_sum
 from slimcore.sparsity import L1Sparsity, gamma_magnitudes
-
-console = Console(stderr=True, log_path=False, width=None if Console(stderr=True).is_terminal else 160)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,8 +96,7 @@ class _Curves:
         if self.live is None:
             return
         for key, value in (("train/loss", rec.train_loss), ("train/top1", rec.train_top1),
-                           ("test/top1", rec.test_top1), ("test/top5", rec.test_top5),
-                           ("lr", rec.lr), ("bn/gamma_mean", rec.gamma_mean),
+                           ("test/top1", rec.test_top1), ("lr", rec.lr),
                            ("bn/gamma_below_1e-2", rec.gamma_small)):
             self.live.log_metric(key, round(value, 6))
         self.live.next_step()

@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from slimcore.config import Params, ParamsError, load_params, with_overrides
-
-console = Console(stderr=True, log_path=False)
+from slimcore.console import console
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params file (the pipeline reads params.yaml)")
 
@@ -36,7 +34,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
+def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
@@ -141,7 +139,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
             final = history[-1] if history else None
             save_model(out, model.cpu(), run=run, history=[vars(h) for h in history],
                        test_top1=final.test_top1 if final else None, sparsity=sparsity,
-                       torch_version=torch.__version__)
+                       torch_version=str(torch.__version__))
             state.unlink(missing_ok=True)
             console.log(f"{run}@{arch}: saved {out}")
         barrier(ctx)

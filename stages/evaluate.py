@@ -20,7 +20,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         from rich.table import Table
 
         from slimcore import paths, report
-        from slimcore.checkpoint import atomic_write_bytes, checkpoint_meta, load_model
+        from slimcore.checkpoint import atomic_write_bytes, load_model_and_meta
         from slimcore.data import check_num_classes, load_splits, make_loader
         from slimcore.evaluate import evaluate
         from slimcore.models import spec_of
@@ -35,12 +35,12 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         for arch in params.archs:
             evals[arch], gammas = {}, {}
             for label, path in paths.model_files(arch, params.prune.ratios).items():
-                model = load_model(path, expected_arch=arch)
+                model, meta = load_model_and_meta(path, expected_arch=arch)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
                 evals[arch][label] = {k: v for k, v in evaluate(model, loader).items() if k != "samples"}
                 if label in ("baseline", "sparse"):
                     gammas[label] = gamma_magnitudes(model)
-                for epoch in checkpoint_meta(path).get("history", []):
+                for epoch in meta.get("history", []):
                     curves.append({"arch": arch, "run": label, "epoch": epoch["epoch"],
                                    "train_loss": round(epoch["train_loss"], 5),
                                    "test_top1": round(epoch["test_top1"], 5)})

@@ -35,7 +35,8 @@ def main(
         example = torch.randn(2, 3, size, size, generator=generator)
         policy = params.prune.model_dump(exclude={"ratios"})
         pruned, report = slim(sparse, ratio, example, **policy)
-        save_model(paths.pruned(arch, ratio), pruned, run="prune", ratio=ratio, slim=report.to_dict())
+        save_model(paths.pruned(arch, ratio), pruned, run="prune", ratio=ratio,
+                   true_ratio=report.true_ratio, threshold=report.threshold)
         nofold, _ = slim(sparse, ratio, example, **{**policy, "fold_constants": False})
         save_model(paths.pruned(arch, ratio, fold=False), nofold, run="prune-nofold", ratio=ratio)
         summary = {

@@ -1,0 +1,278 @@
+"""End to end: the real pipeline under DVC, in a scratch copy of the project with tiny params.
+
+``dvc repro`` runs once (module fixture); the tests then check its artifacts, that a second
+``dvc repro`` does nothing, and that ``dvc exp run -S prune.ratios=[0.3]`` re-runs only the
+prune side of the pipeline.  About a minute and a half on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv running the tests: python, dvc
+ARCH = "vgg16_bn"
+RATIOS = (0.2, 0.5)
+EXP_RATIO = 0.3
+TIMEOUT = 420  # seconds per DVC command: generous for a loaded 2-core machine
+# pipeline outputs are produced by the test, never copied from the developer's workspace
+OUTPUTS = ("dvc.lock", "metrics/", "models/", "dvc_plots/", ".slimcore/")
+
+
+@dataclass
+class Result:
+    cmd: str
+    returncode: int
+    output: str
+
+    def tail(self, chars: int = 6000) -> str:
+        return f"$ {self.cmd}  (exit {self.returncode})\n{self.output[-chars:]}"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "DVC_")) and k != "PYTHONPATH"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # stage commands call `python`
+    env.update(DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",  # 2 shared cores
+               GIT_AUTHOR_NAME="slimcore test", GIT_AUTHOR_EMAIL="test@slimcore.invalid",
+               GIT_COMMITTER_NAME="slimcore test", GIT_COMMITTER_EMAIL="test@slimcore.invalid")
+    return env
+
+
+def run(args: list[str], cwd: Path, timeout: float = TIMEOUT) -> Result:
+    """Run a command (stdout + stderr together); on timeout kill its whole process group."""
+    cmd = " ".join(args)
+    proc = subprocess.Popen(args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s:\n{Result(cmd, -9, out or '').tail()}")
+    return Result(cmd, proc.returncode, out)
+
+
+def ok(args: list[str], cwd: Path, timeout: float = TIMEOUT) -> Result:
+    result = run(args, cwd, timeout)
+    assert result.returncode == 0, result.tail()
+    return result
+
+
+def dvc(*args: str, cwd: Path, timeout: float = TIMEOUT) -> Result:
+    return run([str(BIN / "dvc"), *args], cwd, timeout)
+
+
+def _copy_project(dest: Path) -> None:
+    """The developer's tracked and untracked-but-not-ignored files (uncommitted work included)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if rel.startswith(OUTPUTS) or not src.is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+    (dest / ".dvc").mkdir(exist_ok=True)
+    shutil.copy2(ROOT / ".dvc" / "config", dest / ".dvc" / "config")
+    if (ROOT / ".dvc" / "plots").is_dir():
+        shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots", dirs_exist_ok=True)
+    if (ROOT / ".dvcignore").is_file():
+        shutil.copy2(ROOT / ".dvcignore", dest / ".dvcignore")
+
+
+def _tiny_params(proj: Path) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["archs"] = [ARCH]
+    params["prune"]["ratios"] = list(RATIOS)
+    params["train"].update(epochs=1, warmup_epochs=0, milestones=[])
+    params["finetune"].update(epochs=1, milestones=[])
+    params["profile"].update(latency_runs=3, warmup_runs=1)
+    params["data"]["image_size"] = 8  # vgg16_bn's cifar stem accepts 8px
+    assert ARCH in params["sparsity"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _commit(proj: Path, message: str) -> None:
+    ok(["git", "add", "-A"], proj)
+    ok(["git", "commit", "-q", "--allow-empty", "-m", message], proj)
+
+
+@dataclass
+class Pipeline:
+    proj: Path
+    repro: Result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    if not (BIN / "dvc").exists():
+        pytest.skip(f"dvc is not installed next to {sys.executable}")
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs the project's git checkout")
+    proj = tmp_path_factory.mktemp("e2e") / "proj"
+    proj.mkdir()
+    _copy_project(proj)
+    _tiny_params(proj)
+    ok(["git", "init", "-q"], proj)
+    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
+                       ("commit.gpgsign", "false")):
+        ok(["git", "config", key, value], proj)
+    _commit(proj, "slimcore e2e: tiny params")
+    repro = dvc("repro", cwd=proj)
+    assert repro.returncode == 0, repro.tail()
+    return Pipeline(proj, repro)
+
+
+@pytest.fixture(scope="module")
+def rerun(pipeline: Pipeline) -> tuple[Result, Result]:
+    """A second ``dvc repro`` and ``dvc status`` right after the first (before any experiment)."""
+    return dvc("repro", cwd=pipeline.proj), dvc("status", cwd=pipeline.proj)
+
+
+@dataclass
+class Experiment:
+    run: Result
+    metrics_diff: Result
+    plots_show: Result
+    plots_dir: Path
+    tracked_models: list[str]
+
+
+@pytest.fixture(scope="module")
+def experiment(pipeline: Pipeline, rerun: tuple[Result, Result]) -> Experiment:
+    proj = pipeline.proj
+    _commit(proj, "slimcore e2e: first repro (dvc.lock, metrics/)")
+    tracked = ok(["git", "ls-files", "models"], proj).output.split()
+    run_ = dvc("exp", "run", "-S", f"prune.ratios=[{EXP_RATIO}]", cwd=proj)
+    assert run_.returncode == 0, run_.tail()
+    plots_dir = proj.parent / "plots"
+    return Experiment(run_, dvc("metrics", "diff", cwd=proj), dvc("plots", "show", "-o", str(plots_dir), cwd=proj),
+                      plots_dir, tracked)
+
+
+# --------------------------------------------------------------------------------------------
+# the first `dvc repro`
+# --------------------------------------------------------------------------------------------
+
+
+def test_repro_writes_every_checkpoint(pipeline: Pipeline) -> None:
+    models = pipeline.proj / "models" / ARCH
+    names = ["baseline", "sparse"] + [f"{kind}-{r}{suffix}" for r in RATIOS
+                                      for kind, suffix in (("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))]
+    missing = [n for n in names if not (models / f"{n}.pt").is_file()]
+    assert not missing, f"missing checkpoints {missing}\n{pipeline.repro.tail()}"
+    per_ratio = [f"{kind}@{ARCH}-{r}" for r in RATIOS for kind in ("prune", "finetune")]
+    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", *per_ratio, "profile", "evaluate"):
+        assert f"Running stage '{stage}'" in pipeline.repro.output, pipeline.repro.tail()
+
+
+def test_results_table_has_a_row_per_ratio(pipeline: Pipeline) -> None:
+    table = (pipeline.proj / "metrics" / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(f"| {ARCH} |")]
+    for ratio in RATIOS:
+        assert any(f"| {100 * ratio:g}% |" in row for row in rows), f"no {ratio:.0%} row for {ARCH}:\n{table}"
+
+
+def test_eval_and_profile_reports(pipeline: Pipeline) -> None:
+    metrics = pipeline.proj / "metrics"
+    labels = {"baseline", "sparse"} | {f"{kind}-{r}" for r in RATIOS for kind in ("pruned", "finetuned")} \
+        | {f"pruned-{r}-nofold" for r in RATIOS}
+    evals = json.loads((metrics / "eval.json").read_text())
+    assert set(evals) == {ARCH}
+    assert set(evals[ARCH]) == labels
+    for label, values in evals[ARCH].items():
+        assert 0.0 <= values["top1"] <= values["top5"] <= 1.0, (label, values)
+    profile = json.loads((metrics / "profile.json").read_text())
+    assert set(profile) == {ARCH}
+    assert labels <= set(profile[ARCH])
+    for label in labels:
+        entry = profile[ARCH][label]
+        assert entry["params"] > 0 and entry["flops"] > 0 and entry["latency"]["median_ms"] > 0, (label, entry)
+    assert profile[ARCH]["finetuned-0.5"]["params"] < profile[ARCH]["finetuned-0.2"]["params"] \
+        < profile[ARCH]["baseline"]["params"]
+
+
+def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
+    for ratio in RATIOS:
+        report = json.loads((pipeline.proj / "metrics" / "prune" / f"{ARCH}-{ratio}.json").read_text())
+        assert abs(report["true_ratio"] - ratio) <= 0.01, report
+        assert report["params_after"] < report["params_before"]
+
+
+def test_plot_data_written(pipeline: Pipeline) -> None:
+    for name in ("tradeoff", "gamma_hist", "curves"):
+        csv = pipeline.proj / "metrics" / "plots" / f"{name}.csv"
+        assert csv.is_file(), pipeline.repro.tail()
+        assert len(csv.read_text().splitlines()) > 1, f"{csv} has no rows"
+
+
+def test_finetuned_checkpoint_round_trips(pipeline: Pipeline) -> None:
+    """The test process (not the stage) rebuilds the fine-tuned model from its file alone."""
+    import torch
+
+    from slimcore.checkpoint import load_model
+    from slimcore.profile import count_params
+
+    report = json.loads((pipeline.proj / "metrics" / "prune" / f"{ARCH}-0.2.json").read_text())
+    model = load_model(pipeline.proj / "models" / ARCH / "finetuned-0.2.pt", expected_arch=ARCH)
+    assert count_params(model) == report["params_after"]
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 8, 8))
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------
+# a second `dvc repro`, then an experiment on the prune ratios
+# --------------------------------------------------------------------------------------------
+
+
+def test_second_repro_does_nothing(rerun: tuple[Result, Result]) -> None:
+    repro, status = rerun
+    assert repro.returncode == 0, repro.tail()
+    assert "Running stage" not in repro.output, repro.tail()
+    assert "Data and pipelines are up to date" in repro.output, repro.tail()
+    assert status.returncode == 0, status.tail()
+    assert "Data and pipelines are up to date" in status.output, status.tail()
+
+
+def test_checkpoints_stay_out_of_git(experiment: Experiment) -> None:
+    """After `git add -A`, DVC's .gitignore files keep every checkpoint out of git."""
+    assert experiment.tracked_models, "DVC wrote no models/**/.gitignore"
+    assert all(Path(f).name == ".gitignore" for f in experiment.tracked_models), experiment.tracked_models
+
+
+def test_exp_run_reruns_only_the_prune_side(experiment: Experiment) -> None:
+    out = experiment.run.output
+    for stage in (f"prune@{ARCH}-{EXP_RATIO}", f"finetune@{ARCH}-{EXP_RATIO}", "profile", "evaluate"):
+        assert f"Running stage '{stage}'" in out, experiment.run.tail()
+    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}"):
+        assert f"Running stage '{stage}'" not in out, experiment.run.tail()
+        assert re.search(rf"Stage '{re.escape(stage)}' didn't change", out), experiment.run.tail()
+
+
+def test_exp_results_in_workspace_and_metrics_diff(experiment: Experiment, pipeline: Pipeline) -> None:
+    assert (pipeline.proj / "models" / ARCH / f"finetuned-{EXP_RATIO}.pt").is_file(), experiment.run.tail()
+    evals = json.loads((pipeline.proj / "metrics" / "eval.json").read_text())
+    assert f"finetuned-{EXP_RATIO}" in evals[ARCH]
+    diff = experiment.metrics_diff
+    assert diff.returncode == 0, diff.tail()
+    assert "metrics/eval.json" in diff.output, diff.tail()
+
+
+def test_plots_show_renders_html(experiment: Experiment) -> None:
+    show = experiment.plots_show
+    assert show.returncode == 0, show.tail()
+    assert (experiment.plots_dir / "index.html").is_file(), show.tail()
