@@ -69,7 +69,7 @@ def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") 
             f"{path}: refused to load: it holds objects other than tensors and plain data "
             f"(pickled code is never executed): {detail}"
         ) from None
-    except Exception as err:  # noqa: BLE001 - the weights-only unpickler raises many kinds
+    except Exception as err:  # the weights-only unpickler raises many kinds
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated, not a torch file, or holding objects "
             f"other than tensors; nothing in it was executed): {type(err).__name__}: {err}"

@@ -191,3 +191,23 @@ def test_unsupported_models_are_left_intact_not_broken() -> None:
     same, report = slim(shuffle, 0.3, x)
     assert torch.allclose(_run(same, x), _run(shuffle, x))
     assert report.removed_bn_channels == 0 and report.skipped[0]["group"] == "<model>"
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1),
+                                                            (3, 1, 2, 2), (5, 2, 2, 1), (3, 1, "same", 1)])
+def test_tap_means_give_the_mean_output_of_any_input_subset(kernel: int, stride: int, padding: object,
+                                                            dilation: int) -> None:
+    """sum(W[:, idxs] * taps[idxs]) equals the mean over batch and positions of conv(inputs idxs only)."""
+    from slimcore.prune import _tap_means
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, kernel, stride=1 if padding == "same" else stride, padding=padding,
+                           dilation=dilation, bias=False)
+    x = torch.randn(2, 6, 11, 9)
+    idxs = torch.tensor([1, 4, 5])
+    masked = torch.zeros_like(x)
+    masked[:, idxs] = x[:, idxs]
+    expected = conv(masked).mean(dim=(0, 2, 3))
+    taps = _tap_means(conv, x)
+    got = (conv.weight[:, idxs] * taps[idxs]).reshape(4, -1).sum(1)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)

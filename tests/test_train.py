@@ -75,7 +75,7 @@ def test_penalty_sees_unscaled_gradients_under_a_grad_scaler() -> None:
     model = build_model("vgg16_bn", 4, "cifar", 0.125)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
     loss = nn.functional.cross_entropy(model(x), y)
-    gamma = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][0].weight
+    gamma = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).weight
     true_grad = torch.autograd.grad(loss, gamma, retain_graph=True)[0]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
