@@ -17,14 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimcore.errors import CheckpointError
 from slimcore.models import PLAN_ATTR, ModelSpec, spec_of
 
 FORMAT = "slimcore-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated, foreign or disagrees with what was asked for."""
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -117,7 +114,7 @@ def _materialise_folded_biases(model: nn.Module, state: dict[str, torch.Tensor])
 def load_model_and_meta(path: Path | str, expected_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint (spec -> replay pruning plan -> load weights, strict),
     and return it with the ``meta`` it was saved with."""
-    from slimcore.prune import replay_plan  # prune imports torch-pruning: only when needed
+    from slimcore.plan import replay_plan  # torch-pruning: imported only when a plan is replayed
 
     ckpt = read_checkpoint(path)
     try:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimcore.archs import REFERENCE_ARCHS, STEMS, is_known_arch, min_image_size
+from slimcore.errors import ParamsError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -23,10 +24,6 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Ratio = Annotated[float, Field(ge=0, lt=1)]
-
-
-class ParamsError(ValueError):
-    """params.yaml (or a stage option) is invalid; the message names the key."""
 
 
 class _Section(BaseModel):
@@ -88,6 +85,14 @@ class PruneConfig(_Section):
     min_keep_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     fold_constants: bool = True
     group_score: Literal["max", "mean", "l2"] = "max"
+
+    @field_validator("ratios", mode="before")
+    @classmethod
+    def _decimals(cls, v: object) -> object:
+        if isinstance(v, list) and any(isinstance(r, int) and not isinstance(r, bool) for r in v):
+            raise ValueError(f"write every ratio as a decimal (0.0, not 0): DVC names the prune outputs by "
+                             f"the value as written, got {v}")
+        return v
 
     @field_validator("ratios")
     @classmethod

@@ -18,15 +18,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from slimcore.config import DataConfig, RuntimeConfig
+from slimcore.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
-
-
-class DataError(ValueError):
-    """A dataset root is missing, has the wrong layout or disagrees with a checkpoint."""
 
 
 @dataclass

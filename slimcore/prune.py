@@ -26,7 +26,6 @@ import copy
 import math
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -36,7 +35,8 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.ops import OPTYPE
 
-from slimcore.models import PLAN_ATTR, ModelSpec
+from slimcore.models import PLAN_ATTR
+from slimcore.plan import build_graph, plain_plan, replay_plan
 
 GroupScore = Literal["max", "mean", "l2"]
 
@@ -185,7 +185,7 @@ def _trace(model: nn.Module, example_inputs: torch.Tensor, fold: bool) -> _Trace
         with torch.no_grad():
             for bn in bns:
                 bn.weight.zero_()
-        graph = _build_graph(model, example_inputs)
+        graph = build_graph(model, example_inputs)
     finally:
         with torch.no_grad():
             for bn, gamma in zip(bns, gammas):
@@ -495,11 +495,6 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, expected: torch.
     return problem
 
 
-def _build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
-
-
 class _SurgeryFailed(Exception):
     def __init__(self, problem: str, group: str | None = None) -> None:
         super().__init__(problem)
@@ -535,7 +530,7 @@ def _slim_once(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
             problem = _check_runs(model, example_inputs, expected)
             if problem:
                 raise _SurgeryFailed(problem, batch[0].root_name if isolate else None)
-    history = [[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in dg.pruning_history()]
+    history = plain_plan(dg.pruning_history())
     setattr(model, PLAN_ATTR, list(getattr(model, PLAN_ATTR, [])) + history)
     return SlimReport(
         requested_ratio=float(ratio),
@@ -614,17 +609,6 @@ def _group_report(g: _Group) -> GroupReport:
         bn_channels_after=int(g.weights[~removed].sum()),
         at_floor=len(g.prune_idxs) == g.max_removable,
     )
-
-
-def replay_plan(model: nn.Module, plan: Sequence[Sequence[Any]], spec: ModelSpec) -> nn.Module:
-    """Re-apply a recorded pruning plan to a freshly built model (in place), for loading."""
-    was_training = model.training
-    model.eval()
-    dg = _build_graph(model, spec.example_inputs())
-    dg.load_pruning_history([[str(n), bool(o), [int(i) for i in idx]] for n, o, idx in plan])
-    setattr(model, PLAN_ATTR, [list(p) for p in plan])
-    model.train(was_training)
-    return model
 
 
 __all__: list[str] = ["GroupReport", "SlimError", "SlimPolicy", "SlimReport", "replay_plan", "slim"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import PARAMS_OPTION, params_for, run_app, stage, train_to_checkpoint
+from stages._common import PARAMS_OPTION, params_for, run_app, stage
+from stages._training import train_to_checkpoint
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -170,11 +170,14 @@ def test_stage_code_deps_exist(name: str) -> None:
 
 def test_import_closure_follows_function_level_and_relative_imports(tmp_path: Path) -> None:
     """The resolver itself: imports inside functions, ``from pkg import mod`` and packages."""
-    # stages/_common.py imports slimcore.checkpoint only inside stage(); train only inside a function
+    # stages/_common.py imports slimcore.checkpoint only inside stage(); _training imports train in a function
     closure = import_closure("stages.baseline_train")
     assert {"slimcore/checkpoint.py", "slimcore/train.py", "slimcore/paths.py", "slimcore/console.py"} <= closure
-    # slimcore/models.py is reached through slimcore.checkpoint; prune.py only via checkpoint's lazy import
-    assert {"slimcore/models.py", "slimcore/prune.py"} <= closure
+    # slimcore/models.py is reached through slimcore.checkpoint; plan.py only via checkpoint's lazy import
+    assert {"slimcore/models.py", "slimcore/plan.py"} <= closure
+    # loading checkpoints never needs the slimming policy, and only training stages import the loop
+    assert "slimcore/prune.py" not in closure
+    assert "slimcore/train.py" not in import_closure("stages.prune")
     # ``from slimcore import paths, report`` inside a function counts as slimcore/report.py
     assert "slimcore/report.py" in import_closure("stages.evaluate")
 
@@ -278,12 +281,7 @@ def _render_with_ratios(tmp_path: Path, ratios: str) -> dict[str, dict[str, list
     return _render(tmp_path)
 
 
-@pytest.mark.parametrize("ratios", [
-    "[0.0, 0.25, 0.50]",
-    pytest.param("[0, 0.5]", marks=pytest.mark.xfail(
-        strict=True, reason="an integer ratio renders as 'pruned-0.pt' in dvc.yaml but paths.ratio_tag "
-                            "writes 'pruned-0.0.pt' (config accepts ints)")),
-])
+@pytest.mark.parametrize("ratios", ["[0.0, 0.25, 0.50]", "[0.2, 0.4, 0.6]"])
 def test_ratio_spelling_in_names_matches_paths(tmp_path: Path, ratios: str) -> None:
     """However params.yaml spells a ratio, DVC's names and slimcore.paths' names agree."""
     rendered = _render_with_ratios(tmp_path, ratios)
@@ -292,6 +290,17 @@ def test_ratio_spelling_in_names_matches_paths(tmp_path: Path, ratios: str) -> N
     assert set(rendered) == set(expected)
     for name, outs in expected.items():
         assert set(rendered[name]["outs"]) == outs, name
+
+
+def test_integer_ratio_is_refused_before_dvc_misnames_it(tmp_path: Path) -> None:
+    """``0`` would render as ``pruned-0.pt`` in dvc.yaml but the stage writes ``pruned-0.0.pt``."""
+    from slimcore.config import ParamsError
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prune"]["ratios"] = [0, 0.5]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"prune\.ratios.*0\.0, not 0"):
+        load_params(tmp_path / "params.yaml")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""Training glue shared by ``baseline-train``, ``sparse-train`` and ``finetune``.
+
+Kept out of ``_common`` so that stages which do not train (prune, profile, evaluate) do not
+depend on the training loop in ``dvc.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from slimcore.config import Params
+from stages._common import console
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of settings and input files: resume only a run with the same inputs."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            h.update(part.read_bytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
+                        sparsity: float, init: Path | None = None) -> None:
+    """Train a model (from scratch, or from the checkpoint ``init``) and save it to ``out``.
+
+    Resumes from the run's last finished epoch if an earlier attempt was interrupted.
+    """
+    import torch
+
+    from slimcore import paths
+    from slimcore.checkpoint import load_model, save_model
+    from slimcore.data import check_num_classes, load_splits, make_loader
+    from slimcore.models import build_model, spec_of
+    from slimcore.runtime import barrier, current_context, distributed
+    from slimcore.train import Trainer
+
+    ctx = current_context(params.runtime)
+    with distributed(ctx):
+        seed_everything(params.seed)
+        splits = load_splits(params.data)
+        if init is not None:
+            model = load_model(init, expected_arch=arch)
+            check_num_classes(splits, spec_of(model).num_classes, str(init))
+        else:
+            model = build_model(arch, splits.num_classes, params.model.stem, params.model.width)
+        train = make_loader(splits.train, train_cfg.batch_size, train=True, seed=params.seed,
+                            runtime=params.runtime, rank=ctx.rank, world_size=ctx.world_size,
+                            device=ctx.device.type)
+        test = make_loader(splits.test, max(256, train_cfg.batch_size), train=False, seed=params.seed,
+                           runtime=params.runtime, device=ctx.device.type)
+        trainer = Trainer(model, train_cfg, ctx, train, test, sparsity=sparsity, desc=f"{run}@{arch}")
+        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
+                          init if init is not None else "scratch")
+        state = paths.resume_state(arch, run)
+        history = trainer.fit(state_path=state, fingerprint=key, curves_dir=paths.curves(arch, run))
+        if ctx.is_main:
+            final = history[-1] if history else None
+            save_model(out, model.cpu(), run=run, history=[vars(h) for h in history],
+                       test_top1=final.test_top1 if final else None, sparsity=sparsity,
+                       torch_version=str(torch.__version__))
+            state.unlink(missing_ok=True)
+            console.log(f"{run}@{arch}: saved {out}")
+        barrier(ctx)
+
+
+__all__ = ["fingerprint", "seed_everything", "train_to_checkpoint"]
