@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,40 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def relaunch_under_torchrun(params: Params, module: str) -> None:
+    """With ``runtime.nproc > 1``, replace this process by ``torchrun`` running ``module`` N times.
+
+    torchrun (``python -m torch.distributed.run --standalone``) starts the workers, sets
+    RANK/WORLD_SIZE/LOCAL_RANK and forwards signals; each worker re-enters the stage, finds
+    those variables and trains its shard under DistributedDataParallel.  A stage already
+    started by torchrun (e.g. by hand, multi-node) never relaunches.
+    """
+    nproc = params.runtime.nproc
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    import torch
+
+    if params.runtime.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        from slimcore.errors import ParamsError
+
+        raise ParamsError(f"runtime.nproc: {nproc} processes but {torch.cuda.device_count()} GPU(s); "
+                          "use at most one process per GPU")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, *sys.argv[1:]]
+    console.log(f"runtime.nproc={nproc}: relaunching under torchrun: {' '.join(argv[1:])}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
-                        sparsity: float, init: Path | None = None) -> None:
+                        sparsity: float, init: Path | None = None, module: str) -> None:
     """Train a model (from scratch, or from the checkpoint ``init``) and save it to ``out``.
 
-    Resumes from the run's last finished epoch if an earlier attempt was interrupted.
+    Resumes from the run's last finished epoch if an earlier attempt was interrupted.  With
+    ``runtime.nproc > 1`` the stage ``module`` first relaunches itself under torchrun.
     """
+    relaunch_under_torchrun(params, module)
     import torch
 
     from slimcore import paths
@@ -81,4 +111,4 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         barrier(ctx)
 
 
-__all__ = ["fingerprint", "seed_everything", "train_to_checkpoint"]
+__all__ = ["fingerprint", "relaunch_under_torchrun", "seed_everything", "train_to_checkpoint"]

@@ -25,7 +25,7 @@ def main(
         from slimcore import paths
 
         train_to_checkpoint(params, arch, "baseline-train", paths.checkpoint(arch, "baseline"),
-                            train_cfg=params.train, sparsity=0.0)
+                            train_cfg=params.train, sparsity=0.0, module="stages.baseline_train")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def main(
         from slimcore import paths
 
         train_to_checkpoint(params, arch, paths.finetune_run(ratio), paths.finetuned(arch, ratio),
-                            train_cfg=params.finetune, sparsity=0.0, init=paths.pruned(arch, ratio))
+                            train_cfg=params.finetune, sparsity=0.0, init=paths.pruned(arch, ratio),
+                            module="stages.finetune")
 
 
 if __name__ == "__main__":

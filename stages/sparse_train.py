@@ -27,7 +27,7 @@ def main(
         from slimcore import paths
 
         train_to_checkpoint(params, arch, "sparse-train", paths.checkpoint(arch, "sparse"),
-                            train_cfg=params.train, sparsity=params.sparsity[arch])
+                            train_cfg=params.train, sparsity=params.sparsity[arch], module="stages.sparse_train")
 
 
 if __name__ == "__main__":
