@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import re
+from pathlib import Path
 
 REFERENCE_ARCHS: tuple[str, ...] = ("vgg16_bn", "resnet50", "mobilenet_v2")
 STEMS: tuple[str, ...] = ("imagenet", "cifar")
@@ -25,14 +28,27 @@ def min_image_size(arch: str, stem: str) -> int:
     return _DOWNSAMPLING.get((arch, stem), _OTHER_MIN_SIZE.get(arch, _GENERIC_MIN_SIZE))
 
 
+_REGISTERED = re.compile(r"^@register_model\(\)\s*\n(?:@.*\n)*def (\w+)\(", re.MULTILINE)
+
+
 @functools.cache
 def classification_archs() -> tuple[str, ...]:
-    """Names of all torchvision classification models (imports torchvision: slow, so cached)."""
-    import torchvision
+    """Names of all torchvision classification models.
 
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+    Read from torchvision's sources (its ``@register_model()`` builders in ``models/*.py``;
+    detection, segmentation and video live in subpackages) without importing torch, so an
+    unknown name fails validation in a fraction of a second.  Falls back to importing
+    torchvision where the sources cannot be read.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    folders = [Path(p) / "models" for p in (spec.submodule_search_locations or [])] if spec else []
+    names = {m.group(1) for folder in folders if folder.is_dir()
+             for file in folder.glob("*.py") for m in _REGISTERED.finditer(file.read_text(encoding="utf-8"))}
+    if not names:
+        import torchvision
 
-
+        names = set(torchvision.models.list_models(module=torchvision.models))
+    return tuple(sorted(names))
 def is_known_arch(arch: str) -> bool:
     """True for the reference archs and any torchvision classification model name."""
     return arch in REFERENCE_ARCHS or arch in classification_archs()

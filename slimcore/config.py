@@ -6,6 +6,7 @@ artifact is touched, with a message that names the key and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from pathlib import Path
 from typing import Annotated, Literal
@@ -13,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slimcore.archs import REFERENCE_ARCHS, STEMS, is_known_arch, min_image_size
+from slimcore.archs import REFERENCE_ARCHS, STEMS, classification_archs, is_known_arch, min_image_size
 from slimcore.errors import ParamsError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -144,8 +145,10 @@ class Params(_Section):
     def _known_archs(cls, v: list[str]) -> list[str]:
         for arch in v:
             if not is_known_arch(arch):
+                close = difflib.get_close_matches(arch, classification_archs(), n=3)
+                hint = f" (did you mean {' or '.join(close)}?)" if close else ""
                 raise ValueError(
-                    f"unknown arch {arch!r}; allowed: {', '.join(REFERENCE_ARCHS)} or any "
+                    f"unknown arch {arch!r}{hint}; allowed: {', '.join(REFERENCE_ARCHS)} or any "
                     "torchvision classification model name"
                 )
         if len(set(v)) != len(v):

@@ -1,0 +1,231 @@
+"""Faults and bad input at the stage level: clear errors, nothing written, runs resume.
+
+Every stage runs as users run it (``python -m stages.X`` in a project folder), as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "vgg16_bn"
+CKPT = Path("models") / ARCH / "baseline.pt"
+STATE = Path(".slimcore") / "resume" / ARCH / "baseline-train.pt"
+CURVES = Path("metrics") / ARCH / "baseline-train" / "metrics.json"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _tiny_params(**changes: Any) -> dict[str, Any]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["archs"] = [ARCH]
+    params["data"]["image_size"] = 8
+    params["model"]["width"] = 0.0625
+    params["train"].update(epochs=4, warmup_epochs=1, milestones=[3], batch_size=32)
+    params["runtime"].update(device="cpu", threads=1)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        if value is _DELETE:
+            node.pop(key)
+        else:
+            node[key] = value
+    return params
+
+
+_DELETE = object()
+
+
+def _project(tmp_path: Path, **changes: Any) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_tiny_params(**changes), sort_keys=False))
+    return tmp_path
+
+
+def _stage(project: Path, module: str, *args: str, importtime: bool = False) -> subprocess.CompletedProcess[str]:
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run([sys.executable, *flags, "-m", f"stages.{module}", *args], cwd=project, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _said(proc: subprocess.CompletedProcess[str]) -> str:
+    """What the stage told the user (its log and errors go to stderr), without -X importtime lines."""
+    return proc.stdout + "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time"))
+
+
+def _files(project: Path) -> set[str]:
+    return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# 1. bad params: one message naming the key, exit 2, nothing written, torch never imported
+# --------------------------------------------------------------------------------------------
+
+BAD_PARAMS = [
+    ({"train.epochs_typo": 3}, ["train.epochs_typo"]),
+    ({"colour": "blue"}, ["colour"]),
+    ({"train.lr": "fast"}, ["train.lr"]),
+    ({"train.lr": -0.1}, ["train.lr"]),
+    ({"train.epochs": 0}, ["train.epochs"]),
+    ({"prune.ratios": [0.2, 1.0]}, ["prune.ratios"]),
+    ({"prune.ratios": []}, ["prune.ratios"]),
+    ({"archs": ["vgg16_bn", "resnet5O"]}, ["archs", "resnet5O", "did you mean resnet50", "vgg16_bn, resnet50"]),
+    ({"data.name": "mnist"}, ["data.name", "digits", "cifar10", "cifar100", "imagefolder"]),
+    ({"data.image_size": 4}, ["data.image_size", ">= 8"]),
+    ({"sparsity.vgg16_bn": _DELETE}, ["sparsity.vgg16_bn"]),
+]
+
+
+@pytest.mark.parametrize("changes,named", BAD_PARAMS, ids=[next(iter(c)) + "=" + str(next(iter(c.values())))[:12]
+                                                          for c, _ in BAD_PARAMS])
+def test_bad_params_fail_fast_naming_the_key_and_write_nothing(tmp_path: Path, changes: dict[str, Any],
+                                                               named: list[str]) -> None:
+    project = _project(tmp_path, **changes)
+    (project / CKPT).parent.mkdir(parents=True)
+    (project / CKPT).write_bytes(b"an earlier run's checkpoint")
+    before = _files(project)
+    proc = _stage(project, "baseline_train", "--arch", ARCH, importtime=True)
+    message = _said(proc)
+    assert proc.returncode == 2, message[-3000:]
+    assert "error:" in message and all(word in message for word in named), message
+    assert "Traceback" not in message
+    assert _files(project) == before and (project / CKPT).read_bytes() == b"an earlier run's checkpoint"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "torch" not in imported, "validation must fail before torch is imported (start-up stays < 2 s)"
+
+
+@pytest.mark.parametrize("module,args,named", [
+    ("baseline_train", ["--arch", ARCH, "--epochs", "-1"], ["train.epochs"]),
+    ("baseline_train", ["--arch", ARCH, "--lr", "0"], ["train.lr"]),
+    ("baseline_train", ["--arch", "resnet50"], ["resnet50", "archs"]),
+    ("prune", ["--arch", ARCH, "--ratio", "1.5"], ["--ratio", "[0, 1)"]),
+])
+def test_bad_options_by_hand_fail_the_same_way(tmp_path: Path, module: str, args: list[str], named: list[str]) -> None:
+    project = _project(tmp_path)
+    proc = _stage(project, module, *args)
+    assert proc.returncode == 2, _said(proc)[-3000:]
+    assert all(word in _said(proc) for word in named), _said(proc)
+    assert _files(project) == {"params.yaml"}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. missing or bad data; 5. non-finite loss
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_missing_dataset_root_names_the_path(tmp_path: Path) -> None:
+    project = _project(tmp_path, **{"data.name": "cifar10", "data.root": "no/such/folder"})
+    proc = _stage(project, "baseline_train", "--arch", ARCH)
+    said = _said(proc)
+    assert proc.returncode == 2, said[-3000:]
+    assert "no/such/folder" in said and "cifar-10-batches-py" in said, said
+    assert not (project / "models").exists()
+
+
+@pytest.mark.slow
+def test_diverging_loss_stops_with_epoch_and_step_and_saves_no_checkpoint(tmp_path: Path) -> None:
+    project = _project(tmp_path, **{"train.lr": 1e12, "train.warmup_epochs": 0, "train.milestones": []})
+    proc = _stage(project, "baseline_train", "--arch", ARCH)
+    said = _said(proc)
+    assert proc.returncode == 3, said[-3000:]
+    assert "epoch 1, step" in said and "loss is" in said, said
+    assert not (project / CKPT).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 4. resume after SIGKILL / SIGTERM, and 6. determinism
+# --------------------------------------------------------------------------------------------
+
+
+def _trained(project: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
+    from slimcore.checkpoint import load_model_and_meta
+
+    model, meta = load_model_and_meta(project / CKPT, expected_arch=ARCH)
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in meta["history"]]
+    return model.state_dict(), history, json.loads((project / CURVES).read_text())
+
+
+def _start_and_signal_after_first_epoch(project: Path, sig: int) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "stages.baseline_train", "--arch", ARCH], cwd=project,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (project / STATE).exists():  # epoch 1 finished and saved: the run is in epoch 2
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first epoch was saved"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert not (project / CKPT).exists(), f"the run finished before the signal landed:\n{out}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
+    project = _project(tmp_path_factory.mktemp("straight"))
+    proc = _stage(project, "baseline_train", "--arch", ARCH)
+    assert proc.returncode == 0, _said(proc)[-3000:]
+    return _trained(project)
+
+
+def _assert_same_run(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
+    weights_a, history_a, curves_a = a
+    weights_b, history_b, curves_b = b
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    assert history_a == history_b
+    assert curves_a == curves_b
+
+
+@pytest.mark.slow
+def test_same_params_and_seed_give_identical_weights_and_metrics(tmp_path: Path,
+                                                                 uninterrupted: tuple[Any, ...]) -> None:
+    project = _project(tmp_path)
+    proc = _stage(project, "baseline_train", "--arch", ARCH)
+    assert proc.returncode == 0, _said(proc)[-3000:]
+    _assert_same_run(uninterrupted, _trained(project))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path, sig: int,
+                                                                 uninterrupted: tuple[Any, ...]) -> None:
+    project = _project(tmp_path)
+    killed = _start_and_signal_after_first_epoch(project, sig)
+    if sig == signal.SIGTERM:  # handled like Ctrl-C: a clean stop that says how to resume
+        assert killed.returncode == 130, killed.stdout
+        assert "interrupted" in killed.stdout and "resume" in killed.stdout, killed.stdout
+    else:
+        assert killed.returncode == -signal.SIGKILL
+    assert (project / STATE).is_file()
+    resumed = _stage(project, "baseline_train", "--arch", ARCH)
+    assert resumed.returncode == 0, _said(resumed)[-3000:]
+    assert "resuming after epoch" in _said(resumed), _said(resumed)
+    assert not (project / STATE).exists(), "the resume state is removed once the checkpoint is saved"
+    _assert_same_run(uninterrupted, _trained(project))
+
+
+def test_arch_names_are_read_from_torchvision_without_importing_it() -> None:
+    """The fast, torch-free list of classification models is torchvision's own list."""
+    import torchvision
+
+    from slimcore.archs import classification_archs
+
+    assert classification_archs() == tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
