@@ -1,0 +1,272 @@
+"""metrics/results.md and the plot data, from small hand-made metrics shaped like the stages' JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from slimcore.config import Params, parse_params
+from slimcore.report import (
+    EXTRA_COLUMNS,
+    HIST_BINS,
+    SEED_COLUMNS,
+    gamma_histogram,
+    results_markdown,
+    tradeoff_rows,
+    write_csv,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The seed's pruning table (seed-results.md), column by column, and the name each has here:
+# the seed's "model size/MB" columns hold parameter counts in millions (134.68 for VGG-16-BN).
+SEED_HEADER = ["arch", "flops/G", "model size/MB", "slim", "predict pruning ratio", "true pruning ratio",
+               "Flops after pruning", "Model size after pruning", "top1", "top5"]
+OURS_FOR_SEED = {"arch": "arch", "flops/G": "FLOPs/G", "model size/MB": "params/M", "slim": "slim",
+                 "predict pruning ratio": "requested ratio", "true pruning ratio": "true ratio",
+                 "Flops after pruning": "FLOPs after/G", "Model size after pruning": "params after/M",
+                 "top1": "top1", "top5": "top5"}
+
+
+def _params(**changes: Any) -> Params:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["archs"] = ["vgg16_bn", "resnet50"]
+    raw["sparsity"] = {"vgg16_bn": 1e-4, "resnet50": 0.01}
+    raw["prune"]["ratios"] = [0.2, 0.5]
+    raw.update(changes)
+    return parse_params(raw)
+
+
+def _ev(top1: float, top5: float = 1.0) -> dict[str, float]:
+    return {"top1": top1, "top5": top5, "loss": 0.5}
+
+
+def _prof(flops: float, params: int, size: int, median_ms: float) -> dict[str, Any]:
+    return {"flops": flops, "params": params, "bytes": size,
+            "latency": {"median_ms": median_ms, "p10_ms": median_ms * 0.9, "p90_ms": median_ms * 1.1,
+                        "runs": 30, "threads": 1}, "latency_of": "x"}
+
+
+# Shaped like metrics/eval.json, metrics/profile.json and metrics/prune/ARCH-R.json.
+EVALS: dict[str, dict[str, dict[str, float]]] = {
+    "vgg16_bn": {
+        "baseline": _ev(0.8106, 0.9577), "sparse": _ev(0.8112, 0.9575),
+        "pruned-0.2": _ev(0.5), "pruned-0.2-nofold": _ev(0.1234567), "finetuned-0.2": _ev(0.8067, 0.9516),
+        "pruned-0.5": _ev(0.25), "pruned-0.5-nofold": _ev(0.125), "finetuned-0.5": _ev(0.7762, 0.9397),
+    },
+    "resnet50": {
+        "baseline": _ev(0.9805), "sparse": _ev(0.95265, 0.99721),
+        "pruned-0.2": _ev(0.94986), "finetuned-0.2": _ev(0.96657),  # no -nofold entry
+        "pruned-0.5": _ev(float("nan")), "pruned-0.5-nofold": _ev(0.0), "finetuned-0.5": _ev(0.97493),
+    },
+}
+PROFILE: dict[str, dict[str, Any]] = {
+    "vgg16_bn": {
+        "image_size": 224,
+        "baseline": _prof(150.0e9, 134_678_692, 538_800_000, 10.0),
+        "sparse": _prof(150.0e9, 134_678_692, 538_800_000, 10.0),
+        "finetuned-0.2": _prof(15.5e9, 130_310_000, 521_240_000, 4.0),
+        "finetuned-0.5": _prof(2.45e9, 120_730_000, 482_920_000, 3.0),
+    },
+    "resnet50": {
+        "image_size": 16,
+        "baseline": _prof(5_551_000, 375_762, 1_520_000, 2.0),
+        "sparse": _prof(5_551_000, 375_762, 1_520_000, 2.0),
+        "finetuned-0.2": _prof(2_801_234, 193_768, 886_000, 2.5),
+        "finetuned-0.5": _prof(833_000, 40_000, 263_000, 1.0),
+    },
+}
+PRUNES: dict[str, dict[float, dict[str, Any]]] = {
+    "vgg16_bn": {0.2: {"requested_ratio": 0.2, "true_ratio": 0.1875}, 0.5: {"requested_ratio": 0.5,
+                                                                             "true_ratio": 0.5}},
+    "resnet50": {0.2: {"requested_ratio": 0.2, "true_ratio": 0.2}, 0.5: {"requested_ratio": 0.5,
+                                                                          "true_ratio": 0.49996}},
+}
+
+
+def _tables(markdown: str) -> dict[str, list[list[str]]]:
+    """Each ``## ARCH pruning`` table as rows of cells (header first, separator dropped)."""
+    tables: dict[str, list[list[str]]] = {}
+    current = None
+    for line in markdown.splitlines():
+        if line.startswith("## ") and line.endswith(" pruning"):
+            current = line[3:-len(" pruning")]
+            tables[current] = []
+        elif current and line.startswith("|") and not line.startswith("|:"):
+            tables[current].append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current and tables[current] and not line.strip():
+            current = None
+    return tables
+
+
+@pytest.fixture(scope="module")
+def markdown() -> str:
+    return results_markdown(_params(), EVALS, PROFILE, PRUNES)
+
+
+def test_header_keeps_the_seeds_columns_in_the_seeds_order(markdown: str) -> None:
+    header = _tables(markdown)["vgg16_bn"][0]
+    assert header[:len(SEED_HEADER)] == [OURS_FOR_SEED[c] for c in SEED_HEADER]
+    assert header[len(SEED_HEADER):] == EXTRA_COLUMNS
+    assert len(SEED_COLUMNS) == len(SEED_HEADER)
+    lines = markdown.splitlines()
+    header_line = next(i for i, line in enumerate(lines) if line.startswith("| arch |"))
+    assert lines[header_line + 1] == "|" + "|".join([":---:"] * len(header)) + "|"
+
+
+def test_small_models_report_flops_in_megas(markdown: str) -> None:
+    header = _tables(markdown)["resnet50"][0]
+    assert header[1] == "FLOPs/M" and header[6] == "FLOPs after/M"
+
+
+def test_one_row_per_arch_and_ratio_with_formatted_numbers(markdown: str) -> None:
+    tables = _tables(markdown)
+    assert list(tables) == ["vgg16_bn", "resnet50"]
+    vgg, resnet = tables["vgg16_bn"][1:], tables["resnet50"][1:]
+    assert vgg == [
+        ["vgg16_bn", "150.00", "134.679", "0.0001", "20%", "18.75%", "15.500", "130.310", "80.670", "95.160",
+         "50.000", "12.346", "521.240", "2.50x"],
+        ["vgg16_bn", "150.00", "134.679", "0.0001", "50%", "50.00%", "2.450", "120.730", "77.620", "93.970",
+         "25.000", "12.500", "482.920", "3.33x"],
+    ]
+    assert resnet == [
+        ["resnet50", "5.551", "0.376", "0.01", "20%", "20.00%", "2.801", "0.194", "96.657", "100.000",
+         "94.986", "n/a", "0.886", "0.80x"],
+        ["resnet50", "5.551", "0.376", "0.01", "50%", "50.00%", "0.833", "0.040", "97.493", "100.000",
+         "n/a", "0.000", "0.263", "2.00x"],
+    ]
+
+
+def test_training_summaries_follow_the_seeds_format(markdown: str) -> None:
+    lines = markdown.splitlines()
+    start = lines.index("## vgg16_bn")
+    assert lines[start + 2:start + 8] == [
+        "```",
+        "# vgg16_bn default training",
+        "total -  top1 acc: 81.060  top5 acc: 95.770",
+        "# vgg16_bn slim 0.0001 pruning training",
+        "total -  top1 acc: 81.120  top5 acc: 95.750",
+        "```",
+    ]
+    assert "total -  top1 acc: 95.265  top5 acc: 99.721" in lines
+
+
+def test_preamble_describes_the_run(markdown: str) -> None:
+    assert markdown.startswith("# Training Results\n")
+    assert "do not edit" in markdown
+    assert "Data: `digits` at 16px; models: stem `cifar`, width 0.125;" in markdown
+    assert "training 10 epochs (baseline and sparse), fine-tuning 3 epochs; seed 0." in markdown
+    assert "(1 thread)" in markdown
+    sections = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert sections == ["## vgg16_bn", "## vgg16_bn pruning", "## resnet50", "## resnet50 pruning"]
+
+
+def test_only_the_configured_archs_and_ratios_are_reported() -> None:
+    params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(), "ratios": [0.5]})
+    tables = _tables(results_markdown(params, EVALS, PROFILE, PRUNES))
+    assert list(tables) == ["resnet50"]
+    assert [row[4] for row in tables["resnet50"][1:]] == ["50%"]
+
+
+# --------------------------------------------------------------------------------------------
+# plot data
+# --------------------------------------------------------------------------------------------
+
+
+def test_tradeoff_rows_start_at_the_sparse_model() -> None:
+    rows = tradeoff_rows("resnet50", _params(), EVALS["resnet50"], PROFILE["resnet50"])
+    assert rows == [
+        {"arch": "resnet50", "ratio": 0.0, "mflops": 5.551, "top1_finetuned": 0.95265, "top1_pruned": 0.95265},
+        {"arch": "resnet50", "ratio": 0.2, "mflops": 2.8012, "top1_finetuned": 0.96657, "top1_pruned": 0.94986},
+        {"arch": "resnet50", "ratio": 0.5, "mflops": 0.833, "top1_finetuned": 0.97493,
+         "top1_pruned": rows[2]["top1_pruned"]},
+    ]
+    assert math.isnan(rows[2]["top1_pruned"])
+
+
+def test_gamma_histogram_shares_bins_across_models() -> None:
+    gammas = {"baseline": torch.tensor([0.0, 0.3, 0.6, 1.0]), "sparse": torch.tensor([0.0, 1e-4, 2e-3, 0.9])}
+    rows = gamma_histogram(gammas, bins=4)
+    assert [r["model"] for r in rows] == ["baseline"] * 4 + ["sparse"] * 4
+    assert [r["gamma"] for r in rows[:4]] == [0.125, 0.375, 0.625, 0.875]
+    assert [r["gamma"] for r in rows[4:]] == [0.125, 0.375, 0.625, 0.875]
+    assert [r["fraction"] for r in rows[:4]] == [0.25, 0.25, 0.25, 0.25]
+    assert [r["fraction"] for r in rows[4:]] == [0.75, 0.0, 0.0, 0.25]
+
+
+def test_gamma_histogram_defaults_and_degenerate_input() -> None:
+    g = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.5
+    rows = gamma_histogram({"baseline": g})
+    assert len(rows) == HIST_BINS
+    assert sum(r["fraction"] for r in rows) == pytest.approx(1.0, abs=1e-4)
+    assert rows[-1]["gamma"] == pytest.approx(float(g.max()) * (1 - 0.5 / HIST_BINS), abs=1e-5)
+    zeros = gamma_histogram({"pruned": torch.zeros(5)}, bins=4)  # all |gamma| = 0: unit range
+    assert [r["gamma"] for r in zeros] == [0.125, 0.375, 0.625, 0.875]
+    assert [r["fraction"] for r in zeros] == [1.0, 0.0, 0.0, 0.0]
+
+
+def _template_fields(node: object) -> set[str]:
+    """Data fields a vega-lite template reads itself (DVC fills ``<DVC_METRIC_*>`` and adds ``rev``)."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        field = node.get("field")
+        if isinstance(field, str) and not field.startswith("<DVC_") and field != "rev":
+            found.add(field)
+        for value in node.values():
+            found |= _template_fields(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _template_fields(value)
+    return found
+
+
+def _plot_needs() -> dict[str, set[str]]:
+    """Per plot CSV (file name), the fields dvc.yaml's ``plots:`` and its template read."""
+    needs: dict[str, set[str]] = {}
+    for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
+        (spec,) = entry.values()
+        template = json.loads((ROOT / ".dvc" / "plots" / f"{spec['template']}.json").read_text())
+        for file, y in spec["y"].items():
+            needs[Path(file).name] = {spec["x"], y, *_template_fields(template)}
+    return needs
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csvs_have_the_fields_the_plots_read(tmp_path: Path) -> None:
+    needs = _plot_needs()
+    assert {"tradeoff.csv", "gamma_hist.csv"} <= set(needs)
+    params = _params()
+    tradeoff = [row for arch in params.archs for row in tradeoff_rows(arch, params, EVALS[arch], PROFILE[arch])]
+    gamma = [{"arch": arch, **row}  # as the evaluate stage builds gamma_hist.csv
+             for arch in params.archs
+             for row in gamma_histogram({"baseline": torch.ones(4), "sparse": torch.tensor([0.0, 0.5, 1.0])})]
+    for name, rows in (("tradeoff.csv", tradeoff), ("gamma_hist.csv", gamma)):
+        path = tmp_path / "plots" / name
+        write_csv(path, rows)
+        read = _read_csv(path)
+        assert len(read) == len(rows)
+        assert needs[name] <= set(read[0]), (name, needs[name], set(read[0]))
+        for field in needs[name] - {"arch", "model", "run"}:  # the axes are numbers
+            assert all(math.isfinite(float(r[field])) or r[field] == "nan" for r in read)
+    assert [float(r["mflops"]) for r in _read_csv(tmp_path / "plots" / "tradeoff.csv")][:3] == [150000.0, 15500.0,
+                                                                                              2450.0]
+
+
+def test_write_csv_unions_columns_in_order_and_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "dir" / "out.csv"
+    write_csv(path, [{"a": 1, "b": 0.5}, {"b": 2, "c": "x"}])
+    assert path.read_text() == "a,b,c\n1,0.5,\n,2,x\n"
+    write_csv(path, [{"z": 3}])
+    assert path.read_text() == "z\n3\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.csv"]  # no temporary files left
