@@ -49,6 +49,16 @@ def classification_archs() -> tuple[str, ...]:
 
         names = set(torchvision.models.list_models(module=torchvision.models))
     return tuple(sorted(names))
+# torchvision classification families without BatchNorm2d: nothing for network slimming to rank
+# (tests/test_models.py checks this against the models themselves).
+_NO_BATCHNORM = re.compile(r"^(alexnet|squeezenet\d_\d|vgg\d+|convnext_\w+|swin_\w+|vit_\w+)$")
+
+
+def has_batchnorm(arch: str) -> bool:
+    """False for torchvision models that have no BatchNorm2d layer (ViT, Swin, ConvNeXt, plain VGG...)."""
+    return not _NO_BATCHNORM.match(arch)
+
+
 def is_known_arch(arch: str) -> bool:
     """True for the reference archs and any torchvision classification model name."""
     return arch in REFERENCE_ARCHS or arch in classification_archs()

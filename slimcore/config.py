@@ -14,7 +14,14 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slimcore.archs import REFERENCE_ARCHS, STEMS, classification_archs, is_known_arch, min_image_size
+from slimcore.archs import (
+    REFERENCE_ARCHS,
+    STEMS,
+    classification_archs,
+    has_batchnorm,
+    is_known_arch,
+    min_image_size,
+)
 from slimcore.errors import ParamsError
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -134,7 +141,9 @@ class Params(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sparsity: dict[str, NonNegFloat] = Field(default_factory=dict)
+    sparsity: dict[str, NonNegFloat] = Field(  # the seed's strengths for the reference archs
+        default_factory=lambda: {"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5}
+    )
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: TrainConfig = Field(default_factory=TrainConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
@@ -150,6 +159,11 @@ class Params(_Section):
                 raise ValueError(
                     f"unknown arch {arch!r}{hint}; allowed: {', '.join(REFERENCE_ARCHS)} or any "
                     "torchvision classification model name"
+                )
+            if not has_batchnorm(arch):
+                raise ValueError(
+                    f"{arch!r} has no BatchNorm2d layers: network slimming ranks channels by BN scale "
+                    "factors; use a BN model (e.g. vgg16_bn instead of vgg16)"
                 )
         if len(set(v)) != len(v):
             raise ValueError(f"archs must be unique, got {v}")
@@ -241,7 +255,10 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
             continue
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
+            if not isinstance(node, dict) or key not in node or not isinstance(node[key], dict):
+                raise ParamsError(f"{'.'.join(parents[:depth + 1])}: not a section of params; "
+                                  f"cannot set {dotted}")
             node = node[key]
         node[leaf] = value
     return parse_params(raw, source="options")

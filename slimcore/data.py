@@ -108,8 +108,11 @@ _CIFAR_LAYOUT = {
                 "batches.meta", "label_names", "labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
 }
-_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy", "ndarray"), ("numpy", "dtype")}
+# Constructors of arrays, dtypes and scalars from raw bytes (what numpy pickles hold, for any
+# pickle protocol): data in, data out, nothing else can be called.
+_NUMPY_GLOBALS = {(prefix + mod, name) for prefix in ("numpy.core.", "numpy._core.")
+                  for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                    ("numeric", "_frombuffer"))} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -149,8 +152,15 @@ class CifarFolder(Dataset):
             self.classes = list(_read_batch(folder / meta_file)[names_key])
             data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
             self.targets = [int(t) for b in batches for t in b[labels_key]]
-        except (pickle.UnpicklingError, KeyError, EOFError, ValueError) as err:
+        except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as err:
             raise DataError(f"data.root: {folder} holds an unreadable {name} file: {err}") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(self.targets):
+            raise DataError(f"data.root: {folder}: expected N x 3072 uint8 images and N labels, got images of "
+                            f"shape {data.shape} and {len(self.targets)} labels")
+        bad = [t for t in self.targets if not 0 <= t < len(self.classes)]
+        if bad:
+            raise DataError(f"data.root: {folder}: labels must be in [0, {len(self.classes)}) for its "
+                            f"{len(self.classes)} class names, found {sorted(set(bad))[:5]}")
         self.data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC, as torchvision
         self.transform = transform
 
@@ -201,9 +211,11 @@ def _imagefolder(cfg: DataConfig) -> Splits:
         except (FileNotFoundError, RuntimeError) as err:
             raise DataError(f"data.root: {folder}: {err}") from None
     if parts["train"].classes != parts["val"].classes:
+        only_train = sorted(set(parts["train"].classes) - set(parts["val"].classes))[:5]
+        only_val = sorted(set(parts["val"].classes) - set(parts["train"].classes))[:5]
         raise DataError(
             f"data.root: class folders differ between {root}/train ({len(parts['train'].classes)}) "
-            f"and {root}/val ({len(parts['val'].classes)})"
+            f"and {root}/val ({len(parts['val'].classes)}): only in train {only_train}, only in val {only_val}"
         )
     return Splits(parts["train"], parts["val"], num_classes=len(parts["train"].classes), name="imagefolder")
 

@@ -39,6 +39,14 @@ def _fmt(x: float, scale: float) -> str:
     return f"{v:.3f}" if v < 100 else f"{v:.2f}"
 
 
+def format_strength(value: float) -> str:
+    """An L1 strength as the seed wrote it: ``1e-4``, ``1.5e-2``, ``0``."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def _summary_lines(arch: str, sparsity: float, evals: Mapping[str, Any]) -> list[str]:
     """The seed's two-line training summary."""
     b, s = evals["baseline"], evals["sparse"]
@@ -46,7 +54,7 @@ def _summary_lines(arch: str, sparsity: float, evals: Mapping[str, Any]) -> list
         "```",
         f"# {arch} default training",
         f"total -  top1 acc: {_pct(b['top1'])}  top5 acc: {_pct(b['top5'])}",
-        f"# {arch} slim {sparsity:g} pruning training",
+        f"# {arch} slim {format_strength(sparsity)} pruning training",
         f"total -  top1 acc: {_pct(s['top1'])}  top5 acc: {_pct(s['top5'])}",
         "```",
     ]
@@ -75,7 +83,7 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
         speedup = base["latency"]["median_ms"] / fin["latency"]["median_ms"]
         rows.append([
             arch, _fmt(base["flops"], f_scale), f"{base['params'] / 1e6:.3f}",
-            f"{params.sparsity[arch]:g}", f"{100 * ratio:g}%", f"{100 * pr['true_ratio']:.2f}%",
+            format_strength(params.sparsity[arch]), f"{100 * ratio:g}%", f"{100 * pr['true_ratio']:.2f}%",
             _fmt(fin["flops"], f_scale), f"{fin['params'] / 1e6:.3f}",
             _pct(evals[f"finetuned-{tag}"]["top1"]), _pct(evals[f"finetuned-{tag}"]["top5"]),
             _pct(evals[f"pruned-{tag}"]["top1"]), _pct(nofold),

@@ -285,11 +285,10 @@ def test_unreadable_cifar_files_are_data_errors(tmp_path: Path, content: bytes) 
     assert str(folder) in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, IndexError),
-                   reason="library bug: CifarFolder does not check row width or data/label counts")
 @pytest.mark.parametrize("batch", [
     pytest.param({"labels": [0, 1], "data": np.zeros((2, 3000), np.uint8)}, id="rows-not-3072"),
     pytest.param({"labels": [0, 1, 2], "data": np.zeros((2, 3072), np.uint8)}, id="more-labels-than-rows"),
+    pytest.param({"labels": [0, 42], "data": np.zeros((2, 3072), np.uint8)}, id="label-out-of-range"),
 ])
 def test_malformed_cifar_arrays_are_data_errors(tmp_path: Path, batch: dict) -> None:
     folder = _fake_cifar10(tmp_path)
@@ -450,3 +449,14 @@ def test_digits_through_the_loader(digits16: Splits) -> None:
     x, y = next(iter(loader))
     assert x.shape == (64, 3, 16, 16) and y.shape == (64,)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_cifar_copies_written_with_any_pickle_protocol_and_numpy_labels_load(tmp_path: Path) -> None:
+    """Users make reduced copies with today's numpy and pickle: protocol 5, numpy-integer labels."""
+    import pickle
+
+    folder = _fake_cifar10(tmp_path)
+    batch = {"labels": list(np.array([3, 1], dtype=np.int64)), "data": np.full((2, 3072), 7, np.uint8)}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+    splits = load_splits(DataConfig(name="cifar10", root=str(tmp_path), image_size=8))
+    assert [splits.test[i][1] for i in range(len(splits.test))] == [3, 1]

@@ -213,3 +213,21 @@ def test_models_not_built_here_have_no_spec() -> None:
         spec_of(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no slimcore ModelSpec"):
         spec_of(torchvision.models.resnet18(num_classes=3))
+
+
+def test_archs_without_batchnorm_are_known_without_building_them() -> None:
+    """archs.has_batchnorm (torch-free, used by params validation) agrees with the models."""
+    import torchvision
+    from torch import nn
+
+    from slimcore.archs import classification_archs, has_batchnorm
+
+    sample = [a for a in classification_archs() if not has_batchnorm(a)]
+    sample += ["vgg16_bn", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet",
+               "shufflenet_v2_x0_5", "mnasnet0_5", "maxvit_t", "inception_v3"]
+    assert {"vgg16", "alexnet", "vit_b_16", "swin_t", "convnext_tiny", "squeezenet1_0"} <= set(sample)
+    for arch in sample:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch)
+        found = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert found == has_batchnorm(arch), arch

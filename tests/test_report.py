@@ -131,15 +131,15 @@ def test_one_row_per_arch_and_ratio_with_formatted_numbers(markdown: str) -> Non
     assert list(tables) == ["vgg16_bn", "resnet50"]
     vgg, resnet = tables["vgg16_bn"][1:], tables["resnet50"][1:]
     assert vgg == [
-        ["vgg16_bn", "150.00", "134.679", "0.0001", "20%", "18.75%", "15.500", "130.310", "80.670", "95.160",
+        ["vgg16_bn", "150.00", "134.679", "1e-4", "20%", "18.75%", "15.500", "130.310", "80.670", "95.160",
          "50.000", "12.346", "521.240", "2.50x"],
-        ["vgg16_bn", "150.00", "134.679", "0.0001", "50%", "50.00%", "2.450", "120.730", "77.620", "93.970",
+        ["vgg16_bn", "150.00", "134.679", "1e-4", "50%", "50.00%", "2.450", "120.730", "77.620", "93.970",
          "25.000", "12.500", "482.920", "3.33x"],
     ]
     assert resnet == [
-        ["resnet50", "5.551", "0.376", "0.01", "20%", "20.00%", "2.801", "0.194", "96.657", "100.000",
+        ["resnet50", "5.551", "0.376", "1e-2", "20%", "20.00%", "2.801", "0.194", "96.657", "100.000",
          "94.986", "n/a", "0.886", "0.80x"],
-        ["resnet50", "5.551", "0.376", "0.01", "50%", "50.00%", "0.833", "0.040", "97.493", "100.000",
+        ["resnet50", "5.551", "0.376", "1e-2", "50%", "50.00%", "0.833", "0.040", "97.493", "100.000",
          "n/a", "0.000", "0.263", "2.00x"],
     ]
 
@@ -151,7 +151,7 @@ def test_training_summaries_follow_the_seeds_format(markdown: str) -> None:
         "```",
         "# vgg16_bn default training",
         "total -  top1 acc: 81.060  top5 acc: 95.770",
-        "# vgg16_bn slim 0.0001 pruning training",
+        "# vgg16_bn slim 1e-4 pruning training",
         "total -  top1 acc: 81.120  top5 acc: 95.750",
         "```",
     ]
@@ -270,3 +270,10 @@ def test_write_csv_unions_columns_in_order_and_replaces_atomically(tmp_path: Pat
     write_csv(path, [{"z": 3}])
     assert path.read_text() == "z\n3\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.csv"]  # no temporary files left
+
+
+@pytest.mark.parametrize("value,text", [(1e-4, "1e-4"), (1e-5, "1e-5"), (1.5e-2, "1.5e-2"), (0.0, "0"), (2e-3, "2e-3")])
+def test_sparsity_is_written_as_the_seed_wrote_it(value: float, text: str) -> None:
+    from slimcore.report import format_strength
+
+    assert format_strength(value) == text
