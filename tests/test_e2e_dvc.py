@@ -224,11 +224,13 @@ def test_finetuned_checkpoint_round_trips(pipeline: Pipeline) -> None:
     import torch
 
     from slimcore.checkpoint import load_model
-    from slimcore.profile import count_params
+    from slimcore.profile import count_flops, count_params
 
     report = json.loads((pipeline.proj / "metrics" / "prune" / f"{ARCH}-0.2.json").read_text())
+    profile = json.loads((pipeline.proj / "metrics" / "profile.json").read_text())[ARCH]
     model = load_model(pipeline.proj / "models" / ARCH / "finetuned-0.2.pt", expected_arch=ARCH)
-    assert count_params(model) == report["params_after"]
+    assert count_params(model) == report["params_after"] == profile["finetuned-0.2"]["params"]
+    assert count_flops(model, 8) == profile["finetuned-0.2"]["flops"]
     with torch.no_grad():
         out = model.eval()(torch.randn(2, 3, 8, 8))
     assert out.shape[0] == 2 and torch.isfinite(out).all()
