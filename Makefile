@@ -30,9 +30,10 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check slimcore stages tests bench
 
-bench: $(STAMP)
+bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/prune_speed.py
 	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/train_speed.py
 
 plots: $(STAMP)  ## render dvc plots to dvc_plots/index.html
 	$(BIN)/dvc plots show

@@ -134,3 +134,29 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path: Path, monke
 
     stale = _trainer(cfg)
     assert not stale.try_resume(state, "other settings")  # a different run's state is ignored
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16+GradScaler"])
+def test_mixed_precision_and_channels_last_paths_train(amp_dtype: torch.dtype) -> None:
+    """The GPU code paths (autocast, GradScaler under fp16, channels_last), exercised on CPU.
+
+    Production runs enable them on CUDA only (runtime.py); here the Context is built by hand so
+    CI without a GPU still runs every branch of the loop.
+    """
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    runtime = RuntimeConfig()
+    ctx = replace(current_context(runtime), amp_dtype=amp_dtype, channels_last=True)
+    assert ctx.use_grad_scaler == (amp_dtype == torch.float16)
+    model = build_model("vgg16_bn", 4, "cifar", 0.125)
+    train = make_loader(_data(), 16, train=True, seed=0, runtime=runtime)
+    trainer = Trainer(model, CFG, ctx, train, None, sparsity=1e-3, desc="amp")
+    assert trainer.scaler.is_enabled() == ctx.use_grad_scaler
+    before = [p.detach().clone() for p in model.parameters()]
+    history = trainer.fit()
+    assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in history)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
