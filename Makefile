@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast lint bench plots clean
+.PHONY: install repro seed test test-fast lint bench plots clean
 
 install: $(STAMP)
 
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 repro: $(STAMP)  ## run the whole pipeline on the embedded default (dvc repro)
+	$(BIN)/dvc repro
+
+# The seed's CIFAR-100 at 224px experiment (GPUs): make seed CIFAR_ROOT=/data/holding/cifar-100-python
+CIFAR_ROOT ?= data
+seed: $(STAMP)
+	cp configs/seed-cifar100.yaml params.yaml
+	sed -i 's#^  root: .*#  root: $(CIFAR_ROOT)#' params.yaml
 	$(BIN)/dvc repro
 
 test: $(STAMP)   ## unit tests + end-to-end DVC pipeline test
