@@ -17,6 +17,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     """Write metrics/eval.json, metrics/results.md and metrics/plots/*.csv."""
     with stage("evaluate"):
         params = params_for(params_file)
+        import torch
         from rich.table import Table
 
         from slimcore import paths, report
@@ -24,10 +25,13 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         from slimcore.data import check_num_classes, load_splits, make_loader
         from slimcore.evaluate import evaluate
         from slimcore.models import spec_of
+        from slimcore.runtime import current_context
         from slimcore.sparsity import gamma_magnitudes
 
+        ctx = current_context(params.runtime)  # a GPU when there is one: 224px test sets are slow on CPU
         splits = load_splits(params.data)
-        loader = make_loader(splits.test, 256, train=False, seed=params.seed, runtime=params.runtime)
+        loader = make_loader(splits.test, 256, train=False, seed=params.seed, runtime=params.runtime,
+                             device=ctx.device.type)
         profile = json.loads(paths.profile_report().read_text())
         evals: dict[str, dict[str, dict[str, float]]] = {}
         prunes: dict[str, dict[float, dict[str, object]]] = {}
@@ -37,7 +41,9 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
             for label, path in paths.model_files(arch, params.prune.ratios).items():
                 model, meta = load_model_and_meta(path, expected_arch=arch)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
-                evals[arch][label] = {k: v for k, v in evaluate(model, loader).items() if k != "samples"}
+                model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last
+                                 else torch.preserve_format)
+                evals[arch][label] = {k: v for k, v in evaluate(model, loader, ctx).items() if k != "samples"}
                 if label in ("baseline", "sparse"):
                     gammas[label] = gamma_magnitudes(model)
                 for epoch in meta.get("history", []):
