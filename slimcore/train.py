@@ -178,7 +178,8 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- training
-    def _train_epoch(self, epoch: int, on_step: Callable[[int, float, float], None]) -> tuple[float, float]:
+    def _train_epoch(self, epoch: int, on_step: Callable[[int, Callable[[], tuple[float, float]]], None]
+                     ) -> tuple[float, float]:
         self.net.train()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -213,7 +214,8 @@ class Trainer:
             seen += n
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
-            on_step(step, float(loss_sum) / seen, float(correct) / seen)
+            # running stats as a thunk: reading them waits for the GPU, so only a visible bar does
+            on_step(step, lambda ls=loss_sum, c=correct, n=seen: (float(ls) / n, float(c) / n))
         total_loss, total_correct, total_seen = all_reduce_sum(
             [float(loss_sum), float(correct), float(seen)], self.ctx)
         return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1)
@@ -254,8 +256,14 @@ class Trainer:
         task = progress.add_task(f"{self.desc} {epoch + 1}/{self.cfg.epochs}",
                                  total=self.steps_per_epoch, stats="")
 
-        def on_step(step: int, loss: float, acc: float) -> None:
-            progress.update(task, completed=step + 1, stats=f"loss {loss:.3f} acc {acc:.1%}")
+        def on_step(step: int, running: Callable[[], tuple[float, float]]) -> None:
+            if progress.disable:
+                return
+            if step % 10 == 9 or step == self.steps_per_epoch - 1:  # a host sync every 10 steps at most
+                loss, acc = running()
+                progress.update(task, completed=step + 1, stats=f"loss {loss:.3f} acc {acc:.1%}")
+            else:
+                progress.update(task, completed=step + 1)
 
         train_loss, train_top1 = self._train_epoch(epoch, on_step)
         progress.remove_task(task)
