@@ -218,9 +218,9 @@ def _tap_means(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1]).float().mean(0)
     conv: nn.Conv2d = module  # type: ignore[assignment]
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(_conv_padding(conv)):
-        return x.float().mean(dim=(0, 2, 3)).reshape(-1, 1, 1)
     pads = _conv_padding(conv)
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
+        return x.float().mean(dim=(0, 2, 3)).reshape(-1, 1, 1)
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     xp = nn.functional.pad(x.float(), pads, mode=mode) if any(pads) else x.float()
     out_h = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
