@@ -21,7 +21,7 @@ from slimcore.paths import ratio_tag
 
 SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested ratio", "true ratio", "FLOPs after",
                 "params after/M", "top1", "top5"]
-EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB", "latency speedup"]
+EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB"]
 HIST_BINS = 40
 
 
@@ -80,14 +80,13 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
         tag = ratio_tag(ratio)
         fin, pr = profile[f"finetuned-{tag}"], prunes[ratio]
         nofold = evals.get(f"pruned-{tag}-nofold", {}).get("top1")
-        speedup = base["latency"]["median_ms"] / fin["latency"]["median_ms"]
         rows.append([
             arch, _fmt(base["flops"], f_scale), f"{base['params'] / 1e6:.3f}",
             format_strength(params.sparsity[arch]), f"{100 * ratio:g}%", f"{100 * pr['true_ratio']:.2f}%",
             _fmt(fin["flops"], f_scale), f"{fin['params'] / 1e6:.3f}",
             _pct(evals[f"finetuned-{tag}"]["top1"]), _pct(evals[f"finetuned-{tag}"]["top5"]),
             _pct(evals[f"pruned-{tag}"]["top1"]), _pct(nofold),
-            f"{fin['bytes'] / 1e6:.3f}", f"{speedup:.2f}x",
+            f"{fin['bytes'] / 1e6:.3f}",
         ])
     return header, rows
 
@@ -104,9 +103,9 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         f"Data: `{d.name}` at {d.image_size}px; models: stem `{m.stem}`, width {m.width:g}; "
         f"training {t.epochs} epochs (baseline and sparse), fine-tuning {f.epochs} epochs; "
         f"seed {params.seed}. Accuracies in %, on the test split. FLOPs: thop's count (MACs, see README); "
-        "params/M: millions of parameters; size/MB: checkpoint bytes on disk / 10^6; latency speedup: "
-        f"median CPU latency at batch 1 ({params.profile.threads} thread), baseline / fine-tuned. "
-        "Ratios count BN channels; the true ratio is measured on the pruned model.",
+        "params/M: millions of parameters; size/MB: checkpoint bytes on disk / 10^6. "
+        "Ratios count BN channels; the true ratio is measured on the pruned model. "
+        "CPU latency and speedups are wall-clock figures: see [timings/latency.md](timings/latency.md).",
         "",
     ]
     for arch in params.archs:
@@ -114,6 +113,36 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         lines += [f"## {arch}", "", *_summary_lines(arch, params.sparsity[arch], evals[arch]), "",
                   f"## {arch} pruning", "", *_md_table(header, rows), ""]
     return "\n".join(lines)
+
+
+def _pct2(x: float) -> float:
+    return round(100 * x, 2)
+
+
+def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
+            prunes: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
+    """``metrics/summary/ARCH.json``, the pipeline's declared DVC metrics: accuracy (%), FLOPs and
+    parameters of the dense models, and per ratio, keyed by its position in ``prune.ratios``
+    (``r1``, ``r2``, ...) so that runs with different ratio lists share metric names."""
+    def cost(label: str) -> dict[str, Any]:
+        return {"mflops": round(profile[label]["flops"] / 1e6, 4), "params": int(profile[label]["params"])}
+
+    out: dict[str, Any] = {
+        "baseline": {"top1": _pct2(evals["baseline"]["top1"]), "top5": _pct2(evals["baseline"]["top5"]),
+                     **cost("baseline")},
+        "sparse": {"top1": _pct2(evals["sparse"]["top1"]), "top5": _pct2(evals["sparse"]["top5"])},
+    }
+    for i, ratio in enumerate(params.prune.ratios, start=1):
+        tag = ratio_tag(ratio)
+        out[f"r{i}"] = {
+            "ratio": ratio,
+            "removed_pct": _pct2(prunes[ratio]["true_ratio"]),
+            "top1_pruned": _pct2(evals[f"pruned-{tag}"]["top1"]),
+            "top1": _pct2(evals[f"finetuned-{tag}"]["top1"]),
+            "top5": _pct2(evals[f"finetuned-{tag}"]["top5"]),
+            **cost(f"finetuned-{tag}"),
+        }
+    return {arch: out}
 
 
 def gamma_histogram(gammas: Mapping[str, torch.Tensor], bins: int = HIST_BINS) -> list[dict[str, Any]]:
@@ -155,4 +184,4 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-__all__ = ["gamma_histogram", "results_markdown", "tradeoff_rows", "write_csv"]
+__all__ = ["gamma_histogram", "results_markdown", "summary", "tradeoff_rows", "write_csv"]

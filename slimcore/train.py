@@ -46,7 +46,20 @@ class EpochRecord:
     test_top5: float
     gamma_mean: float
     gamma_small: float  # fraction of |gamma| below 1e-2
-    seconds: float
+
+
+@dataclass
+class EpochTiming:
+    """Wall-clock figures of one epoch: kept apart from :class:`EpochRecord`, which is what
+    checkpoints store, so that the same inputs always give the same checkpoint bytes."""
+
+    epoch: int
+    seconds: float  # training steps and the test pass
+    images: int  # training images seen by all processes
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
@@ -139,6 +152,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.ctx.use_grad_scaler)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         self.history: list[EpochRecord] = []
+        self.timings: list[EpochTiming] = []  # wall-clock, never part of a checkpoint
         self.start_epoch = 0
 
     # ---------------------------------------------------------------- resumable state
@@ -152,6 +166,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
             "history": [asdict(r) for r in self.history],
+            "timings": [asdict(t) for t in self.timings],
         }
 
     def try_resume(self, path: Path, fingerprint: str) -> bool:
@@ -173,13 +188,15 @@ class Trainer:
         _set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else [t.cpu() for t in v])
                         for k, v in state["rng"].items()})
         self.history = [EpochRecord(**r) for r in state["history"]]
+        self.timings = [EpochTiming(**t) for t in state.get("timings", [])]
         self.start_epoch = int(state["epoch"])
         console.log(f"{self.desc}: resuming after epoch {self.start_epoch}/{self.cfg.epochs} from {path}")
         return True
 
     # ---------------------------------------------------------------- training
     def _train_epoch(self, epoch: int, on_step: Callable[[int, Callable[[], tuple[float, float]]], None]
-                     ) -> tuple[float, float]:
+                     ) -> tuple[float, float, int]:
+        """One pass over the training data: mean loss, top-1 and images seen (all processes)."""
         self.net.train()
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -218,7 +235,7 @@ class Trainer:
             on_step(step, lambda ls=loss_sum, c=correct, n=seen: (float(ls) / n, float(c) / n))
         total_loss, total_correct, total_seen = all_reduce_sum(
             [float(loss_sum), float(correct), float(seen)], self.ctx)
-        return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1)
+        return total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
 
     def fit(self, state_path: Path | None = None, fingerprint: str = "",
             curves_dir: Path | None = None) -> list[EpochRecord]:
@@ -235,8 +252,9 @@ class Trainer:
         try:
             with progress:
                 for epoch in range(self.start_epoch, self.cfg.epochs):
-                    rec = self._run_epoch(epoch, progress)
+                    rec, timing = self._run_epoch(epoch, progress)
                     self.history.append(rec)
+                    self.timings.append(timing)
                     if self.ctx.is_main:
                         if state_path is not None:
                             atomic_torch_save(self.state_dict(fingerprint), state_path)
@@ -244,13 +262,14 @@ class Trainer:
                         console.log(
                             f"{self.desc} epoch {epoch + 1}/{self.cfg.epochs}  loss {rec.train_loss:.4f}  "
                             f"train {rec.train_top1:.2%}  test {rec.test_top1:.2%}  lr {rec.lr:.4g}  "
-                            f"|gamma|<1e-2 {rec.gamma_small:.1%}  {rec.seconds:.1f}s"
+                            f"|gamma|<1e-2 {rec.gamma_small:.1%}  {timing.seconds:.1f}s "
+                            f"({timing.images_per_second:.0f} img/s)"
                         )
         finally:
             curves.close()
         return self.history
 
-    def _run_epoch(self, epoch: int, progress: Progress) -> EpochRecord:
+    def _run_epoch(self, epoch: int, progress: Progress) -> tuple[EpochRecord, EpochTiming]:
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         task = progress.add_task(f"{self.desc} {epoch + 1}/{self.cfg.epochs}",
@@ -265,19 +284,19 @@ class Trainer:
             else:
                 progress.update(task, completed=step + 1)
 
-        train_loss, train_top1 = self._train_epoch(epoch, on_step)
+        train_loss, train_top1, images = self._train_epoch(epoch, on_step)
         progress.remove_task(task)
         test = {"top1": math.nan, "top5": math.nan}
         if self.test_loader is not None and self.ctx.is_main:
             test = evaluate(self.model, self.test_loader, self.ctx)
         gammas = gamma_magnitudes(self.model)
-        return EpochRecord(
+        record = EpochRecord(
             epoch=epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1,
             test_top1=test["top1"], test_top5=test["top5"],
             gamma_mean=float(gammas.mean()) if gammas.numel() else 0.0,
             gamma_small=float((gammas < 1e-2).float().mean()) if gammas.numel() else 0.0,
-            seconds=time.perf_counter() - start,
         )
+        return record, EpochTiming(epoch=epoch + 1, seconds=time.perf_counter() - start, images=images)
 
 
-__all__ = ["EpochRecord", "NonFiniteLossError", "Trainer", "lr_factor", "make_optimizer"]
+__all__ = ["EpochRecord", "EpochTiming", "NonFiniteLossError", "Trainer", "lr_factor", "make_optimizer"]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimcore.config import Params
-from stages._common import console
+from stages._common import console, write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +65,19 @@ def relaunch_under_torchrun(params: Params, module: str) -> None:
     os.execv(sys.executable, argv)
 
 
+def write_timings(path: Path, timings: list[Any], ctx: Any) -> None:
+    """The run's wall-clock figures (``metrics/timings/ARCH/RUN.json``), apart from its checkpoint."""
+    seconds = sum(t.seconds for t in timings)
+    images = sum(t.images for t in timings)
+    write_json(path, {
+        "device": str(ctx.device), "processes": ctx.world_size, "amp": str(ctx.amp_dtype or "off"),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(images / seconds, 1) if seconds > 0 else None,
+        "epochs": [{"epoch": t.epoch, "seconds": round(t.seconds, 3), "images": t.images,
+                    "images_per_second": round(t.images_per_second, 1)} for t in timings],
+    })
+
+
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
                         sparsity: float, init: Path | None = None, module: str) -> None:
     """Train a model (from scratch, or from the checkpoint ``init``) and save it to ``out``.
@@ -103,12 +116,14 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         history = trainer.fit(state_path=state, fingerprint=key, curves_dir=paths.curves(arch, run))
         if ctx.is_main:
             final = history[-1] if history else None
+            # only what the same inputs reproduce exactly: no wall-clock figure goes in here
             save_model(out, model.cpu(), run=run, history=[vars(h) for h in history],
                        test_top1=final.test_top1 if final else None, sparsity=sparsity,
                        torch_version=str(torch.__version__))
+            write_timings(paths.timings(arch, run), trainer.timings, ctx)
             state.unlink(missing_ok=True)
             console.log(f"{run}@{arch}: saved {out}")
         barrier(ctx)
 
 
-__all__ = ["fingerprint", "relaunch_under_torchrun", "seed_everything", "train_to_checkpoint"]
+__all__ = ["fingerprint", "relaunch_under_torchrun", "seed_everything", "train_to_checkpoint", "write_timings"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,9 +13,40 @@ from stages._common import PARAMS_OPTION, console, params_for, run_app, stage, w
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
+def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
+                    prunes: dict[str, Any]) -> None:
+    """One ``metrics/summary/ARCH.json`` per arch (the declared metrics), and no other file there."""
+    from slimcore import paths, report
+
+    folder = paths.summaries()
+    for stale in folder.glob("*.json") if folder.is_dir() else []:
+        if stale.stem not in params.archs:
+            stale.unlink()
+    for arch in params.archs:
+        write_json(paths.summary(arch), report.summary(arch, params, evals[arch], profile[arch], prunes[arch]))
+
+
+def write_plot_data(params: Any, evals: dict[str, Any], profile: dict[str, Any], prunes: dict[str, Any],
+                    histories: dict[str, Any], gammas: dict[str, Any]) -> None:
+    """The CSV files behind ``dvc plots`` (metrics/plots/)."""
+    from slimcore import paths, report
+
+    hist_rows, tradeoff, curves = [], [], []
+    for arch in params.archs:
+        hist_rows += [{"arch": arch, **row} for row in report.gamma_histogram(gammas[arch])]
+        tradeoff += report.tradeoff_rows(arch, params, evals[arch], profile[arch])
+        for run, history in histories[arch].items():
+            curves += [{"arch": arch, "run": run, "epoch": e["epoch"], "train_loss": round(e["train_loss"], 5),
+                        "test_top1": round(e["test_top1"], 5)} for e in history]
+    plots = paths.plots_dir()
+    report.write_csv(plots / "gamma_hist.csv", hist_rows)
+    report.write_csv(plots / "tradeoff.csv", tradeoff)
+    report.write_csv(plots / "curves.csv", curves)
+
+
 @app.command()
 def main(params_file: Path = PARAMS_OPTION) -> None:
-    """Write metrics/eval.json, metrics/results.md and metrics/plots/*.csv."""
+    """Write metrics/eval.json, metrics/summary/ARCH.json, metrics/results.md and metrics/plots/*.csv."""
     with stage("evaluate"):
         params = params_for(params_file)
         import torch
@@ -35,9 +67,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         profile = json.loads(paths.profile_report().read_text())
         evals: dict[str, dict[str, dict[str, float]]] = {}
         prunes: dict[str, dict[float, dict[str, object]]] = {}
-        hist_rows, tradeoff, curves = [], [], []
+        histories: dict[str, dict[str, list[dict[str, float]]]] = {}
+        gammas: dict[str, dict[str, torch.Tensor]] = {}
         for arch in params.archs:
-            evals[arch], gammas = {}, {}
+            evals[arch], gammas[arch], histories[arch] = {}, {}, {}
             for label, path in paths.model_files(arch, params.prune.ratios).items():
                 model, meta = load_model_and_meta(path, expected_arch=arch)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
@@ -45,19 +78,13 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                                  else torch.preserve_format)
                 evals[arch][label] = {k: v for k, v in evaluate(model, loader, ctx).items() if k != "samples"}
                 if label in ("baseline", "sparse"):
-                    gammas[label] = gamma_magnitudes(model)
-                for epoch in meta.get("history", []):
-                    curves.append({"arch": arch, "run": label, "epoch": epoch["epoch"],
-                                   "train_loss": round(epoch["train_loss"], 5),
-                                   "test_top1": round(epoch["test_top1"], 5)})
+                    gammas[arch][label] = gamma_magnitudes(model).cpu()
+                if meta.get("history"):
+                    histories[arch][meta["run"]] = meta["history"]
             prunes[arch] = {r: json.loads(paths.prune_report(arch, r).read_text()) for r in params.prune.ratios}
-            hist_rows += [{"arch": arch, **row} for row in report.gamma_histogram(gammas)]
-            tradeoff += report.tradeoff_rows(arch, params, evals[arch], profile[arch])
         write_json(paths.eval_report(), evals)
-        plots = paths.plots_dir()
-        report.write_csv(plots / "gamma_hist.csv", hist_rows)
-        report.write_csv(plots / "tradeoff.csv", tradeoff)
-        report.write_csv(plots / "curves.csv", curves)
+        write_summaries(params, evals, profile, prunes)
+        write_plot_data(params, evals, profile, prunes, histories, gammas)
         markdown = report.results_markdown(params, evals, profile, prunes)
         atomic_write_bytes(paths.results_table(), markdown.encode())
 

@@ -17,7 +17,8 @@ def main(
     ratio: float = typer.Option(..., help="fraction of prunable BN channels to remove, in [0, 1)"),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
-    """Write models/ARCH/pruned-RATIO.pt (+ -nofold ablation) and metrics/ARCH/prune-RATIO.json."""
+    """Write models/ARCH/pruned-RATIO.pt (+ -nofold ablation), metrics/prune/ARCH-RATIO.json and
+    the slimming time to metrics/timings/ARCH/prune-RATIO.json."""
     with stage(f"prune@{arch}-{ratio}"):
         params = params_for(params_file, arch)
         check_ratio(params, ratio)
@@ -49,7 +50,6 @@ def main(
             "total_bn_channels": report.total_bn_channels,
             "params_before": count_params(sparse),
             "params_after": count_params(pruned),
-            "seconds": round(report.seconds, 3),
             "bound_by": report.bound_by,
             "skipped": report.skipped,
             "policy": report.policy,
@@ -57,6 +57,7 @@ def main(
             "channels": report.channels_per_layer,
         }
         write_json(paths.prune_report(arch, ratio), summary)
+        write_json(paths.timings(arch, paths.prune_run(ratio)), {"seconds": round(report.seconds, 3)})
         console.log(f"prune@{arch}-{ratio}: removed {report.true_ratio:.2%} of {report.prunable_bn_channels} "
                     f"BN channels (threshold |gamma| <= {report.threshold:.3g}), params "
                     f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M")

@@ -200,9 +200,24 @@ def test_eval_and_profile_reports(pipeline: Pipeline) -> None:
     assert labels <= set(profile[ARCH])
     for label in labels:
         entry = profile[ARCH][label]
-        assert entry["params"] > 0 and entry["flops"] > 0 and entry["latency"]["median_ms"] > 0, (label, entry)
+        assert entry["params"] > 0 and entry["flops"] > 0 and entry["bytes"] > 0, (label, entry)
+    latency = json.loads((metrics / "timings" / "latency.json").read_text())[ARCH]
+    assert set(latency) == {"baseline"} | {f"finetuned-{r}" for r in RATIOS}
+    assert all(t["median_ms"] > 0 for t in latency.values())
+    assert "speedup" in (metrics / "timings" / "latency.md").read_text()
     assert profile[ARCH]["finetuned-0.5"]["params"] < profile[ARCH]["finetuned-0.2"]["params"] \
         < profile[ARCH]["baseline"]["params"]
+
+
+def test_declared_metrics_are_one_small_summary_per_arch(pipeline: Pipeline) -> None:
+    show = dvc("metrics", "show", "--json", cwd=pipeline.proj)
+    assert show.returncode == 0, show.tail()
+    data = json.loads(show.output[show.output.index("{"):])
+    files = next(iter(data.values()))["data"]
+    assert set(files) == {f"metrics/summary/{ARCH}.json"}, sorted(files)
+    summary = files[f"metrics/summary/{ARCH}.json"]["data"][ARCH]
+    assert [summary[f"r{i + 1}"]["ratio"] for i in range(len(RATIOS))] == list(RATIOS)
+    assert 0 < summary["r1"]["top1"] <= 100 and summary["r1"]["params"] < summary["baseline"]["params"]
 
 
 def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
@@ -265,13 +280,46 @@ def test_exp_run_reruns_only_the_prune_side(experiment: Experiment) -> None:
         assert re.search(rf"Stage '{re.escape(stage)}' didn't change", out), experiment.run.tail()
 
 
+def test_exp_run_warns_only_of_the_new_ratios_outputs(experiment: Experiment) -> None:
+    """DVC (dvc-data) warns "No file hash info found ... It won't be created" once for each cached
+    output of a stage that has never run (here: the new ratio's), when `exp run` checks out the
+    workspace before reproducing; nothing else may warn (no stale output, no old ratio)."""
+    warnings = [line for line in experiment.run.output.splitlines() if "WARNING" in line]
+    expected = {f"models/{ARCH}/{name}-{EXP_RATIO}{suffix}.pt"
+                for name, suffix in (("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))}
+    named = {w.split("'")[1].split("/proj/")[-1] for w in warnings if "No file hash info found" in w}
+    assert len(warnings) == len(named) and named <= expected, experiment.run.tail()
+
+
+def test_exp_leaves_no_stale_output_of_the_old_ratios(experiment: Experiment, pipeline: Pipeline) -> None:
+    from slimcore import paths
+
+    proj = pipeline.proj
+    stale = [p.as_posix() for r in RATIOS for p in paths.ratio_outputs(ARCH, r) if (proj / p).exists()]
+    assert not stale, f"outputs of dropped ratios left in the workspace: {stale}"
+    fresh = [p.as_posix() for p in paths.ratio_outputs(ARCH, EXP_RATIO) if not (proj / p).exists()]
+    assert not fresh, f"missing outputs of the new ratio: {fresh}"
+    listed = ok(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], proj).output.split("\n")
+    refs = [line.split()[0] for line in listed if line and "/exec/" not in line]  # exec/: DVC's own bookkeeping
+    assert len(refs) == 1, listed
+    committed = set(ok(["git", "ls-tree", "-r", "--name-only", refs[0]], proj).output.split())
+    old = {p.as_posix() for r in RATIOS for p in paths.ratio_outputs(ARCH, r)}
+    assert not {f for f in committed if any(f == o or f.startswith(o + "/") for o in old)}, "stale files in the exp"
+
+
+def test_metrics_diff_shows_accuracy_and_no_timing(experiment: Experiment) -> None:
+    diff = experiment.metrics_diff
+    assert diff.returncode == 0, diff.tail()
+    assert f"metrics/summary/{ARCH}.json" in diff.output, diff.tail()
+    assert f"{ARCH}.r1.ratio" in diff.output and f"{ARCH}.r1.top1" in diff.output, diff.tail()
+    for noise in ("seconds", "latency", "median_ms", "timings"):
+        assert noise not in diff.output, diff.tail()
+
+
 def test_exp_results_in_workspace_and_metrics_diff(experiment: Experiment, pipeline: Pipeline) -> None:
     assert (pipeline.proj / "models" / ARCH / f"finetuned-{EXP_RATIO}.pt").is_file(), experiment.run.tail()
     evals = json.loads((pipeline.proj / "metrics" / "eval.json").read_text())
     assert f"finetuned-{EXP_RATIO}" in evals[ARCH]
-    diff = experiment.metrics_diff
-    assert diff.returncode == 0, diff.tail()
-    assert "metrics/eval.json" in diff.output, diff.tail()
 
 
 def test_plots_show_renders_html(experiment: Experiment) -> None:

@@ -5,6 +5,7 @@ Every stage runs as users run it (``python -m stages.X`` in a project folder), a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -155,12 +156,25 @@ def test_diverging_loss_stops_with_epoch_and_step_and_saves_no_checkpoint(tmp_pa
 # --------------------------------------------------------------------------------------------
 
 
-def _trained(project: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
+def _digests(project: Path) -> dict[str, str]:
+    """md5 of every output a stage wrote, except the wall-clock files under metrics/timings/."""
+    out = {}
+    for path in sorted(project.rglob("*")):
+        rel = path.relative_to(project)
+        if path.is_file() and rel.parts[0] in ("models", "metrics") and rel.parts[:2] != ("metrics", "timings"):
+            out[rel.as_posix()] = hashlib.md5(path.read_bytes()).hexdigest()
+    return out
+
+
+def _trained(project: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any], dict[str, str]]:
     from slimcore.checkpoint import load_model_and_meta
 
     model, meta = load_model_and_meta(project / CKPT, expected_arch=ARCH)
-    history = [{k: v for k, v in h.items() if k != "seconds"} for h in meta["history"]]
-    return model.state_dict(), history, json.loads((project / CURVES).read_text())
+    timings = json.loads((project / "metrics" / "timings" / ARCH / "baseline-train.json").read_text())
+    assert [e["epoch"] for e in timings["epochs"]] == [h["epoch"] for h in meta["history"]]
+    assert all(e["seconds"] > 0 for e in timings["epochs"])
+    assert "seconds" not in json.dumps(meta), "wall-clock time in a checkpoint breaks byte-reproducibility"
+    return model.state_dict(), meta["history"], json.loads((project / CURVES).read_text()), _digests(project)
 
 
 def _start_and_signal_after_first_epoch(project: Path, sig: int) -> subprocess.CompletedProcess[str]:
@@ -185,13 +199,15 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
 
 
 def _assert_same_run(a: tuple[Any, ...], b: tuple[Any, ...]) -> None:
-    weights_a, history_a, curves_a = a
-    weights_b, history_b, curves_b = b
+    weights_a, history_a, curves_a, digests_a = a
+    weights_b, history_b, curves_b, digests_b = b
     assert weights_a.keys() == weights_b.keys()
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_b[key]), key
     assert history_a == history_b
     assert curves_a == curves_b
+    assert CKPT.as_posix() in digests_a and CURVES.as_posix() in digests_a
+    assert digests_a == digests_b, "same params, code and data must give byte-identical outputs"
 
 
 @pytest.mark.slow
@@ -201,6 +217,27 @@ def test_same_params_and_seed_give_identical_weights_and_metrics(tmp_path: Path,
     proc = _stage(project, "baseline_train", "--arch", ARCH)
     assert proc.returncode == 0, _said(proc)[-3000:]
     _assert_same_run(uninterrupted, _trained(project))
+
+
+@pytest.mark.slow
+def test_prune_stage_twice_gives_byte_identical_outputs(tmp_path: Path) -> None:
+    """A prune stage re-run on the same sparse model writes the same bytes (only its timing differs)."""
+    from slimcore.checkpoint import save_model
+    from slimcore.models import build_model
+    from tests.conftest import randomize_bn
+
+    project = _project(tmp_path, **{"model.width": 0.125})
+    save_model(project / "models" / ARCH / "sparse.pt", randomize_bn(build_model(ARCH, 10, "cifar", 0.125)))
+    runs = []
+    for _ in range(2):
+        proc = _stage(project, "prune", "--arch", ARCH, "--ratio", "0.5")
+        assert proc.returncode == 0, _said(proc)[-3000:]
+        runs.append(_digests(project))
+        assert json.loads((project / "metrics" / "timings" / ARCH / "prune-0.5.json").read_text())["seconds"] > 0
+    assert {"models/vgg16_bn/pruned-0.5.pt", "models/vgg16_bn/pruned-0.5-nofold.pt",
+            "metrics/prune/vgg16_bn-0.5.json"} <= set(runs[0])
+    assert runs[0] == runs[1]
+    assert "seconds" not in (project / "metrics" / "prune" / f"{ARCH}-0.5.json").read_text()
 
 
 @pytest.mark.slow

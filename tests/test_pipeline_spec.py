@@ -220,17 +220,20 @@ def _expected_outs(params) -> dict[str, set[str]]:
     for arch in params.archs:
         for stage, run, ckpt in (("baseline-train", "baseline-train", "baseline"),
                                  ("sparse-train", "sparse-train", "sparse")):
-            expected[f"{stage}@{arch}"] = posix(paths.checkpoint(arch, ckpt), paths.curves(arch, run) / "plots",
-                                                paths.curves(arch, run) / "metrics.json")
+            expected[f"{stage}@{arch}"] = posix(paths.checkpoint(arch, ckpt), paths.curves(arch, run),
+                                                paths.timings(arch, run))
         for ratio in params.prune.ratios:
             tag = paths.ratio_tag(ratio)
-            expected[f"prune@{arch}-{tag}"] = posix(paths.pruned(arch, ratio), paths.pruned(arch, ratio, fold=False),
-                                                    paths.prune_report(arch, ratio))
+            prune, finetune = f"prune@{arch}-{tag}", f"finetune@{arch}-{tag}"
+            expected[prune] = posix(paths.pruned(arch, ratio), paths.pruned(arch, ratio, fold=False),
+                                    paths.prune_report(arch, ratio), paths.timings(arch, paths.prune_run(ratio)))
             run = paths.finetune_run(ratio)
-            expected[f"finetune@{arch}-{tag}"] = posix(paths.finetuned(arch, ratio), paths.curves(arch, run) / "plots",
-                                                       paths.curves(arch, run) / "metrics.json")
-    expected["profile"] = posix(paths.profile_report())
-    expected["evaluate"] = posix(paths.results_table(), paths.plots_dir(), paths.eval_report())
+            expected[finetune] = posix(paths.finetuned(arch, ratio), paths.curves(arch, run),
+                                       paths.timings(arch, run))
+            # together the two stages write exactly what the profile stage removes for a dropped ratio
+            assert expected[prune] | expected[finetune] == posix(*paths.ratio_outputs(arch, ratio))
+    expected["profile"] = posix(paths.profile_report(), paths.latency_report(), paths.latency_table())
+    expected["evaluate"] = posix(paths.results_table(), paths.plots_dir(), paths.eval_report(), paths.summaries())
     return expected
 
 
@@ -249,6 +252,31 @@ def test_rendered_stage_names(rendered, params) -> None:
 def test_rendered_outs_match_slimcore_paths(rendered, params) -> None:
     for name, outs in _expected_outs(params).items():
         assert set(rendered[name]["outs"]) == outs, name
+
+
+def test_declared_metrics_are_the_summaries_only() -> None:
+    """`dvc metrics diff` shows accuracy, ratios, FLOPs and params, never a wall-clock figure."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        metrics = {str(PurePosixPath(o.def_path)) for stage in repo.index.stages for o in stage.outs if o.metric}
+        uncached = {str(PurePosixPath(o.def_path)) for stage in repo.index.stages for o in stage.outs
+                    if not o.use_cache}
+    assert metrics == {paths.summaries().as_posix()}
+    timing_outs = {o for o in uncached if o.startswith(paths.timings_dir().as_posix() + "/")}
+    assert timing_outs, "wall-clock figures must be outputs under metrics/timings/"
+
+
+def test_stale_ratio_outputs_are_found_and_only_those(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a dropped ratio left behind is found; current ratios and other archs are untouched."""
+    monkeypatch.chdir(tmp_path)
+    for arch, ratio in (("vgg16_bn", 0.2), ("vgg16_bn", 0.6), ("resnet50", 0.6)):
+        for path in paths.ratio_outputs(arch, ratio):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+    paths.checkpoint("vgg16_bn", "sparse").write_text("x")
+    stale = paths.stale_ratio_outputs(["vgg16_bn"], [0.2])
+    assert sorted(stale) == sorted(paths.ratio_outputs("vgg16_bn", 0.6))
 
 
 def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
