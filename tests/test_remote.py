@@ -40,6 +40,10 @@ class Clones:
     git_status: Result
 
 
+def _dvc_ok(*args: str, cwd: Path) -> Result:
+    return ok([str(BIN / "dvc"), *args], cwd)
+
+
 def _make(target: str, cwd: Path) -> Result:
     """``make TARGET`` with the venv running the tests as VENV; ``-o`` keeps make from (re)installing it."""
     venv = BIN.parent
@@ -48,7 +52,7 @@ def _make(target: str, cwd: Path) -> Result:
 
 def _resolve_remote(proj: Path, name: str) -> Path:
     """Where remote NAME's url in the committed ``.dvc/config`` points (DVC reads it relative to ``.dvc/``)."""
-    url = ok([str(BIN / "dvc"), "config", "--project", f"remote.{name}.url"], proj).output.strip()
+    url = _dvc_ok("config", "--project", f"remote.{name}.url", cwd=proj).output.strip()
     return (proj / ".dvc" / url).resolve()
 
 
@@ -71,17 +75,20 @@ def clones(tmp_path_factory: pytest.TempPathFactory) -> Clones:
     params["prune"]["ratios"] = [RATIO]
     (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ok(["git", "init", "-q"], origin)
+    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
+                       ("commit.gpgsign", "false")):  # as test_e2e_dvc's fixture does
+        ok(["git", "config", key, value], origin)
     _commit(origin, "slimcore remote test: tiny params")
-    ok([str(BIN / "dvc"), "repro"], origin)
+    _dvc_ok("repro", cwd=origin)
 
-    name = ok([str(BIN / "dvc"), "remote", "default"], origin).output.strip()
+    name = _dvc_ok("remote", "default", cwd=origin).output.strip()
     default_remote = _resolve_remote(origin, name)
-    ok([str(BIN / "dvc"), "remote", "modify", "--local", name, "url", str(remote)], origin)
+    _dvc_ok("remote", "modify", "--local", name, "url", str(remote), cwd=origin)
     push = _make("push", origin)
     _commit(origin, "slimcore remote test: dvc.lock and metrics after repro")
 
     ok(["git", "clone", "-q", str(origin), str(clone)], base)
-    ok([str(BIN / "dvc"), "remote", "modify", "--local", name, "url", str(remote)], clone)
+    _dvc_ok("remote", "modify", "--local", name, "url", str(remote), cwd=clone)
     pull = _make("pull", clone)
     return Clones(origin, clone, remote, default_remote, name, push, pull,
                   dvc("status", cwd=clone), dvc("repro", cwd=clone), ok(["git", "status", "--porcelain"], clone))
