@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro seed test test-fast lint bench plots clean
+.PHONY: install repro seed push pull test test-fast lint bench plots clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ seed: $(STAMP)
 	cp configs/seed-cifar100.yaml params.yaml
 	sed -i 's#^  root: .*#  root: $(CIFAR_ROOT)#' params.yaml
 	$(BIN)/dvc repro
+
+# DVC's default remote: ../slimcore-dvc-remote, a folder beside the clone (docs/remote.md)
+push: $(STAMP)   ## upload the DVC-cached outputs (checkpoints under models/) to the default remote
+	$(BIN)/dvc push
+
+pull: $(STAMP)   ## fetch them back and check them out: a fresh clone's workspace without training
+	$(BIN)/dvc pull
 
 test: $(STAMP)   ## unit tests + end-to-end DVC pipeline test
 	$(BIN)/python -m pytest -q
