@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro seed push pull test test-fast lint bench plots clean
+.PHONY: install repro seed seed-smoke push pull test test-fast lint bench plots clean
 
 install: $(STAMP)
 
@@ -21,12 +21,17 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)  ## run the whole pipeline on the embedded default (dvc repro)
 	$(BIN)/dvc repro
 
-# The seed's CIFAR-100 at 224px experiment (GPUs): make seed CIFAR_ROOT=/data/holding/cifar-100-python
+# The seed's CIFAR-100 at 224px preset as a DVC experiment, on GPUs (docs/seed.md):
+#   make seed CIFAR_ROOT=/data/cifar [SEED_ARGS="--set runtime.nproc=4"] [ALLOW_CPU=1]
+# Runs `dvc exp run --temp`: params.yaml, dvc.lock and metrics/ here stay as committed.
 CIFAR_ROOT ?= data
-seed: $(STAMP)
-	cp configs/seed-cifar100.yaml params.yaml
-	sed -i 's#^  root: .*#  root: $(CIFAR_ROOT)#' params.yaml
-	$(BIN)/dvc repro
+ALLOW_CPU  ?=
+CPU_FLAG    = $(if $(filter 1 yes true,$(ALLOW_CPU)),--allow-cpu)
+seed: $(STAMP)  ## the seed CIFAR-100 preset as a DVC experiment (GPU): make seed CIFAR_ROOT=/data/cifar
+	$(BIN)/python -m slimcore.preset configs/seed-cifar100.yaml --cifar-root "$(CIFAR_ROOT)" $(CPU_FLAG) $(SEED_ARGS)
+
+seed-smoke: $(STAMP)  ## the seed preset end to end on synthetic CIFAR-100, a few steps per stage: images/s
+	$(BIN)/python -m slimcore.seed_smoke configs/seed-cifar100.yaml $(CPU_FLAG) $(SMOKE_ARGS)
 
 # DVC's default remote: ../slimcore-dvc-remote, a folder beside the clone (docs/remote.md)
 push: $(STAMP)   ## upload the DVC-cached outputs (checkpoints under models/) to the default remote

@@ -27,6 +27,9 @@ from slimcore.data import (
     stratified_split,
 )
 from slimcore.errors import SlimcoreError
+from slimcore.synthetic import Dump, write_cifar
+from slimcore.synthetic import dump_pickle as _dump
+from slimcore.synthetic import random_images as _images
 
 DIGITS_TOTAL = 1797
 
@@ -116,38 +119,13 @@ def test_stratified_split_properties() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _images(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
-
-
-def _dump(path: Path, obj: object) -> None:
-    with path.open("wb") as fh:
-        pickle.dump(obj, fh)  # as torchvision's own tests build fake CIFAR folders
-
-
-def _fake_cifar10(root: Path, per_batch: int = 2, n_test: int = 3, dump=_dump) -> Path:  # type: ignore[no-untyped-def]
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for i in range(1, 6):
-        labels = [(i + j) % 10 for j in range(per_batch)]
-        dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5",
-                                           "labels": labels, "data": _images(per_batch, i)})
-    dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": list(range(n_test)),
-                                 "data": _images(n_test, 0)})
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    dump(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072})
-    return folder
+def _fake_cifar10(root: Path, per_batch: int = 2, n_test: int = 3, dump: Dump = _dump) -> Path:
+    # train batch i (1..5) row j: class (i + j) % 10; test row j: class j
+    return write_cifar(root, "cifar10", 5 * per_batch, n_test, labels=lambda i, j: (i + j) % 10 if i else j, dump=dump)
 
 
 def _fake_cifar100(root: Path, n_train: int = 6, n_test: int = 4) -> Path:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
-        fine = [(97 + 5 * j) % 100 for j in range(n)]
-        _dump(folder / name, {"data": _images(n, seed), "fine_labels": fine, "coarse_labels": [j % 20 for j in fine]})
-    _dump(folder / "meta", {"fine_label_names": [f"class{i}" for i in range(100)],
-                            "coarse_label_names": [f"super{i}" for i in range(20)]})
-    return folder
+    return write_cifar(root, "cifar100", n_train, n_test, labels=lambda _i, j: (97 + 5 * j) % 100)
 
 
 def test_cifar10_folder_loads(tmp_path: Path) -> None:

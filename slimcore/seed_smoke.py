@@ -1,0 +1,404 @@
+"""Smoke-run a preset (the seed's CIFAR-100 by default) end to end on synthetic data, timing each stage.
+
+``make seed-smoke`` (``python -m slimcore.seed_smoke``) writes a random CIFAR-100-shaped dataset
+in torchvision's on-disk format to a scratch workspace, derives a ``params.yaml`` from the preset
+that keeps everything but the schedule (1 epoch, no warm-up, no milestones, a few latency runs,
+a few batches of the preset's batch size) and runs every pipeline stage in ``dvc.yaml``'s order
+as ``python -m stages.X`` subprocesses there, through the real data loader, AMP, channels_last
+and, with several GPUs, torchrun. It ends with a table of seconds and images/s per stage.
+
+Seconds are the stage subprocess's wall time, start-up included (Python, torch, CUDA, loading
+checkpoints); when a stage writes timing files under ``metrics/timings/`` (``seconds``,
+``images_per_second``) those figures are preferred for its images/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+
+from slimcore import paths
+from slimcore.config import Params, load_params, with_overrides
+from slimcore.console import console
+from slimcore.errors import ParamsError, SlimcoreError
+from slimcore.preset import EXIT_REFUSED, SEED_PRESET, check_device, parse_sets
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TIMINGS = paths.METRICS / "timings"  # per-run timing files, when the stages write them
+DEFAULT_STEPS = 5  # training batches per stage when --train-images is not given
+DEFAULT_TEST_IMAGES = 256
+CPU_WHY = ("the smoke at the preset's size takes hours on CPU; run it on a GPU machine, or shrink it "
+           "(--image-size 32 --width 0.125 --archs vgg16_bn --ratios 0.5) and")
+
+
+class StageFailed(SlimcoreError):
+    """A stage subprocess exited non-zero (its log is kept in the workspace)."""
+
+
+@dataclass
+class SmokeOptions:
+    """What to run; ``None`` means: as in the preset (or derived from it)."""
+
+    preset: Path = SEED_PRESET
+    image_size: int | None = None
+    width: float | None = None
+    archs: list[str] | None = None
+    ratios: list[float] | None = None
+    train_images: int | None = None  # default: DEFAULT_STEPS batches per process
+    test_images: int = DEFAULT_TEST_IMAGES
+    batch_size: int | None = None
+    nproc: int | None = None  # default: the number of GPUs (1 without)
+    sets: dict[str, object] = field(default_factory=dict)  # extra KEY=VALUE on the preset
+    workdir: Path | None = None  # default: a new temporary folder
+    keep: bool = False
+    allow_cpu: bool = False
+    stage_timeout: float = 1800.0
+
+
+@dataclass
+class StageResult:
+    """One stage's run and its figures."""
+
+    stage: str  # as dvc.yaml names it: baseline-train@vgg16_bn, prune@vgg16_bn-0.2, evaluate ...
+    command: list[str]
+    images: int | None  # images the stage pushed through a model (None: prune, profile)
+    wall_seconds: float  # subprocess wall time, start-up included
+    timed_seconds: float | None = None  # from metrics/timings/ files the stage wrote, if any
+    timed_images_per_second: float | None = None
+
+    @property
+    def images_per_second(self) -> float | None:
+        """From the stage's timing files if it wrote any, else images / wall seconds."""
+        if self.timed_images_per_second is not None:
+            return self.timed_images_per_second
+        if self.images is None:
+            return None
+        seconds = self.timed_seconds if self.timed_seconds is not None else self.wall_seconds
+        return self.images / seconds if seconds > 0 else None
+
+    @property
+    def source(self) -> str:
+        return "metrics/timings" if self.timed_seconds is not None or self.timed_images_per_second is not None \
+            else "wall (incl. start-up)"
+
+
+# --------------------------------------------------------------------------------------------
+# params and the stage list
+# --------------------------------------------------------------------------------------------
+
+
+def smoke_params(opts: SmokeOptions, data_root: Path, nproc: int) -> Params:
+    """The preset with a smoke schedule: 1 epoch, no warm-up or milestones, few latency runs."""
+    preset = load_params(opts.preset)
+    if preset.data.name not in ("cifar10", "cifar100"):
+        raise ParamsError(f"{opts.preset}: data.name is {preset.data.name!r}; the smoke writes CIFAR-shaped data "
+                          "(cifar10 or cifar100)")
+    batch = opts.batch_size or preset.train.batch_size
+    changes: dict[str, object] = {
+        "data.root": str(data_root), "data.download": False,
+        "data.image_size": opts.image_size, "model.width": opts.width,
+        "archs": opts.archs, "prune.ratios": opts.ratios,
+        "profile.latency_runs": 3, "profile.warmup_runs": 1, "runtime.nproc": nproc,
+    }
+    for run in ("train", "finetune"):
+        changes.update({f"{run}.epochs": 1, f"{run}.warmup_epochs": 0, f"{run}.milestones": [],
+                        f"{run}.batch_size": batch})
+    return with_overrides(preset, {**changes, **opts.sets})
+
+
+def train_images_default(params: Params, steps: int = DEFAULT_STEPS) -> int:
+    """Enough images for ``steps`` full batches on every process."""
+    return steps * params.train.batch_size * params.runtime.nproc
+
+
+def train_steps(images: int, batch_size: int, nproc: int) -> int:
+    """Optimizer steps in one epoch: DistributedSampler pads to nproc shards, each drops its last partial batch."""
+    return math.ceil(images / nproc) // batch_size
+
+
+def stage_plan(params: Params, train_images: int, test_images: int) -> list[tuple[str, list[str], int | None]]:
+    """(dvc.yaml stage name, ``python -m`` arguments, images through a model) in pipeline order."""
+    plan: list[tuple[str, list[str], int | None]] = []
+    for arch in params.archs:
+        for name, module, cfg in (("baseline-train", "baseline_train", params.train),
+                                  ("sparse-train", "sparse_train", params.train)):
+            seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
+                * params.runtime.nproc * cfg.epochs
+            plan.append((f"{name}@{arch}", [f"stages.{module}", "--arch", arch], seen))
+        for ratio in params.prune.ratios:
+            tag = paths.ratio_tag(ratio)
+            plan.append((f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--ratio", tag], None))
+        for ratio in params.prune.ratios:
+            tag, cfg = paths.ratio_tag(ratio), params.finetune
+            seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
+                * params.runtime.nproc * cfg.epochs
+            plan.append((f"finetune@{arch}-{tag}", ["stages.finetune", "--arch", arch, "--ratio", tag], seen))
+    plan.append(("profile", ["stages.profile"], None))
+    checkpoints = sum(len(paths.model_files(arch, params.prune.ratios)) for arch in params.archs)
+    plan.append(("evaluate", ["stages.evaluate"], test_images * checkpoints))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# timing files
+# --------------------------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[Path, tuple[int, int]]:
+    return {f: (f.stat().st_mtime_ns, f.stat().st_size) for f in folder.rglob("*.json")} if folder.is_dir() else {}
+
+
+def _number(value: object) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
+
+
+def read_timing(data: object) -> tuple[float | None, float | None]:
+    """(seconds, images/s) from a timing file's JSON, whatever its shape; (None, None) if it has neither.
+
+    Accepts ``{"seconds": s, "images_per_second": r}``, a list of such per-epoch records, or a
+    mapping holding such a list (e.g. ``{"epochs": [...]}``): per-epoch records are summed
+    (images/s weighted by seconds).
+    """
+    if isinstance(data, dict):
+        seconds, rate = _number(data.get("seconds")), _number(data.get("images_per_second"))
+        if seconds is not None or rate is not None:
+            return seconds, rate
+        lists = [v for v in data.values() if isinstance(v, list)]
+        return read_timing(lists[0]) if len(lists) == 1 else (None, None)
+    if isinstance(data, list):
+        records = [read_timing(item) for item in data if isinstance(item, dict)]
+        seconds = [s for s, _ in records if s is not None]
+        if not seconds:
+            return None, None
+        images = [s * r for s, r in records if s is not None and r is not None]
+        total = sum(seconds)
+        rate = sum(images) / total if len(images) == len(seconds) else None
+        return total, rate
+    return None, None
+
+
+def timings_written(workspace: Path, before: dict[Path, tuple[int, int]]) -> tuple[float | None, float | None]:
+    """Seconds and images/s from the timing files a stage wrote or changed (summed over several)."""
+    found = []
+    for file, stamp in _snapshot(workspace / TIMINGS).items():
+        if before.get(file) == stamp:
+            continue
+        try:
+            found.append(read_timing(json.loads(file.read_text())))
+        except (OSError, ValueError):
+            continue
+    return read_timing([{"seconds": s, "images_per_second": r} for s, r in found]) if found else (None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+def describe_machine(params: Params) -> dict[str, str]:
+    """Device name, torch version, AMP dtype, channels_last and processes, as the stages will see them."""
+    import torch
+
+    from slimcore.runtime import current_context
+
+    ctx = current_context(params.runtime)
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return {"device": device, "torch": str(torch.__version__), "cuda": str(torch.version.cuda),
+            "amp": str(ctx.amp_dtype).removeprefix("torch.") if ctx.amp_dtype else "off (fp32)",
+            "channels_last": "on" if ctx.channels_last else "off", "nproc": str(params.runtime.nproc)}
+
+
+def _stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_stage(workspace: Path, index: int, stage: str, module_args: list[str], images: int | None,
+              timeout: float) -> StageResult:
+    """Run one stage in ``workspace``; its output goes to ``logs/NN-STAGE.log`` there."""
+    command = [sys.executable, "-m", *module_args]
+    log = workspace / "logs" / f"{index:02d}-{stage.replace('@', '-')}.log"
+    log.parent.mkdir(exist_ok=True)
+    before = _snapshot(workspace / TIMINGS)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        try:
+            code = subprocess.run(command, cwd=workspace, env=_stage_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    wall = time.perf_counter() - start
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        what = f"timed out after {timeout:.0f} s" if code is None else f"exited with {code}"
+        raise StageFailed(f"{stage} {what} (log: {log}):\n{tail}")
+    seconds, rate = timings_written(workspace, before)
+    return StageResult(stage, ["python", "-m", *module_args], images, wall, seconds, rate)
+
+
+def _prepare_workspace(opts: SmokeOptions) -> Path:
+    if opts.workdir is None:
+        return Path(tempfile.mkdtemp(prefix="slimcore-seed-smoke-"))
+    workspace = opts.workdir.resolve()
+    if workspace.exists() and any(workspace.iterdir()):
+        raise ParamsError(f"--workdir {workspace}: not empty; give a new or empty folder")
+    workspace.mkdir(parents=True, exist_ok=True)
+    return workspace
+
+
+def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Path]:
+    """Run every stage of the preset's pipeline at smoke size; (results, machine, workspace).
+
+    The workspace is deleted afterwards unless ``opts.keep`` (and kept when a stage fails).
+    """
+    from slimcore.synthetic import write_cifar
+
+    nproc = opts.nproc or _gpu_count() or 1
+    workspace = _prepare_workspace(opts)
+    ok = False
+    try:
+        params = smoke_params(opts, workspace / "data", nproc)
+        check_device(params.runtime, opts.allow_cpu, CPU_WHY)
+        train_images = opts.train_images or train_images_default(params)
+        if train_steps(train_images, params.train.batch_size, nproc) == 0:
+            raise ParamsError(f"--train-images {train_images}: fewer than one batch of {params.train.batch_size} "
+                              f"per process ({nproc} processes)")
+        write_cifar(workspace / "data", params.data.name, train_images, opts.test_images)
+        (workspace / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        machine = describe_machine(params)
+        console.log(f"seed smoke in {workspace}: {machine['device']}, torch {machine['torch']} "
+                    f"(CUDA {machine['cuda']}), AMP {machine['amp']}, channels_last {machine['channels_last']}, "
+                    f"nproc {machine['nproc']}")
+        console.log(f"{', '.join(params.archs)} at {params.data.image_size}px, width {params.model.width:g}, "
+                    f"ratios {', '.join(map(paths.ratio_tag, params.prune.ratios))}; synthetic {params.data.name}: "
+                    f"{train_images} train / {opts.test_images} test images, batch {params.train.batch_size} "
+                    f"per process, {params.train.epochs} + {params.finetune.epochs} epochs (train, finetune)")
+        results = []
+        plan = stage_plan(params, train_images, opts.test_images)
+        for index, (stage, module_args, images) in enumerate(plan, 1):
+            result = run_stage(workspace, index, stage, module_args, images, opts.stage_timeout)
+            console.log(f"[{index}/{len(plan)}] {stage}: {result.wall_seconds:.1f} s")
+            results.append(result)
+        ok = True
+        return results, machine, workspace
+    finally:
+        if ok and not opts.keep:
+            shutil.rmtree(workspace, ignore_errors=True)
+        elif not ok and opts.workdir is None and not any(workspace.glob("logs/*.log")):
+            shutil.rmtree(workspace, ignore_errors=True)  # refused before any stage ran: nothing to look at
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def results_table(results: Sequence[StageResult], machine: dict[str, str]):  # type: ignore[no-untyped-def]
+    """A rich table: one row per stage, then the total."""
+    from rich.table import Table
+
+    table = Table(title=f"seed smoke: {machine['device']}, torch {machine['torch']}, AMP {machine['amp']}, "
+                        f"nproc {machine['nproc']}")
+    for col in ("stage", "images", "wall s", "timed s", "images/s", "from"):
+        table.add_column(col, justify="left" if col in ("stage", "from") else "right")
+    for r in results:
+        rate = r.images_per_second
+        table.add_row(r.stage, "" if r.images is None else str(r.images), f"{r.wall_seconds:.1f}",
+                      "" if r.timed_seconds is None else f"{r.timed_seconds:.1f}",
+                      "" if rate is None else f"{rate:,.1f}" if rate < 100 else f"{rate:,.0f}",
+                      r.source if rate is not None else "")
+    table.add_row("total", "", f"{sum(r.wall_seconds for r in results):.1f}", "", "", "", style="bold")
+    return table
+
+
+def as_dict(result: StageResult) -> dict[str, Any]:
+    """One stage's figures as plain JSON-able values."""
+    return {**dataclasses.asdict(result), "images_per_second": result.images_per_second, "source": result.source}
+
+
+TABLE_NOTES = (
+    "wall s: the stage subprocess, start-up included (Python, torch, CUDA init, checkpoint loads and saves).",
+    "timed s: from the stage's metrics/timings/ files, when it writes them.",
+    "images: training stages = train images x epochs (their per-epoch test pass not counted); "
+    "evaluate = test images x checkpoints evaluated.",
+    "images/s: from metrics/timings/ when there, else images / timed s or wall s.",
+)
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    raise typer.Exit(EXIT_REFUSED)
+
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def main(
+    preset: Annotated[Path, typer.Argument(help="preset file, validated like params.yaml")] = SEED_PRESET,
+    image_size: Annotated[int | None, typer.Option(help="pixels (default: the preset's)")] = None,
+    width: Annotated[float | None, typer.Option(help="model width multiplier (default: the preset's)")] = None,
+    archs: Annotated[str | None, typer.Option(help="comma-separated archs (default: the preset's)")] = None,
+    ratios: Annotated[str | None, typer.Option(help="comma-separated prune ratios (default: the preset's)")] = None,
+    train_images: Annotated[int | None, typer.Option(
+        help=f"synthetic train images (default: {DEFAULT_STEPS} batches per process)")] = None,
+    test_images: Annotated[int, typer.Option(help="synthetic test images")] = DEFAULT_TEST_IMAGES,
+    batch_size: Annotated[int | None, typer.Option(
+        help="per-process batch of train and finetune (default: the preset's)")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        help="processes per training stage (default: the number of GPUs)")] = None,
+    sets: Annotated[list[str] | None, typer.Option(
+        "--set", "-S", help="KEY=VALUE on the smoke params, e.g. runtime.num_workers=2 (repeatable)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="workspace folder (default: a new temporary one)")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the workspace (models, metrics, logs)")] = False,
+    allow_cpu: Annotated[bool, typer.Option("--allow-cpu", help="run without a CUDA GPU (shrink it!)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this JSON file")] = None,
+) -> None:
+    """Run the preset's whole pipeline on synthetic data for a few steps and print images/s per stage."""
+    try:
+        ratio_values = [float(r) for r in _split_list(ratios) or []] or None
+    except ValueError:
+        _fail(f"--ratios {ratios!r}: expected comma-separated decimals, e.g. 0.2,0.4")
+    try:
+        opts = SmokeOptions(preset, image_size, width, _split_list(archs), ratio_values, train_images, test_images,
+                            batch_size, nproc, parse_sets(sets or []), workdir, keep, allow_cpu)
+        results, machine, workspace = run_smoke(opts)
+    except StageFailed as err:
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    except SlimcoreError as err:
+        _fail(str(err))
+    console.print(results_table(results, machine))
+    for note in TABLE_NOTES:
+        console.print(note, soft_wrap=True, highlight=False)
+    if keep:
+        console.log(f"workspace kept: {workspace} (params.yaml, models/, metrics/, logs/)")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"machine": machine, "stages": [as_dict(r) for r in results]}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app(prog_name="python -m slimcore.seed_smoke")

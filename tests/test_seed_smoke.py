@@ -1,0 +1,160 @@
+"""``make seed-smoke``: the preset end to end on synthetic CIFAR-100, timed per stage.
+
+The unit tests are fast; the last test runs the whole smoke on CPU at a tiny size (32px,
+width 0.125, one arch, one ratio): six stage subprocesses, about 45 s on 2 shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from slimcore import seed_smoke
+from slimcore.config import load_params
+from slimcore.seed_smoke import (
+    TIMINGS,
+    SmokeOptions,
+    StageResult,
+    app,
+    read_timing,
+    smoke_params,
+    stage_plan,
+    timings_written,
+    train_steps,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "seed-cifar100.yaml"
+
+
+def test_smoke_params_keep_the_preset_but_the_schedule(tmp_path: Path) -> None:
+    preset = load_params(PRESET)
+    params = smoke_params(SmokeOptions(preset=PRESET), tmp_path / "data", nproc=2)
+    assert (params.data.name, params.data.root, params.data.image_size) == ("cifar100", str(tmp_path / "data"), 224)
+    assert params.model == preset.model and params.archs == preset.archs and params.prune == preset.prune
+    assert params.runtime == preset.runtime.model_copy(update={"nproc": 2})  # AMP, channels_last, workers: as is
+    assert params.sparsity == preset.sparsity
+    for run, cfg in (("train", params.train), ("finetune", params.finetune)):
+        assert (cfg.epochs, cfg.warmup_epochs, cfg.milestones) == (1, 0, []), run
+        assert cfg.model_dump(exclude={"epochs", "warmup_epochs", "milestones"}) == \
+            getattr(preset, run).model_dump(exclude={"epochs", "warmup_epochs", "milestones"})
+    assert params.profile.latency_runs < preset.profile.latency_runs
+    small = smoke_params(SmokeOptions(preset=PRESET, image_size=32, width=0.125, archs=["resnet50"], ratios=[0.5],
+                                      batch_size=8, sets={"runtime.num_workers": 1}), tmp_path, nproc=1)
+    assert (small.data.image_size, small.model.width, small.archs, small.prune.ratios) == (32, 0.125, ["resnet50"],
+                                                                                           [0.5])
+    assert (small.train.batch_size, small.finetune.batch_size, small.runtime.num_workers) == (8, 8, 1)
+
+
+def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
+    params = smoke_params(SmokeOptions(preset=PRESET, archs=["vgg16_bn", "resnet50"], ratios=[0.2, 0.5],
+                                       batch_size=16), tmp_path, nproc=2)
+    plan = stage_plan(params, train_images=100, test_images=30)
+    names = [name for name, _, _ in plan]
+    assert names == [
+        "baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "prune@vgg16_bn-0.2", "prune@vgg16_bn-0.5",
+        "finetune@vgg16_bn-0.2", "finetune@vgg16_bn-0.5",
+        "baseline-train@resnet50", "sparse-train@resnet50", "prune@resnet50-0.2", "prune@resnet50-0.5",
+        "finetune@resnet50-0.2", "finetune@resnet50-0.5", "profile", "evaluate"]
+    by_name = {name: (args, images) for name, args, images in plan}
+    assert by_name["prune@resnet50-0.5"] == (["stages.prune", "--arch", "resnet50", "--ratio", "0.5"], None)
+    # 100 images over 2 processes: 50 each, 3 full batches of 16 -> 3 x 16 x 2 images a step
+    assert train_steps(100, 16, 2) == 3
+    assert by_name["sparse-train@vgg16_bn"] == (["stages.sparse_train", "--arch", "vgg16_bn"], 96)
+    assert by_name["finetune@resnet50-0.2"][1] == 96
+    assert by_name["evaluate"] == (["stages.evaluate"], 30 * 2 * 8)  # 8 checkpoints per arch
+    assert by_name["profile"][1] is None
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"seconds": 2.0, "images_per_second": 300.0}, (2.0, 300.0)),
+    ({"seconds": 2.0}, (2.0, None)),
+    ([{"epoch": 1, "seconds": 1.0, "images_per_second": 100.0},
+      {"epoch": 2, "seconds": 3.0, "images_per_second": 200.0}], (4.0, 175.0)),
+    ({"arch": "x", "epochs": [{"seconds": 1.0, "images_per_second": 50.0}]}, (1.0, 50.0)),
+    ({"epochs": [{"seconds": 1.0}, {"seconds": 2.0, "images_per_second": 9.0}]}, (3.0, None)),
+    ({"seconds": "fast", "images_per_second": True}, (None, None)),
+    ({"a": [], "b": []}, (None, None)),
+    ("nonsense", (None, None)),
+])
+def test_read_timing_accepts_the_shapes_a_timing_file_may_take(data: object, expected: tuple) -> None:
+    assert read_timing(data) == expected
+
+
+def test_timings_written_only_counts_the_stage_s_own_files(tmp_path: Path) -> None:
+    folder = tmp_path / TIMINGS / "vgg16_bn"
+    folder.mkdir(parents=True)
+    (folder / "baseline-train.json").write_text(json.dumps({"seconds": 9.0, "images_per_second": 1.0}))
+    before = seed_smoke._snapshot(tmp_path / TIMINGS)
+    assert timings_written(tmp_path, before) == (None, None)
+    (folder / "sparse-train.json").write_text(json.dumps({"seconds": 2.0, "images_per_second": 500.0}))
+    (folder / "broken.json").write_text("{")
+    assert timings_written(tmp_path, before) == (2.0, 500.0)
+
+    timed = StageResult("sparse-train@vgg16_bn", [], 640, wall_seconds=10.0, timed_seconds=2.0,
+                        timed_images_per_second=500.0)
+    assert (timed.images_per_second, timed.source) == (500.0, "metrics/timings")
+    wall = StageResult("baseline-train@vgg16_bn", [], 640, wall_seconds=10.0)
+    assert (wall.images_per_second, wall.source) == (64.0, "wall (incl. start-up)")
+    assert StageResult("prune@vgg16_bn-0.2", [], None, wall_seconds=3.0).images_per_second is None
+
+
+def test_smoke_refuses_a_machine_without_cuda_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, [str(PRESET), "--workdir", str(tmp_path / "ws")])
+    assert result.exit_code == 2, result.output
+    assert "no CUDA GPU" in result.output and "--allow-cpu" in result.output
+    assert not (tmp_path / "ws" / "logs").exists()
+    result = CliRunner().invoke(app, [str(PRESET), "--allow-cpu", "--train-images", "10", "--batch-size", "16"])
+    assert result.exit_code == 2 and "fewer than one batch of 16" in result.output
+
+
+def test_a_failing_stage_stops_the_smoke_and_keeps_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prune with no sparse checkpoint fails: exit 1, the log's end is shown and the workspace stays."""
+    prune = ("prune@vgg16_bn-0.5", ["stages.prune", "--arch", "vgg16_bn", "--ratio", "0.5"], None)
+    monkeypatch.setattr(seed_smoke, "stage_plan", lambda *_: [prune])
+    workspace = tmp_path / "ws"
+    result = CliRunner().invoke(app, [str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125",
+                                      "--archs", "vgg16_bn", "--ratios", "0.5", "--batch-size", "4",
+                                      "--train-images", "8", "--test-images", "4", "--workdir", str(workspace)])
+    assert result.exit_code == 1, result.output
+    log = workspace / "logs" / "01-prune-vgg16_bn-0.5.log"
+    assert f"prune@vgg16_bn-0.5 exited with 2 (log: {log})" in result.output
+    assert "sparse.pt" in log.read_text() and "sparse.pt" in result.output
+    assert (workspace / "params.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real thing, tiny: synthetic CIFAR-100 through every stage subprocess; a table and JSON at the end."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # 2 shared cores: spinning thread pools double the time
+        monkeypatch.setenv(var, "1")
+    workspace, report = tmp_path / "ws", tmp_path / "smoke.json"
+    result = CliRunner().invoke(app, [
+        str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125", "--archs", "vgg16_bn",
+        "--ratios", "0.5", "--batch-size", "16", "--train-images", "64", "--test-images", "32",
+        "--set", "runtime.num_workers=2", "--workdir", str(workspace), "--keep", "--json", str(report)])
+    assert result.exit_code == 0, result.output + "".join(
+        f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(workspace.glob("logs/*.log")))
+    stages = json.loads(report.read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "prune@vgg16_bn-0.5",
+                                            "finetune@vgg16_bn-0.5", "profile", "evaluate"]
+    assert [s["images"] for s in stages] == [64, 64, None, 64, None, 32 * 5]
+    assert all(s["wall_seconds"] > 0 for s in stages)
+    assert all((s["images_per_second"] or 0) > 0 for s in stages if s["images"])
+    # the stages ran on the preset's settings, on the synthetic data, in the workspace only
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    assert params["data"] == {**params["data"], "name": "cifar100", "image_size": 32,
+                              "root": str(workspace / "data")}
+    assert params["runtime"]["amp"] == "bf16" and params["model"]["stem"] == "imagenet"
+    evals = json.loads((workspace / "metrics" / "eval.json").read_text())
+    assert set(evals["vgg16_bn"]) == {"baseline", "sparse", "pruned-0.5", "pruned-0.5-nofold", "finetuned-0.5"}
+    assert (workspace / "metrics" / "results.md").is_file()
+    for stage in ("baseline-train@vgg16_bn", "evaluate"):
+        assert stage in result.output
+    assert "images/s" in result.output and "incl. start-up" in result.output
