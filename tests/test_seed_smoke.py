@@ -37,7 +37,8 @@ def test_smoke_params_keep_the_preset_but_the_schedule(tmp_path: Path) -> None:
     params = smoke_params(SmokeOptions(preset=PRESET), tmp_path / "data", nproc=2)
     assert (params.data.name, params.data.root, params.data.image_size) == ("cifar100", str(tmp_path / "data"), 224)
     assert params.model == preset.model and params.archs == preset.archs and params.prune == preset.prune
-    assert params.runtime == preset.runtime.model_copy(update={"nproc": 2})  # AMP, channels_last, workers: as is
+    # AMP, channels_last: as the preset; no DataLoader workers for a few in-memory batches
+    assert params.runtime == preset.runtime.model_copy(update={"nproc": 2, "num_workers": 0})
     assert params.sparsity == preset.sparsity
     for run, cfg in (("train", params.train), ("finetune", params.finetune)):
         assert (cfg.epochs, cfg.warmup_epochs, cfg.milestones) == (1, 0, []), run
