@@ -25,6 +25,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         from slimcore.data import check_num_classes, load_splits, make_loader
         from slimcore.evaluate import evaluate
         from slimcore.models import spec_of
+        from slimcore.plotdata import write_plot_data
         from slimcore.runtime import current_context
         from slimcore.sparsity import gamma_magnitudes
 
@@ -35,9 +36,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         profile = json.loads(paths.profile_report().read_text())
         evals: dict[str, dict[str, dict[str, float]]] = {}
         prunes: dict[str, dict[float, dict[str, object]]] = {}
-        hist_rows, tradeoff, curves = [], [], []
+        gammas: dict[str, dict[str, torch.Tensor]] = {}
+        histories: dict[str, dict[str, list[dict[str, float]]]] = {}
         for arch in params.archs:
-            evals[arch], gammas = {}, {}
+            evals[arch], gammas[arch], histories[arch] = {}, {}, {}
             for label, path in paths.model_files(arch, params.prune.ratios).items():
                 model, meta = load_model_and_meta(path, expected_arch=arch)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
@@ -45,19 +47,13 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                                  else torch.preserve_format)
                 evals[arch][label] = {k: v for k, v in evaluate(model, loader, ctx).items() if k != "samples"}
                 if label in ("baseline", "sparse"):
-                    gammas[label] = gamma_magnitudes(model)
-                for epoch in meta.get("history", []):
-                    curves.append({"arch": arch, "run": label, "epoch": epoch["epoch"],
-                                   "train_loss": round(epoch["train_loss"], 5),
-                                   "test_top1": round(epoch["test_top1"], 5)})
+                    gammas[arch][label] = gamma_magnitudes(model)
+                if meta.get("history"):  # trained checkpoints: baseline-train, sparse-train, finetune-R
+                    histories[arch][meta["run"]] = meta["history"]
             prunes[arch] = {r: json.loads(paths.prune_report(arch, r).read_text()) for r in params.prune.ratios}
-            hist_rows += [{"arch": arch, **row} for row in report.gamma_histogram(gammas)]
-            tradeoff += report.tradeoff_rows(arch, params, evals[arch], profile[arch])
         write_json(paths.eval_report(), evals)
-        plots = paths.plots_dir()
-        report.write_csv(plots / "gamma_hist.csv", hist_rows)
-        report.write_csv(plots / "tradeoff.csv", tradeoff)
-        report.write_csv(plots / "curves.csv", curves)
+        write_plot_data(paths.plots_dir(), archs=params.archs, ratios=params.prune.ratios, evals=evals,
+                        profile=profile, prunes=prunes, histories=histories, gammas=gammas)
         markdown = report.results_markdown(params, evals, profile, prunes)
         atomic_write_bytes(paths.results_table(), markdown.encode())
 
