@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import vl_convert
 import yaml
 
 from slimcore import plotdata, render_plots, vega_vendor
@@ -279,6 +280,13 @@ def test_a_filled_spec_renders_to_svg_and_png_offline(tradeoff_spec: dict[str, A
         assert text in svg, text
     png = render_plots.render(tradeoff_spec, "png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image, ImageChops
+
+    raw = vl_convert.vegalite_to_png(tradeoff_spec, vl_version=render_plots.VEGA_LITE_VERSION,
+                                     scale=render_plots.PNG_SCALE)
+    with Image.open(io.BytesIO(png)) as small, Image.open(io.BytesIO(raw)) as big:
+        assert small.size == big.size and ImageChops.difference(small, big).getbbox() is None  # lossless
+    assert len(png) < len(raw)
     assert render_plots.render(tradeoff_spec, "svg").decode() == svg  # deterministic
     with pytest.raises(ValueError, match="unknown image format"):
         render_plots.render(tradeoff_spec, "gif")
