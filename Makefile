@@ -54,7 +54,8 @@ bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/train_speed.py
 
-plots: $(STAMP)  ## render dvc plots to dvc_plots/index.html
+plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
+	$(BIN)/python -m slimcore.render_plots --out docs/plots
 	$(BIN)/dvc plots show
 
 clean:

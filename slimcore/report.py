@@ -1,4 +1,4 @@
-"""The generated results: ``metrics/results.md`` and the data behind ``dvc plots``.
+"""The generated results table, ``metrics/results.md`` (the plot data: :mod:`slimcore.plotdata`).
 
 Everything here is a pure function of the metrics JSON the stages wrote, so the table can be
 regenerated (and diffed) without touching a model.
@@ -6,23 +6,16 @@ regenerated (and diffed) without touching a model.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from slimcore.checkpoint import atomic_write_bytes
 from slimcore.config import Params
 from slimcore.paths import ratio_tag
 
 SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested ratio", "true ratio", "FLOPs after",
                 "params after/M", "top1", "top5"]
 EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB"]
-HIST_BINS = 40
 
 
 def _pct(x: float | None, digits: int = 3) -> str:
@@ -145,43 +138,4 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
     return {arch: out}
 
 
-def gamma_histogram(gammas: Mapping[str, torch.Tensor], bins: int = HIST_BINS) -> list[dict[str, Any]]:
-    """Fraction of BN channels per |gamma| bin, shared bins for all models given."""
-    top = max(float(g.max()) for g in gammas.values() if g.numel()) or 1.0
-    edges = torch.linspace(0, top, bins + 1)
-    rows = []
-    for model, g in gammas.items():
-        counts = torch.histc(g.float(), bins=bins, min=0, max=top)
-        total = max(int(g.numel()), 1)
-        for i in range(bins):
-            rows.append({"model": model, "gamma": round(float((edges[i] + edges[i + 1]) / 2), 5),
-                         "fraction": round(float(counts[i]) / total, 6)})
-    return rows
-
-
-def tradeoff_rows(arch: str, params: Params, evals: Mapping[str, Any],
-                  profile: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Top-1 against FLOPs for the sparse model (ratio 0) and every pruned ratio."""
-    rows = [{"arch": arch, "ratio": 0.0, "mflops": round(profile["sparse"]["flops"] / 1e6, 4),
-             "top1_finetuned": evals["sparse"]["top1"], "top1_pruned": evals["sparse"]["top1"]}]
-    for r in params.prune.ratios:
-        tag = ratio_tag(r)
-        rows.append({"arch": arch, "ratio": r, "mflops": round(profile[f"finetuned-{tag}"]["flops"] / 1e6, 4),
-                     "top1_finetuned": evals[f"finetuned-{tag}"]["top1"],
-                     "top1_pruned": evals[f"pruned-{tag}"]["top1"]})
-    return rows
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Rows of dicts as CSV (header from the first row), written atomically."""
-    buffer = io.StringIO()
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-__all__ = ["gamma_histogram", "results_markdown", "summary", "tradeoff_rows", "write_csv"]
+__all__ = ["format_strength", "results_markdown", "summary"]

@@ -26,24 +26,6 @@ def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
         write_json(paths.summary(arch), report.summary(arch, params, evals[arch], profile[arch], prunes[arch]))
 
 
-def write_plot_data(params: Any, evals: dict[str, Any], profile: dict[str, Any], prunes: dict[str, Any],
-                    histories: dict[str, Any], gammas: dict[str, Any]) -> None:
-    """The CSV files behind ``dvc plots`` (metrics/plots/)."""
-    from slimcore import paths, report
-
-    hist_rows, tradeoff, curves = [], [], []
-    for arch in params.archs:
-        hist_rows += [{"arch": arch, **row} for row in report.gamma_histogram(gammas[arch])]
-        tradeoff += report.tradeoff_rows(arch, params, evals[arch], profile[arch])
-        for run, history in histories[arch].items():
-            curves += [{"arch": arch, "run": run, "epoch": e["epoch"], "train_loss": round(e["train_loss"], 5),
-                        "test_top1": round(e["test_top1"], 5)} for e in history]
-    plots = paths.plots_dir()
-    report.write_csv(plots / "gamma_hist.csv", hist_rows)
-    report.write_csv(plots / "tradeoff.csv", tradeoff)
-    report.write_csv(plots / "curves.csv", curves)
-
-
 @app.command()
 def main(params_file: Path = PARAMS_OPTION) -> None:
     """Write metrics/eval.json, metrics/summary/ARCH.json, metrics/results.md and metrics/plots/*.csv."""
@@ -57,6 +39,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         from slimcore.data import check_num_classes, load_splits, make_loader
         from slimcore.evaluate import evaluate
         from slimcore.models import spec_of
+        from slimcore.plotdata import write_plot_data
         from slimcore.runtime import current_context
         from slimcore.sparsity import gamma_magnitudes
 
@@ -79,12 +62,13 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                 evals[arch][label] = {k: v for k, v in evaluate(model, loader, ctx).items() if k != "samples"}
                 if label in ("baseline", "sparse"):
                     gammas[arch][label] = gamma_magnitudes(model).cpu()
-                if meta.get("history"):
+                if meta.get("history"):  # trained checkpoints: baseline-train, sparse-train, finetune-R
                     histories[arch][meta["run"]] = meta["history"]
             prunes[arch] = {r: json.loads(paths.prune_report(arch, r).read_text()) for r in params.prune.ratios}
         write_json(paths.eval_report(), evals)
         write_summaries(params, evals, profile, prunes)
-        write_plot_data(params, evals, profile, prunes, histories, gammas)
+        write_plot_data(paths.plots_dir(), archs=params.archs, ratios=params.prune.ratios, evals=evals,
+                        profile=profile, prunes=prunes, histories=histories, gammas=gammas)
         markdown = report.results_markdown(params, evals, profile, prunes)
         atomic_write_bytes(paths.results_table(), markdown.encode())
 

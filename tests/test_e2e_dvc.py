@@ -326,3 +326,5 @@ def test_plots_show_renders_html(experiment: Experiment) -> None:
     show = experiment.plots_show
     assert show.returncode == 0, show.tail()
     assert (experiment.plots_dir / "index.html").is_file(), show.tail()
+    html = (experiment.plots_dir / "index.html").read_text()  # the offline page (vendor/vega/): no CDN
+    assert "cdn.jsdelivr" not in html and html.count("<script data-bundle=") == 3

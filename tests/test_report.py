@@ -1,27 +1,15 @@
-"""metrics/results.md and the plot data, from small hand-made metrics shaped like the stages' JSON."""
+"""metrics/results.md from small hand-made metrics shaped like the stages' JSON (plot data: test_plots.py)."""
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from slimcore.config import Params, parse_params
-from slimcore.report import (
-    EXTRA_COLUMNS,
-    HIST_BINS,
-    SEED_COLUMNS,
-    gamma_histogram,
-    results_markdown,
-    tradeoff_rows,
-    write_csv,
-)
+from slimcore.report import EXTRA_COLUMNS, SEED_COLUMNS, results_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,103 +159,6 @@ def test_only_the_configured_archs_and_ratios_are_reported() -> None:
     tables = _tables(results_markdown(params, EVALS, PROFILE, PRUNES))
     assert list(tables) == ["resnet50"]
     assert [row[4] for row in tables["resnet50"][1:]] == ["50%"]
-
-
-# --------------------------------------------------------------------------------------------
-# plot data
-# --------------------------------------------------------------------------------------------
-
-
-def test_tradeoff_rows_start_at_the_sparse_model() -> None:
-    rows = tradeoff_rows("resnet50", _params(), EVALS["resnet50"], PROFILE["resnet50"])
-    assert rows == [
-        {"arch": "resnet50", "ratio": 0.0, "mflops": 5.551, "top1_finetuned": 0.95265, "top1_pruned": 0.95265},
-        {"arch": "resnet50", "ratio": 0.2, "mflops": 2.8012, "top1_finetuned": 0.96657, "top1_pruned": 0.94986},
-        {"arch": "resnet50", "ratio": 0.5, "mflops": 0.833, "top1_finetuned": 0.97493,
-         "top1_pruned": rows[2]["top1_pruned"]},
-    ]
-    assert math.isnan(rows[2]["top1_pruned"])
-
-
-def test_gamma_histogram_shares_bins_across_models() -> None:
-    gammas = {"baseline": torch.tensor([0.0, 0.3, 0.6, 1.0]), "sparse": torch.tensor([0.0, 1e-4, 2e-3, 0.9])}
-    rows = gamma_histogram(gammas, bins=4)
-    assert [r["model"] for r in rows] == ["baseline"] * 4 + ["sparse"] * 4
-    assert [r["gamma"] for r in rows[:4]] == [0.125, 0.375, 0.625, 0.875]
-    assert [r["gamma"] for r in rows[4:]] == [0.125, 0.375, 0.625, 0.875]
-    assert [r["fraction"] for r in rows[:4]] == [0.25, 0.25, 0.25, 0.25]
-    assert [r["fraction"] for r in rows[4:]] == [0.75, 0.0, 0.0, 0.25]
-
-
-def test_gamma_histogram_defaults_and_degenerate_input() -> None:
-    g = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.5
-    rows = gamma_histogram({"baseline": g})
-    assert len(rows) == HIST_BINS
-    assert sum(r["fraction"] for r in rows) == pytest.approx(1.0, abs=1e-4)
-    assert rows[-1]["gamma"] == pytest.approx(float(g.max()) * (1 - 0.5 / HIST_BINS), abs=1e-5)
-    zeros = gamma_histogram({"pruned": torch.zeros(5)}, bins=4)  # all |gamma| = 0: unit range
-    assert [r["gamma"] for r in zeros] == [0.125, 0.375, 0.625, 0.875]
-    assert [r["fraction"] for r in zeros] == [1.0, 0.0, 0.0, 0.0]
-
-
-def _template_fields(node: object) -> set[str]:
-    """Data fields a vega-lite template reads itself (DVC fills ``<DVC_METRIC_*>`` and adds ``rev``)."""
-    found: set[str] = set()
-    if isinstance(node, dict):
-        field = node.get("field")
-        if isinstance(field, str) and not field.startswith("<DVC_") and field != "rev":
-            found.add(field)
-        for value in node.values():
-            found |= _template_fields(value)
-    elif isinstance(node, list):
-        for value in node:
-            found |= _template_fields(value)
-    return found
-
-
-def _plot_needs() -> dict[str, set[str]]:
-    """Per plot CSV (file name), the fields dvc.yaml's ``plots:`` and its template read."""
-    needs: dict[str, set[str]] = {}
-    for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
-        (spec,) = entry.values()
-        template = json.loads((ROOT / ".dvc" / "plots" / f"{spec['template']}.json").read_text())
-        for file, y in spec["y"].items():
-            needs[Path(file).name] = {spec["x"], y, *_template_fields(template)}
-    return needs
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def test_csvs_have_the_fields_the_plots_read(tmp_path: Path) -> None:
-    needs = _plot_needs()
-    assert {"tradeoff.csv", "gamma_hist.csv"} <= set(needs)
-    params = _params()
-    tradeoff = [row for arch in params.archs for row in tradeoff_rows(arch, params, EVALS[arch], PROFILE[arch])]
-    gamma = [{"arch": arch, **row}  # as the evaluate stage builds gamma_hist.csv
-             for arch in params.archs
-             for row in gamma_histogram({"baseline": torch.ones(4), "sparse": torch.tensor([0.0, 0.5, 1.0])})]
-    for name, rows in (("tradeoff.csv", tradeoff), ("gamma_hist.csv", gamma)):
-        path = tmp_path / "plots" / name
-        write_csv(path, rows)
-        read = _read_csv(path)
-        assert len(read) == len(rows)
-        assert needs[name] <= set(read[0]), (name, needs[name], set(read[0]))
-        for field in needs[name] - {"arch", "model", "run"}:  # the axes are numbers
-            assert all(math.isfinite(float(r[field])) or r[field] == "nan" for r in read)
-    assert [float(r["mflops"]) for r in _read_csv(tmp_path / "plots" / "tradeoff.csv")][:3] == [150000.0, 15500.0,
-                                                                                              2450.0]
-
-
-def test_write_csv_unions_columns_in_order_and_replaces_atomically(tmp_path: Path) -> None:
-    path = tmp_path / "deep" / "dir" / "out.csv"
-    write_csv(path, [{"a": 1, "b": 0.5}, {"b": 2, "c": "x"}])
-    assert path.read_text() == "a,b,c\n1,0.5,\n,2,x\n"
-    write_csv(path, [{"z": 3}])
-    assert path.read_text() == "z\n3\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["out.csv"]  # no temporary files left
 
 
 @pytest.mark.parametrize("value,text", [(1e-4, "1e-4"), (1e-5, "1e-5"), (1.5e-2, "1.5e-2"), (0.0, "0"), (2e-3, "2e-3")])

@@ -1,0 +1,253 @@
+"""The data behind ``dvc plots``: three tidy CSV files under ``metrics/plots``.
+
+The ``evaluate`` stage calls :func:`write_plot_data` with what it measured; the vega-lite templates
+in ``.dvc/plots/`` draw the files (``dvc plots show``, ``make plots``). Every file is long
+("tidy"): one row per drawn mark, a column saying which series the row belongs to, so a template
+only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/results.md``.
+
+``tradeoff.csv`` -- top-1 against FLOPs (template ``slimcore_tradeoff``)::
+
+    arch, series, ratio, label, true_ratio, mflops, top1, top5
+
+  ``series`` is one of :data:`TRADEOFF_SERIES`: the dense baseline and the sparse-trained model
+  (``ratio`` 0, ``label`` empty, ``true_ratio`` empty), then per ratio the pruned model before
+  fine-tuning and after it. ``ratio``/``true_ratio``: requested and measured share of BN channels
+  removed (%); ``label``: the requested ratio as the chart prints it (``20%``); ``mflops``: thop's
+  count / 10^6; ``top1``, ``top5``: test accuracy (%).
+
+``curves.csv`` -- training curves (template ``slimcore_curves``)::
+
+    arch, run, order, epoch, run_epoch, metric, value
+
+  One row per (run, epoch, metric). ``metric`` is one of :data:`CURVE_METRICS`: ``train_loss``,
+  ``test_top1`` (%) and ``lr``. ``run_epoch`` counts from 1 within the run; ``epoch`` is the
+  position on the shared axis: baseline and sparse training both start at 1, fine-tuning starts
+  from the pruned sparse model, so its epochs follow the last sparse-training epoch. ``order``
+  sorts the runs (baseline, sparse, then fine-tunings by ratio) for the legend.
+
+``gamma_hist.csv`` -- |gamma| histograms and pruning thresholds (template ``slimcore_gamma``)::
+
+    arch, kind, model, label, bin_lo, bin_hi, gamma, pct
+
+  ``kind=bin`` rows: ``model`` (``baseline``/``sparse``), a log-spaced bin ``[bin_lo, bin_hi)``,
+  its geometric centre ``gamma`` and ``pct``, the share of the model's BN channels in it (%).
+  Bins are shared by both models of an arch: edges ``10**(k / BINS_PER_DECADE)`` for whole ``k``,
+  from the last edge at or below the smallest non-zero |gamma| (at most :data:`MAX_DECADES`
+  decades below the largest) to the first edge at or above the largest; smaller values (exact
+  zeros included) are counted in the first bin. ``kind=threshold`` rows:
+  the |gamma| threshold (``gamma``) at which the sparse model was pruned for ratio ``label``
+  (``20%``); channels whose (group) score is at most this were removed.
+
+Numbers are written with 6 significant digits and files are replaced atomically, so the same
+inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimcore.checkpoint import atomic_write_bytes
+from slimcore.paths import ratio_tag
+
+TRADEOFF_CSV, CURVES_CSV, GAMMA_CSV = "tradeoff.csv", "curves.csv", "gamma_hist.csv"
+
+BASELINE, SPARSE = "dense baseline", "sparse-trained"
+PRUNED, FINETUNED = "pruned, before fine-tune", "pruned + fine-tuned"
+TRADEOFF_SERIES = (BASELINE, SPARSE, PRUNED, FINETUNED)
+TRADEOFF_FIELDS = ("arch", "series", "ratio", "label", "true_ratio", "mflops", "top1", "top5")
+
+CURVE_METRICS = ("train_loss", "test_top1", "lr")
+CURVE_FIELDS = ("arch", "run", "order", "epoch", "run_epoch", "metric", "value")
+TRAINING_RUNS = ("baseline-train", "sparse-train")
+
+GAMMA_MODELS = ("baseline", "sparse")
+GAMMA_FIELDS = ("arch", "kind", "model", "label", "bin_lo", "bin_hi", "gamma", "pct")
+BINS_PER_DECADE = 5
+MAX_DECADES = 8
+
+Row = dict[str, Any]
+
+
+def format_value(value: Any) -> str:
+    """One CSV cell: integers as they are, floats with 6 significant digits, missing/NaN empty."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6g}"
+
+
+def render_csv(fields: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """Rows as CSV text with a fixed header (a row may omit fields: empty cells)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fields)
+    for row in rows:
+        unknown = set(row) - set(fields)
+        if unknown:
+            raise ValueError(f"row has fields outside the header {list(fields)}: {sorted(unknown)}")
+        writer.writerow([format_value(row.get(field)) for field in fields])
+    return buffer.getvalue().encode()
+
+
+def percent_label(ratio: float) -> str:
+    """A pruning ratio as the charts and the table print it: ``0.2`` -> ``20%``."""
+    return f"{100 * ratio:.4g}%"
+
+
+def _pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100 * float(fraction)
+
+
+# --------------------------------------------------------------------------------------------
+# top-1 vs FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def tradeoff_rows(arch: str, ratios: Sequence[float], evals: Mapping[str, Mapping[str, float]],
+                  profile: Mapping[str, Mapping[str, Any]],
+                  prunes: Mapping[float, Mapping[str, Any]]) -> list[Row]:
+    """One arch's rows of ``tradeoff.csv``: the dense baseline, the sparse model, two rows per ratio."""
+
+    def row(series: str, label: str, ratio: float | None = None, true_ratio: float | None = None) -> Row:
+        return {"arch": arch, "series": series, "ratio": _pct(ratio) if ratio is not None else 0.0,
+                "label": "" if ratio is None else percent_label(ratio), "true_ratio": _pct(true_ratio),
+                "mflops": profile[label]["flops"] / 1e6, "top1": _pct(evals[label]["top1"]),
+                "top5": _pct(evals[label]["top5"])}
+
+    rows = [row(BASELINE, "baseline"), row(SPARSE, "sparse")]
+    for ratio in ratios:
+        tag, true_ratio = ratio_tag(ratio), prunes[ratio].get("true_ratio")
+        rows.append(row(PRUNED, f"pruned-{tag}", ratio, true_ratio))
+        rows.append(row(FINETUNED, f"finetuned-{tag}", ratio, true_ratio))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# training curves
+# --------------------------------------------------------------------------------------------
+
+
+def _finetune_ratio(run: str) -> float | None:
+    """``finetune-0.2`` -> 0.2; None for any other run name."""
+    prefix = "finetune-"
+    if not run.startswith(prefix):
+        return None
+    try:
+        return float(run[len(prefix):])
+    except ValueError:
+        return None
+
+
+def _run_sort_key(run: str) -> tuple[int, float, str]:
+    """Baseline, sparse, then fine-tunings by ratio, then anything else by name."""
+    if run in TRAINING_RUNS:
+        return (TRAINING_RUNS.index(run), 0.0, run)
+    ratio = _finetune_ratio(run)
+    return (len(TRAINING_RUNS), ratio, run) if ratio is not None else (len(TRAINING_RUNS) + 1, 0.0, run)
+
+
+def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[Row]:
+    """One arch's rows of ``curves.csv``; fine-tuning epochs continue after sparse training's last."""
+    sparse = histories.get("sparse-train") or histories.get("baseline-train") or []
+    offset = max((int(e["epoch"]) for e in sparse), default=0)
+    rows: list[Row] = []
+    for order, run in enumerate(sorted(histories, key=_run_sort_key)):
+        shift = offset if _finetune_ratio(run) is not None else 0
+        for epoch in sorted(histories[run], key=lambda e: int(e["epoch"])):
+            values = {"train_loss": epoch["train_loss"], "test_top1": _pct(epoch["test_top1"]), "lr": epoch["lr"]}
+            for metric in CURVE_METRICS:
+                rows.append({"arch": arch, "run": run, "order": order, "epoch": int(epoch["epoch"]) + shift,
+                             "run_epoch": int(epoch["epoch"]), "metric": metric, "value": float(values[metric])})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# |gamma| histograms
+# --------------------------------------------------------------------------------------------
+
+
+def log_bin_edges(values: Sequence[np.ndarray]) -> np.ndarray:
+    """Log-spaced edges ``10**(k / BINS_PER_DECADE)`` spanning every non-zero value (see the module doc)."""
+    positive = [v[v > 0] for v in values]
+    positive = [v for v in positive if v.size]
+    if not positive:  # all zero (or nothing): one decade below 1
+        return 10.0 ** (np.arange(-BINS_PER_DECADE, 1) / BINS_PER_DECADE)
+    top = math.ceil(round(math.log10(max(float(v.max()) for v in positive)) * BINS_PER_DECADE, 9))
+    bottom = math.floor(round(math.log10(min(float(v.min()) for v in positive)) * BINS_PER_DECADE, 9))
+    top = max(top, bottom + 1)
+    bottom = max(bottom, top - MAX_DECADES * BINS_PER_DECADE)
+    return 10.0 ** (np.arange(bottom, top + 1) / BINS_PER_DECADE)
+
+
+def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[float, float]) -> list[Row]:
+    """One arch's rows of ``gamma_hist.csv``: shared log bins for each model, then one row per threshold."""
+    arrays = {model: np.abs(np.asarray(g, dtype=np.float64).ravel()) for model, g in gammas.items()}
+    edges = log_bin_edges(list(arrays.values()))
+    rows: list[Row] = []
+    for model, values in arrays.items():
+        counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
+        total = max(values.size, 1)
+        for lo, hi, count in zip(edges[:-1], edges[1:], counts):
+            rows.append({"arch": arch, "kind": "bin", "model": model, "label": "", "bin_lo": float(lo),
+                         "bin_hi": float(hi), "gamma": math.sqrt(lo * hi), "pct": 100 * int(count) / total})
+    for ratio, threshold in thresholds.items():
+        rows.append({"arch": arch, "kind": "threshold", "model": "sparse", "label": percent_label(ratio),
+                     "gamma": float(threshold)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# all of it
+# --------------------------------------------------------------------------------------------
+
+
+def plot_tables(*, archs: list[str], ratios: list[float], evals: dict, profile: dict, prunes: dict,
+                histories: dict, gammas: dict) -> dict[str, bytes]:
+    """The contents of every plot file, by file name (see :func:`write_plot_data`)."""
+    tradeoff, curves, hist = [], [], []
+    for arch in archs:
+        tradeoff += tradeoff_rows(arch, ratios, evals[arch], profile[arch], prunes[arch])
+        curves += curve_rows(arch, histories.get(arch, {}))
+        models = {m: gammas[arch][m] for m in GAMMA_MODELS if m in gammas[arch]}
+        hist += gamma_rows(arch, models, {r: prunes[arch][r]["threshold"] for r in ratios})
+    return {TRADEOFF_CSV: render_csv(TRADEOFF_FIELDS, tradeoff), CURVES_CSV: render_csv(CURVE_FIELDS, curves),
+            GAMMA_CSV: render_csv(GAMMA_FIELDS, hist)}
+
+
+def write_plot_data(directory: Path, *, archs: list[str], ratios: list[float],
+                    evals: dict, profile: dict, prunes: dict, histories: dict, gammas: dict) -> None:
+    """Write ``tradeoff.csv``, ``curves.csv`` and ``gamma_hist.csv`` under ``directory``.
+
+    Args:
+        directory: where the files go (the pipeline passes ``metrics/plots``).
+        archs, ratios: what to draw, in this order (``params.archs``, ``params.prune.ratios``).
+        evals: ``evals[arch][label] = {"top1": fraction, "top5": fraction, ...}`` for the labels
+            ``baseline``, ``sparse``, ``pruned-R``, ``finetuned-R`` (``R = ratio_tag(ratio)``;
+            ``pruned-R-nofold`` may be present and is not drawn).
+        profile: ``profile[arch][label] = {"flops": float, ...}`` for the same labels.
+        prunes: ``prunes[arch][ratio]``, the prune report (``threshold``, ``true_ratio``, ...).
+        histories: ``histories[arch][run] = [{"epoch", "lr", "train_loss", "test_top1", ...}, ...]``
+            for runs ``baseline-train``, ``sparse-train``, ``finetune-R``; a missing run is not drawn.
+        gammas: ``gammas[arch] = {"baseline": |gamma| values, "sparse": ...}``, any 1-D array-like
+            (a CPU tensor works).
+
+    The same inputs always give the same bytes; each file is replaced atomically.
+    """
+    tables = plot_tables(archs=archs, ratios=ratios, evals=evals, profile=profile, prunes=prunes,
+                         histories=histories, gammas=gammas)
+    for name, content in tables.items():
+        atomic_write_bytes(Path(directory) / name, content)
+
+
+__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "TRADEOFF_SERIES", "curve_rows", "gamma_rows", "log_bin_edges",
+           "percent_label", "plot_tables", "render_csv", "tradeoff_rows", "write_plot_data"]

@@ -1,0 +1,368 @@
+"""The charts: plot data (slimcore.plotdata), the DVC templates, offline rendering and the offline page."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import vl_convert
+import yaml
+
+from slimcore import plotdata, render_plots, vega_vendor
+from slimcore.plotdata import (
+    BASELINE,
+    CURVE_FIELDS,
+    CURVE_METRICS,
+    FINETUNED,
+    GAMMA_FIELDS,
+    PRUNED,
+    SPARSE,
+    TRADEOFF_FIELDS,
+    TRADEOFF_SERIES,
+    log_bin_edges,
+    write_plot_data,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS, RATIOS = ["vgg16_bn", "resnet50"], [0.2, 0.5]
+TRAIN_EPOCHS, FT_EPOCHS = 4, 2
+
+
+def _ev(top1: float, top5: float = 1.0) -> dict[str, float]:
+    return {"top1": top1, "top5": top5, "loss": 0.5}
+
+
+def _history(epochs: int, top1: float, lr: float) -> list[dict[str, float]]:
+    return [{"epoch": e, "lr": lr / e, "train_loss": 2.0 / e, "train_top1": top1,
+             "test_top1": top1 - 0.01 * (epochs - e), "test_top5": 1.0, "gamma_mean": 0.5, "gamma_small": 0.1,
+             "seconds": 1.0} for e in range(1, epochs + 1)]
+
+
+def _inputs() -> dict[str, Any]:
+    """write_plot_data's keyword arguments, shaped like what the evaluate stage gathers."""
+    evals, profile, prunes, histories, gammas = {}, {}, {}, {}, {}
+    gen = torch.Generator().manual_seed(0)
+    for i, arch in enumerate(ARCHS):
+        evals[arch] = {"baseline": _ev(0.90 + i / 100, 0.99), "sparse": _ev(0.88), "pruned-0.2": _ev(0.85),
+                       "pruned-0.2-nofold": _ev(0.5), "finetuned-0.2": _ev(0.8912, 0.987),
+                       "pruned-0.5": _ev(float("nan")), "pruned-0.5-nofold": _ev(0.1), "finetuned-0.5": _ev(0.87)}
+        flops = {"baseline": 100e6, "sparse": 100e6, "pruned-0.2": 64e6, "pruned-0.2-nofold": 64e6,
+                 "finetuned-0.2": 64e6, "pruned-0.5": 25e6, "pruned-0.5-nofold": 25e6, "finetuned-0.5": 25e6}
+        profile[arch] = {"image_size": 16, **{k: {"flops": f, "params": int(f / 100), "bytes": int(f / 25)}
+                                              for k, f in flops.items()}}
+        prunes[arch] = {0.2: {"requested_ratio": 0.2, "true_ratio": 0.2015, "threshold": 3.2e-5},
+                        0.5: {"requested_ratio": 0.5, "true_ratio": 0.5, "threshold": 0.0123}}
+        histories[arch] = {"finetune-0.5": _history(FT_EPOCHS, 0.87, 0.01),  # any order in, fixed order out
+                           "sparse-train": _history(TRAIN_EPOCHS, 0.88, 0.1),
+                           "baseline-train": _history(TRAIN_EPOCHS, 0.9, 0.1),
+                           "finetune-0.2": _history(FT_EPOCHS, 0.89, 0.01)}
+        sparse = torch.cat([10 ** (torch.rand(300, generator=gen) * 3 - 6), torch.rand(200, generator=gen) + 0.05,
+                            torch.zeros(3)])
+        gammas[arch] = {"baseline": torch.rand(500, generator=gen) * 0.9 + 0.1, "sparse": sparse}
+    return {"archs": ARCHS, "ratios": RATIOS, "evals": evals, "profile": profile, "prunes": prunes,
+            "histories": histories, "gammas": gammas}
+
+
+def _rows(content: bytes) -> list[dict[str, str]]:
+    """CSV rows as DVC reads them: every value a string."""
+    return list(csv.DictReader(io.StringIO(content.decode())))
+
+
+@pytest.fixture(scope="module")
+def tables() -> dict[str, list[dict[str, str]]]:
+    return {name: _rows(content) for name, content in plotdata.plot_tables(**_inputs()).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# plot data
+# --------------------------------------------------------------------------------------------
+
+
+def test_tradeoff_has_the_baseline_reference_both_curves_and_ratio_labels(tables: dict) -> None:
+    rows = [r for r in tables["tradeoff.csv"] if r["arch"] == "resnet50"]
+    assert list(rows[0]) == list(TRADEOFF_FIELDS)
+    assert [r["series"] for r in rows] == [BASELINE, SPARSE, PRUNED, FINETUNED, PRUNED, FINETUNED]
+    baseline, sparse = rows[0], rows[1]
+    assert (baseline["top1"], baseline["top5"], baseline["mflops"], baseline["label"]) == ("91", "99", "100", "")
+    assert (sparse["top1"], sparse["label"]) == ("88", "")  # the sparse model is not a "ratio 0" of the curves
+    pruned = [r for r in rows if r["series"] == PRUNED]
+    tuned = [r for r in rows if r["series"] == FINETUNED]
+    assert [r["label"] for r in pruned] == [r["label"] for r in tuned] == ["20%", "50%"]
+    assert [r["ratio"] for r in tuned] == ["20", "50"] and [r["true_ratio"] for r in tuned] == ["20.15", "50"]
+    assert [r["mflops"] for r in pruned] == [r["mflops"] for r in tuned] == ["64", "25"]
+    assert [r["top1"] for r in tuned] == ["89.12", "87"]  # percent, as in results.md
+    assert tuned[0]["top5"] == "98.7"
+    assert [r["top1"] for r in pruned] == ["85", ""]  # NaN accuracy: an empty cell, not a point at 0
+    assert set(TRADEOFF_SERIES) == {r["series"] for r in tables["tradeoff.csv"]}
+
+
+def test_curves_draw_fine_tuning_after_training_in_percent(tables: dict) -> None:
+    rows = [r for r in tables["curves.csv"] if r["arch"] == "vgg16_bn"]
+    assert list(rows[0]) == list(CURVE_FIELDS)
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    assert runs == ["baseline-train", "sparse-train", "finetune-0.2", "finetune-0.5"]
+    assert [int(rows[[r["run"] for r in rows].index(run)]["order"]) for run in runs] == [0, 1, 2, 3]
+    assert {r["metric"] for r in rows} == set(CURVE_METRICS)
+
+    def epochs(run: str) -> list[int]:
+        return [int(r["epoch"]) for r in rows if r["run"] == run and r["metric"] == "lr"]
+
+    assert epochs("baseline-train") == epochs("sparse-train") == list(range(1, TRAIN_EPOCHS + 1))
+    for run in ("finetune-0.2", "finetune-0.5"):
+        assert epochs(run) == list(range(TRAIN_EPOCHS + 1, TRAIN_EPOCHS + FT_EPOCHS + 1))
+        assert [int(r["run_epoch"]) for r in rows if r["run"] == run and r["metric"] == "lr"] == [1, 2]
+    value = {(r["run"], r["run_epoch"], r["metric"]): float(r["value"]) for r in rows}
+    assert value[("sparse-train", "4", "test_top1")] == pytest.approx(88.0)  # percent
+    assert value[("sparse-train", "2", "train_loss")] == pytest.approx(1.0)
+    assert value[("finetune-0.2", "2", "lr")] == pytest.approx(0.005)  # the learning rate as is
+
+
+def test_curves_without_sparse_training_start_fine_tuning_after_the_baseline() -> None:
+    rows = plotdata.curve_rows("a", {"baseline-train": _history(3, 0.9, 0.1), "finetune-0.2": _history(1, 0.9, 0.1)})
+    assert [r["epoch"] for r in rows if r["run"] == "finetune-0.2"] == [4, 4, 4]
+
+
+def test_gamma_histogram_uses_shared_log_bins_and_marks_every_threshold(tables: dict) -> None:
+    rows = [r for r in tables["gamma_hist.csv"] if r["arch"] == "vgg16_bn"]
+    assert list(rows[0]) == list(GAMMA_FIELDS)
+    bins = {m: [r for r in rows if r["kind"] == "bin" and r["model"] == m] for m in ("baseline", "sparse")}
+    edges = {m: [(r["bin_lo"], r["bin_hi"]) for r in rs] for m, rs in bins.items()}
+    assert edges["baseline"] == edges["sparse"]
+    lo = np.array([float(r["bin_lo"]) for r in bins["sparse"]])
+    hi = np.array([float(r["bin_hi"]) for r in bins["sparse"]])
+    step = 10 ** (1 / plotdata.BINS_PER_DECADE)
+    assert np.allclose(hi / lo, step, rtol=1e-5)  # log-spaced
+    gammas = torch.cat(list(_inputs()["gammas"]["vgg16_bn"].values())).double()
+    smallest, largest = float(gammas[gammas > 0].min()), float(gammas.max())
+    assert lo[0] <= smallest < lo[0] * step * 1.0001 and hi[-1] / step / 1.0001 < largest <= hi[-1]  # tight
+    centre = np.array([float(r["gamma"]) for r in bins["sparse"]])
+    assert np.allclose(centre, np.sqrt(lo * hi), rtol=1e-5)
+    for model, n_small in (("baseline", 0), ("sparse", 300 + 3)):
+        pct = np.array([float(r["pct"]) for r in bins[model]])
+        assert pct.sum() == pytest.approx(100.0, abs=1e-3)
+        below = pct[hi <= 1e-3 * 1.0001].sum()  # channels under 1e-3 (the 3 zeros land in the first bin)
+        assert below == pytest.approx(100 * n_small / (500 + 3 * (model == "sparse")), abs=1e-3)
+    assert float(bins["sparse"][0]["pct"]) >= 100 * 3 / 503
+    thresholds = [(r["label"], float(r["gamma"]), r["model"]) for r in rows if r["kind"] == "threshold"]
+    assert thresholds == [("20%", 3.2e-5, "sparse"), ("50%", 0.0123, "sparse")]
+
+
+@pytest.mark.parametrize("values,first,last", [
+    ([np.array([0.1, 1.0])], 0.1, 1.0),                    # exact edges stay edges
+    ([np.array([0.0, 0.0])], 0.1, 1.0),                    # all zero: one decade below 1
+    ([np.array([])], 0.1, 1.0),
+    ([np.array([1.0])], 1.0, 10 ** 0.2),                   # one value: one bin
+    ([np.array([1e-30, 2.0])], 10 ** (0.4 - plotdata.MAX_DECADES), 10 ** 0.4),  # at most MAX_DECADES decades
+])
+def test_log_bin_edges(values: list[np.ndarray], first: float, last: float) -> None:
+    edges = log_bin_edges(values)
+    assert edges[0] == pytest.approx(first) and edges[-1] == pytest.approx(last)
+    assert np.diff(np.log10(edges)) == pytest.approx(np.full(len(edges) - 1, 1 / plotdata.BINS_PER_DECADE))
+
+
+def test_write_plot_data_is_deterministic_and_atomic(tmp_path: Path) -> None:
+    write_plot_data(tmp_path / "a", **_inputs())
+    inputs = _inputs()
+    inputs["gammas"] = {a: {m: g.numpy() for m, g in v.items()} for a, v in inputs["gammas"].items()}  # any array
+    write_plot_data(tmp_path / "b", **inputs)
+    write_plot_data(tmp_path / "b", **inputs)  # replaces
+    names = ["curves.csv", "gamma_hist.csv", "tradeoff.csv"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == names  # no temporary files left
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_csv_cells() -> None:
+    values = (3, 0.1 + 0.2, 1e-7, float("nan"), float("inf"), None, "a,b", 100 * 0.2, np.float64(0.5))
+    assert [plotdata.format_value(v) for v in values] == ["3", "0.3", "1e-07", "", "", "", "a,b", "20", "0.5"]
+    assert plotdata.render_csv(["a", "b"], [{"a": "x,y"}]) == b'a,b\n"x,y",\n'
+    with pytest.raises(ValueError, match="outside the header"):
+        plotdata.render_csv(["a"], [{"b": 1}])
+    assert plotdata.percent_label(0.25) == "25%" and plotdata.percent_label(0.125) == "12.5%"
+
+
+# --------------------------------------------------------------------------------------------
+# templates
+# --------------------------------------------------------------------------------------------
+
+
+def _plot_defs() -> dict[str, dict[str, Any]]:
+    return {name: spec for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+            for name, spec in entry.items()}
+
+
+def _template(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / ".dvc" / "plots" / f"{name}.json").read_text())
+
+
+def _walk(node: Any):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_templates_are_valid_dvc_templates_reading_only_written_fields(tables: dict) -> None:
+    defs = _plot_defs()
+    assert len(defs) == 3
+    for spec in defs.values():
+        template = _template(spec["template"])
+        assert template["data"]["values"] == "<DVC_METRIC_DATA>"
+        assert "vega-lite" in template["$schema"]
+        ((file, y),) = spec["y"].items()
+        header = set(tables[Path(file).name][0])
+        assert {spec["x"], y} <= header
+        anchors = {"<DVC_METRIC_X>": spec["x"], "<DVC_METRIC_Y>": y}
+        fields = {anchors.get(n["field"], n["field"]) for n in _walk(template) if isinstance(n.get("field"), str)}
+        fields |= {n["filter"]["field"] for n in _walk(template) if isinstance(n.get("filter"), dict)}
+        assert fields - {"rev", "pruned_at", "rule_label"} <= header, file
+        assert "rev" in fields  # `dvc plots diff` keeps revisions apart
+        # DVC passes CSV cells as strings: every number the template reads is parsed (an empty cell: no mark)
+        parsed = set(template["data"]["format"]["parse"])
+        numeric = {anchors.get(n["field"], n["field"]) for n in _walk(template)
+                   if isinstance(n.get("field"), str) and n.get("type") == "quantitative"}
+        assert numeric - {"pruned_at"} <= parsed <= header, file
+
+
+def test_templates_filter_on_the_values_the_data_has(tables: dict) -> None:
+    filters = {t: [n["filter"] for n in _walk(_template(t)) if isinstance(n.get("filter"), dict)]
+               for t in ("slimcore_tradeoff", "slimcore_curves", "slimcore_gamma")}
+    series = {v for f in filters["slimcore_tradeoff"] for v in ([f["equal"]] if "equal" in f else f["oneOf"])}
+    assert series == set(TRADEOFF_SERIES)
+    domain = [n["scale"]["domain"] for n in _walk(_template("slimcore_tradeoff")) if "domain" in n.get("scale", {})]
+    assert domain and all(d == list(TRADEOFF_SERIES) for d in domain)
+    assert [f["equal"] for f in filters["slimcore_curves"]] == list(CURVE_METRICS)
+    assert {f["equal"] for f in filters["slimcore_gamma"]} == {r["kind"] for r in tables["gamma_hist.csv"]}
+
+
+# --------------------------------------------------------------------------------------------
+# rendering, as `dvc plots show` fills the templates
+# --------------------------------------------------------------------------------------------
+
+
+def _filled_spec(name: str, revs: tuple[str, ...]) -> dict[str, Any]:
+    """The spec DVC builds for plot ``name`` of dvc.yaml from the synthetic data, for ``revs``."""
+    from dvc.render.converter.vega import VegaConverter
+    from dvc_render.vega import VegaRenderer
+
+    spec = _plot_defs()[name]
+    ((file, _),) = spec["y"].items()
+    content = plotdata.plot_tables(**_inputs())[Path(file).name]
+    datapoints: list[dict[str, Any]] = []
+    for rev in revs:
+        points, props = VegaConverter(name, {file: _rows(content)}, dict(spec)).flat_datapoints(rev)
+        datapoints += points
+    props.update(template_dir=str(ROOT / ".dvc" / "plots"), revs_with_datapoints=list(revs))
+    return VegaRenderer(datapoints, name, **props).get_filled_template()
+
+
+@pytest.fixture(scope="module")
+def tradeoff_spec() -> dict[str, Any]:
+    return _filled_spec("top-1 vs FLOPs", ("workspace",))
+
+
+def test_a_filled_spec_renders_to_svg_and_png_offline(tradeoff_spec: dict[str, Any]) -> None:
+    svg = render_plots.render(tradeoff_spec, "svg").decode()
+    assert svg.startswith("<svg")
+    for text in ("dense baseline", "pruned + fine-tuned", "pruned, before fine-tune", "20%", "50%",
+                 "test top-1 (%)", "MFLOPs per image", "resnet50", "vgg16_bn"):
+        assert text in svg, text
+    png = render_plots.render(tradeoff_spec, "png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image, ImageChops
+
+    raw = vl_convert.vegalite_to_png(tradeoff_spec, vl_version=render_plots.VEGA_LITE_VERSION,
+                                     scale=render_plots.PNG_SCALE)
+    with Image.open(io.BytesIO(png)) as small, Image.open(io.BytesIO(raw)) as big:
+        assert small.size == big.size and ImageChops.difference(small, big).getbbox() is None  # lossless
+    assert len(png) < len(raw)
+    assert render_plots.render(tradeoff_spec, "svg").decode() == svg  # deterministic
+    with pytest.raises(ValueError, match="unknown image format"):
+        render_plots.render(tradeoff_spec, "gif")
+
+
+@pytest.mark.parametrize("name,texts", [
+    ("training curves", ("train loss", "test top-1 (%)", "learning rate (log)", "finetune-0.5", "pruned")),
+    ("BN gamma histogram", ("prune 20%", "prune 50%", "BN channels (%)", "sparse", "baseline")),
+])
+def test_every_chart_renders_and_tells_revisions_apart(name: str, texts: tuple[str, ...]) -> None:
+    svg = render_plots.render(_filled_spec(name, ("HEAD", "workspace")), "svg").decode()
+    for text in (*texts, "revision", "HEAD", "workspace"):
+        assert text in svg, text
+
+
+def test_vega_lite_specs_from_dvc_json(tradeoff_spec: dict[str, Any], tmp_path: Path) -> None:
+    out = {"data": {"top-1 vs FLOPs": [{"type": "vega", "revisions": ["workspace"], "content": tradeoff_spec}],
+                    "a.png": [{"type": "image", "revisions": ["workspace"], "url": "x.png"}]}}
+    specs = render_plots.vega_lite_specs(out)
+    assert list(specs) == ["top-1 vs FLOPs"]
+    written = render_plots.render_all(specs, tmp_path, ["svg"])
+    assert written == [tmp_path / "top-1-vs-flops.svg"] and written[0].read_text().startswith("<svg")
+    with pytest.raises(render_plots.PlotsError, match="no data"):
+        render_plots.vega_lite_specs({})
+    errors = {"errors": [{"name": "broken", "rev": "HEAD", "msg": "boom"}]}
+    assert render_plots.plot_errors(errors) == ["broken @ HEAD: boom"]
+    with pytest.raises(render_plots.PlotsError, match=r"no data(.|\n)*  broken @ HEAD: boom"):
+        render_plots.vega_lite_specs(errors)
+    assert list(render_plots.vega_lite_specs({**out, **errors})) == ["top-1 vs FLOPs"]  # drawn without HEAD
+    assert render_plots.slug("BN |gamma| histogram") == "bn-gamma-histogram"
+
+
+# --------------------------------------------------------------------------------------------
+# the offline page of `dvc plots show`
+# --------------------------------------------------------------------------------------------
+
+VENDOR = ROOT / vega_vendor.VENDOR_DIR
+
+
+def test_dvc_config_uses_the_offline_page() -> None:
+    from configobj import ConfigObj
+
+    config = ConfigObj(str(ROOT / ".dvc" / "config"))
+    template = ROOT / ".dvc" / config["plots"]["html_template"]  # relative to .dvc/, as DVC reads it
+    assert template.resolve() == (VENDOR / vega_vendor.PAGE).resolve()
+
+
+def test_the_page_inlines_the_recorded_bundles_and_loads_nothing() -> None:
+    page = (VENDOR / vega_vendor.PAGE).read_text()
+    versions = json.loads((VENDOR / vega_vendor.VERSIONS).read_text())
+    scripts = vega_vendor.inlined_scripts(page)
+    assert list(scripts) == [f"{v['package']}@{v['version']}/{v['file']}" for v in versions]
+    for v, code in zip(versions, scripts.values()):
+        assert hashlib.sha256(code.encode()).hexdigest() == v["sha256"]
+        assert (VENDOR / f"LICENSE-{v['package']}.txt").read_text().startswith("Copyright")
+    assert (VENDOR / vega_vendor.THIRD_PARTY).stat().st_size > 10_000
+    vega_lite = next(v for v in versions if v["package"] == "vega-lite")
+    assert vega_lite["version"].startswith(render_plots.VEGA_LITE_VERSION + ".")  # browser = make plots
+    assert "{plot_divs}" in page and "{scripts}" not in page
+    assert not re.search(r"<script[^>]*\ssrc=", page, re.I)  # nothing loaded from anywhere
+    assert page == vega_vendor.build_page({b: scripts[f"{b.spec}/{b.file}"] for b in vega_vendor.BUNDLES})
+
+
+def test_dvc_renders_the_page_without_cdn_tags(tmp_path: Path) -> None:
+    from dvc_render import render_html
+    from dvc_render.vega import VegaRenderer
+
+    renderer = VegaRenderer([{"x": 1, "y": 2}], "p", template="linear")
+    out = render_html([renderer], tmp_path / "index.html", html_template=str(VENDOR / vega_vendor.PAGE))
+    html = Path(out).read_text()
+    assert "cdn.jsdelivr" not in html and not re.search(r"<script[^>]*\ssrc=", html, re.I)
+    assert html.count("<script data-bundle=") == 3 and "vegaEmbed(" in html.rsplit("<body>", 1)[1]
+
+
+@pytest.mark.parametrize("bad", ["</script>", "{plot_divs}", "<!-- x"])
+def test_a_bundle_that_cannot_be_inlined_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="cannot inline"):
+        vega_vendor.build_page({vega_vendor.BUNDLES[0]: f"var a = '{bad}';"})
+
