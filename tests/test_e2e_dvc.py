@@ -116,12 +116,17 @@ class Pipeline:
     repro: Result
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+def skip_without_dvc_checkout() -> None:
+    """The end-to-end tests need DVC in this venv and the project's git checkout to copy."""
     if not (BIN / "dvc").exists():
         pytest.skip(f"dvc is not installed next to {sys.executable}")
     if not (ROOT / ".git").exists():
         pytest.skip("needs the project's git checkout")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    skip_without_dvc_checkout()
     proj = tmp_path_factory.mktemp("e2e") / "proj"
     proj.mkdir()
     _copy_project(proj)

@@ -12,13 +12,22 @@ metric file names.
 from __future__ import annotations
 
 import filecmp
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from test_e2e_dvc import ARCH, BIN, ROOT, Result, _commit, _copy_project, _tiny_params, dvc, ok
+from test_e2e_dvc import (
+    ARCH,
+    BIN,
+    Result,
+    _commit,
+    _copy_project,
+    _tiny_params,
+    dvc,
+    ok,
+    skip_without_dvc_checkout,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +71,7 @@ def _checkpoints(proj: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def clones(tmp_path_factory: pytest.TempPathFactory) -> Clones:
-    if not (BIN / "dvc").exists():
-        pytest.skip(f"dvc is not installed next to {sys.executable}")
-    if not (ROOT / ".git").exists():
-        pytest.skip("needs the project's git checkout")
+    skip_without_dvc_checkout()
     base = tmp_path_factory.mktemp("remote")
     origin, clone, remote = base / "origin", base / "clone", base / "remote"
     origin.mkdir()
