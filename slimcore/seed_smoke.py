@@ -14,6 +14,7 @@ checkpoints); when a stage writes timing files under ``metrics/timings/`` (``sec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import IO, Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -66,7 +67,8 @@ class SmokeOptions:
     workdir: Path | None = None  # default: a new temporary folder
     keep: bool = False
     allow_cpu: bool = False
-    stage_timeout: float = 1800.0
+    stage_timeout: float = 1800.0  # subprocess stages only
+    one_process_each: bool = False  # one process per stage, as DVC runs them (always so with nproc > 1)
 
 
 @dataclass
@@ -235,20 +237,52 @@ def _stage_env() -> dict[str, str]:
     return env
 
 
+def _run_in_process(workspace: Path, module_args: list[str], out: IO[str]) -> int:
+    """Run a stage's Typer app in this process (cwd: ``workspace``), its output to ``out``.
+
+    The stage's code is the same as under DVC; what is saved is each stage's Python, torch and
+    CUDA start-up, about 10 s a stage on a sandboxed GPU machine.
+    """
+    import importlib
+
+    import click
+
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    module = importlib.import_module(module_args[0])
+    here = Path.cwd()
+    os.chdir(workspace)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            result = module.app(module_args[1:], prog_name=f"python -m {module_args[0]}", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        out.write(f"error: {err.format_message()}\n")
+        return err.exit_code
+    finally:
+        os.chdir(here)
+
+
 def run_stage(workspace: Path, index: int, stage: str, module_args: list[str], images: int | None,
-              timeout: float) -> StageResult:
-    """Run one stage in ``workspace``; its output goes to ``logs/NN-STAGE.log`` there."""
+              timeout: float, in_process: bool = False) -> StageResult:
+    """Run one stage in ``workspace`` (a subprocess, or in this process); its output goes to
+    ``logs/NN-STAGE.log`` there."""
     command = [sys.executable, "-m", *module_args]
     log = workspace / "logs" / f"{index:02d}-{stage.replace('@', '-')}.log"
     log.parent.mkdir(exist_ok=True)
     before = _snapshot(workspace / TIMINGS)
     start = time.perf_counter()
     with log.open("w") as out:
-        try:
-            code = subprocess.run(command, cwd=workspace, env=_stage_env(), stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = None
+        if in_process:
+            code: int | None = _run_in_process(workspace, module_args, out)
+        else:
+            try:
+                code = subprocess.run(command, cwd=workspace, env=_stage_env(), stdout=out, stderr=subprocess.STDOUT,
+                                      timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                code = None
     wall = time.perf_counter() - start
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -297,8 +331,11 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
                     f"per process, {params.train.epochs} + {params.finetune.epochs} epochs (train, finetune)")
         results = []
         plan = stage_plan(params, train_images, opts.test_images)
+        in_process = not opts.one_process_each and nproc == 1  # nproc > 1: training stages re-exec under torchrun
+        console.log("stages run " + ("in this process (one Python and torch start-up for all; --subprocess: one "
+                                     "process each, as DVC runs them)" if in_process else "as subprocesses"))
         for index, (stage, module_args, images) in enumerate(plan, 1):
-            result = run_stage(workspace, index, stage, module_args, images, opts.stage_timeout)
+            result = run_stage(workspace, index, stage, module_args, images, opts.stage_timeout, in_process)
             console.log(f"[{index}/{len(plan)}] {stage}: {result.wall_seconds:.1f} s")
             results.append(result)
         ok = True
@@ -340,7 +377,8 @@ def as_dict(result: StageResult) -> dict[str, Any]:
 
 
 TABLE_NOTES = (
-    "wall s: the stage subprocess, start-up included (Python, torch, CUDA init, checkpoint loads and saves).",
+    "wall s: the whole stage, checkpoint loads and saves included (as a subprocess: also Python, torch and "
+    "CUDA start-up).",
     "timed s: from the stage's metrics/timings/ files, when it writes them.",
     "images: training stages = train images x epochs (their per-epoch test pass not counted); "
     "evaluate = test images x checkpoints evaluated.",
@@ -380,6 +418,8 @@ def main(
     keep: Annotated[bool, typer.Option("--keep", help="keep the workspace (models, metrics, logs)")] = False,
     allow_cpu: Annotated[bool, typer.Option("--allow-cpu", help="run without a CUDA GPU (shrink it!)")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this JSON file")] = None,
+    one_process_each: Annotated[bool, typer.Option(
+        "--subprocess", help="run each stage in its own process, as DVC does (always so with nproc > 1)")] = False,
 ) -> None:
     """Run the preset's whole pipeline on synthetic data for a few steps and print images/s per stage."""
     try:
@@ -388,7 +428,8 @@ def main(
         _fail(f"--ratios {ratios!r}: expected comma-separated decimals, e.g. 0.2,0.4")
     try:
         opts = SmokeOptions(preset, image_size, width, _split_list(archs), ratio_values, train_images, test_images,
-                            batch_size, nproc, parse_sets(sets or []), workdir, keep, allow_cpu)
+                            batch_size, nproc, parse_sets(sets or []), workdir, keep, allow_cpu,
+                            one_process_each=one_process_each)
         results, machine, workspace = run_smoke(opts)
     except StageFailed as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False)

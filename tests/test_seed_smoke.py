@@ -6,6 +6,7 @@ width 0.125, one arch, one ratio): six stage subprocesses, about 45 s on 2 share
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -131,31 +132,47 @@ def test_a_failing_stage_stops_the_smoke_and_keeps_its_log(tmp_path: Path, monke
 
 
 @pytest.mark.slow
+def _digests(folder: Path) -> dict[str, str]:
+    """md5 of every checkpoint and report a smoke wrote (wall-clock files and logs excluded)."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and "timings" not in p.parts
+             and p.relative_to(folder).parts[0] in ("models", "metrics")]
+    return {p.relative_to(folder).as_posix(): hashlib.md5(p.read_bytes()).hexdigest() for p in files}
+
+
 def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real thing, tiny: synthetic CIFAR-100 through every stage subprocess; a table and JSON at the end."""
+    """The real thing, tiny: synthetic CIFAR-100 through every stage, in this process and as one
+    subprocess per stage (as DVC runs them), with the same bytes out; a table and JSON at the end."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # 2 shared cores: spinning thread pools double the time
         monkeypatch.setenv(var, "1")
-    workspace, report = tmp_path / "ws", tmp_path / "smoke.json"
-    result = CliRunner().invoke(app, [
-        str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125", "--archs", "vgg16_bn",
-        "--ratios", "0.5", "--batch-size", "16", "--train-images", "64", "--test-images", "32",
-        "--set", "runtime.num_workers=2", "--workdir", str(workspace), "--keep", "--json", str(report)])
-    assert result.exit_code == 0, result.output + "".join(
-        f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(workspace.glob("logs/*.log")))
-    stages = json.loads(report.read_text())["stages"]
-    assert [s["stage"] for s in stages] == ["baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "prune@vgg16_bn-0.5",
-                                            "finetune@vgg16_bn-0.5", "profile", "evaluate"]
-    assert [s["images"] for s in stages] == [64, 64, None, 64, None, 32 * 5]
-    assert all(s["wall_seconds"] > 0 for s in stages)
-    assert all((s["images_per_second"] or 0) > 0 for s in stages if s["images"])
-    # the stages ran on the preset's settings, on the synthetic data, in the workspace only
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
-    assert params["data"] == {**params["data"], "name": "cifar100", "image_size": 32,
-                              "root": str(workspace / "data")}
-    assert params["runtime"]["amp"] == "bf16" and params["model"]["stem"] == "imagenet"
-    evals = json.loads((workspace / "metrics" / "eval.json").read_text())
-    assert set(evals["vgg16_bn"]) == {"baseline", "sparse", "pruned-0.5", "pruned-0.5-nofold", "finetuned-0.5"}
-    assert (workspace / "metrics" / "results.md").is_file()
-    for stage in ("baseline-train@vgg16_bn", "evaluate"):
-        assert stage in result.output
-    assert "images/s" in result.output and "incl. start-up" in result.output
+    runs = {}
+    for mode in ("in-process", "--subprocess"):
+        workspace, report = tmp_path / mode.strip("-"), tmp_path / f"{mode.strip('-')}.json"
+        result = CliRunner().invoke(app, [
+            str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125", "--archs", "vgg16_bn",
+            "--ratios", "0.5", "--batch-size", "16", "--train-images", "64", "--test-images", "32",
+            "--set", "runtime.num_workers=2", "--set", "runtime.threads=1",  # the same threads in both modes
+            "--workdir", str(workspace), "--keep", "--json", str(report),
+            *([mode] if mode.startswith("--") else [])])
+        assert result.exit_code == 0, result.output + "".join(
+            f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(workspace.glob("logs/*.log")))
+        runs[mode] = _digests(workspace)
+        stages = json.loads(report.read_text())["stages"]
+        assert [s["stage"] for s in stages] == ["baseline-train@vgg16_bn", "sparse-train@vgg16_bn",
+                                                "prune@vgg16_bn-0.5", "finetune@vgg16_bn-0.5", "profile", "evaluate"]
+        assert [s["images"] for s in stages] == [64, 64, None, 64, None, 32 * 5]
+        assert all(s["wall_seconds"] > 0 for s in stages)
+        assert all((s["images_per_second"] or 0) > 0 for s in stages if s["images"])
+        # the stages ran on the preset's settings, on the synthetic data, in the workspace only
+        params = yaml.safe_load((workspace / "params.yaml").read_text())
+        assert params["data"] == {**params["data"], "name": "cifar100", "image_size": 32,
+                                  "root": str(workspace / "data")}
+        assert params["runtime"]["amp"] == "bf16" and params["model"]["stem"] == "imagenet"
+        evals = json.loads((workspace / "metrics" / "eval.json").read_text())
+        assert set(evals["vgg16_bn"]) == {"baseline", "sparse", "pruned-0.5", "pruned-0.5-nofold", "finetuned-0.5"}
+        assert (workspace / "metrics" / "results.md").is_file()
+        for stage in ("baseline-train@vgg16_bn", "evaluate"):
+            assert stage in result.output
+        assert "images/s" in result.output and "incl. start-up" in result.output
+        assert ("as subprocesses" in result.output) == mode.startswith("--"), result.output
+    assert "models/vgg16_bn/finetuned-0.5.pt" in runs["in-process"]
+    assert runs["in-process"] == runs["--subprocess"], "running the stages in one process changed their outputs"
