@@ -95,7 +95,7 @@ class StageResult:
     @property
     def source(self) -> str:
         return "metrics/timings" if self.timed_seconds is not None or self.timed_images_per_second is not None \
-            else "wall (incl. start-up)"
+            else "wall s"
 
 
 # --------------------------------------------------------------------------------------------

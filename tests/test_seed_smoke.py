@@ -102,7 +102,7 @@ def test_timings_written_only_counts_the_stage_s_own_files(tmp_path: Path) -> No
                         timed_images_per_second=500.0)
     assert (timed.images_per_second, timed.source) == (500.0, "metrics/timings")
     wall = StageResult("baseline-train@vgg16_bn", [], 640, wall_seconds=10.0)
-    assert (wall.images_per_second, wall.source) == (64.0, "wall (incl. start-up)")
+    assert (wall.images_per_second, wall.source) == (64.0, "wall s")
     assert StageResult("prune@vgg16_bn-0.2", [], None, wall_seconds=3.0).images_per_second is None
 
 
@@ -172,7 +172,7 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
         assert (workspace / "metrics" / "results.md").is_file()
         for stage in ("baseline-train@vgg16_bn", "evaluate"):
             assert stage in result.output
-        assert "images/s" in result.output and "incl. start-up" in result.output
+        assert "images/s" in result.output and "wall s" in result.output
         assert ("as subprocesses" in result.output) == mode.startswith("--"), result.output
     assert "models/vgg16_bn/finetuned-0.5.pt" in runs["in-process"]
     assert runs["in-process"] == runs["--subprocess"], "running the stages in one process changed their outputs"
