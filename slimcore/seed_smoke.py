@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Annotated, Any, NoReturn
+from typing import IO, Annotated, Any, NamedTuple, NoReturn
 
 import typer
 import yaml
@@ -39,7 +39,6 @@ from slimcore.errors import ParamsError, SlimcoreError
 from slimcore.preset import EXIT_REFUSED, SEED_PRESET, check_device, parse_sets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TIMINGS = paths.METRICS / "timings"  # per-run timing files, when the stages write them
 DEFAULT_STEPS = 5  # training batches per stage when --train-images is not given
 DEFAULT_TEST_IMAGES = 256
 CPU_WHY = ("the smoke at the preset's size takes hours on CPU; run it on a GPU machine, or shrink it "
@@ -78,8 +77,8 @@ class StageResult:
     stage: str  # as dvc.yaml names it: baseline-train@vgg16_bn, prune@vgg16_bn-0.2, evaluate ...
     command: list[str]
     images: int | None  # images the stage pushed through a model (None: prune, profile)
-    wall_seconds: float  # subprocess wall time, start-up included
-    timed_seconds: float | None = None  # from metrics/timings/ files the stage wrote, if any
+    wall_seconds: float  # the whole stage (as a subprocess: start-up included)
+    timed_seconds: float | None = None  # from the metrics/timings/ file the stage wrote, if any
     timed_images_per_second: float | None = None
 
     @property
@@ -136,26 +135,38 @@ def train_steps(images: int, batch_size: int, nproc: int) -> int:
     return math.ceil(images / nproc) // batch_size
 
 
-def stage_plan(params: Params, train_images: int, test_images: int) -> list[tuple[str, list[str], int | None]]:
-    """(dvc.yaml stage name, ``python -m`` arguments, images through a model) in pipeline order."""
-    plan: list[tuple[str, list[str], int | None]] = []
+class PlannedStage(NamedTuple):
+    """One pipeline stage of the smoke, in ``dvc.yaml``'s terms."""
+
+    name: str  # baseline-train@vgg16_bn, prune@vgg16_bn-0.2, evaluate ...
+    args: list[str]  # ``python -m`` arguments
+    images: int | None  # images pushed through a model (None: prune, profile)
+    timing: Path | None  # the metrics/timings/ file the stage writes (relative to the workspace)
+
+
+def stage_plan(params: Params, train_images: int, test_images: int) -> list[PlannedStage]:
+    """Every stage of the pipeline in order, with the images it handles and its timing file."""
+    plan: list[PlannedStage] = []
     for arch in params.archs:
-        for name, module, cfg in (("baseline-train", "baseline_train", params.train),
-                                  ("sparse-train", "sparse_train", params.train)):
+        for run, module, cfg in (("baseline-train", "baseline_train", params.train),
+                                 ("sparse-train", "sparse_train", params.train)):
             seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
                 * params.runtime.nproc * cfg.epochs
-            plan.append((f"{name}@{arch}", [f"stages.{module}", "--arch", arch], seen))
+            plan.append(PlannedStage(f"{run}@{arch}", [f"stages.{module}", "--arch", arch], seen,
+                                     paths.timings(arch, run)))
         for ratio in params.prune.ratios:
             tag = paths.ratio_tag(ratio)
-            plan.append((f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--ratio", tag], None))
+            plan.append(PlannedStage(f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--ratio", tag], None,
+                                     paths.timings(arch, paths.prune_run(ratio))))
         for ratio in params.prune.ratios:
             tag, cfg = paths.ratio_tag(ratio), params.finetune
             seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
                 * params.runtime.nproc * cfg.epochs
-            plan.append((f"finetune@{arch}-{tag}", ["stages.finetune", "--arch", arch, "--ratio", tag], seen))
-    plan.append(("profile", ["stages.profile"], None))
+            plan.append(PlannedStage(f"finetune@{arch}-{tag}", ["stages.finetune", "--arch", arch, "--ratio", tag],
+                                     seen, paths.timings(arch, paths.finetune_run(ratio))))
+    plan.append(PlannedStage("profile", ["stages.profile"], None, None))
     checkpoints = sum(len(paths.model_files(arch, params.prune.ratios)) for arch in params.archs)
-    plan.append(("evaluate", ["stages.evaluate"], test_images * checkpoints))
+    plan.append(PlannedStage("evaluate", ["stages.evaluate"], test_images * checkpoints, None))
     return plan
 
 
@@ -164,51 +175,13 @@ def stage_plan(params: Params, train_images: int, test_images: int) -> list[tupl
 # --------------------------------------------------------------------------------------------
 
 
-def _snapshot(folder: Path) -> dict[Path, tuple[int, int]]:
-    return {f: (f.stat().st_mtime_ns, f.stat().st_size) for f in folder.rglob("*.json")} if folder.is_dir() else {}
-
-
-def _number(value: object) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    return float(value) if ok else None
-
-
-def read_timing(data: object) -> tuple[float | None, float | None]:
-    """(seconds, images/s) from a timing file's JSON, whatever its shape; (None, None) if it has neither.
-
-    Accepts ``{"seconds": s, "images_per_second": r}``, a list of such per-epoch records, or a
-    mapping holding such a list (e.g. ``{"epochs": [...]}``): per-epoch records are summed
-    (images/s weighted by seconds).
-    """
-    if isinstance(data, dict):
-        seconds, rate = _number(data.get("seconds")), _number(data.get("images_per_second"))
-        if seconds is not None or rate is not None:
-            return seconds, rate
-        lists = [v for v in data.values() if isinstance(v, list)]
-        return read_timing(lists[0]) if len(lists) == 1 else (None, None)
-    if isinstance(data, list):
-        records = [read_timing(item) for item in data if isinstance(item, dict)]
-        seconds = [s for s, _ in records if s is not None]
-        if not seconds:
-            return None, None
-        images = [s * r for s, r in records if s is not None and r is not None]
-        total = sum(seconds)
-        rate = sum(images) / total if len(images) == len(seconds) else None
-        return total, rate
-    return None, None
-
-
-def timings_written(workspace: Path, before: dict[Path, tuple[int, int]]) -> tuple[float | None, float | None]:
-    """Seconds and images/s from the timing files a stage wrote or changed (summed over several)."""
-    found = []
-    for file, stamp in _snapshot(workspace / TIMINGS).items():
-        if before.get(file) == stamp:
-            continue
-        try:
-            found.append(read_timing(json.loads(file.read_text())))
-        except (OSError, ValueError):
-            continue
-    return read_timing([{"seconds": s, "images_per_second": r} for s, r in found]) if found else (None, None)
+def read_stage_timing(path: Path) -> tuple[float | None, float | None]:
+    """(seconds, images/s) from a stage's ``metrics/timings/`` file (stages._training.write_timings,
+    stages.prune); (None, None) when the stage wrote none."""
+    if not path.is_file():
+        return None, None
+    data = json.loads(path.read_text())
+    return data["seconds"], data.get("images_per_second")
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,14 +238,14 @@ def _run_in_process(workspace: Path, module_args: list[str], out: IO[str]) -> in
         os.chdir(here)
 
 
-def run_stage(workspace: Path, index: int, stage: str, module_args: list[str], images: int | None,
-              timeout: float, in_process: bool = False) -> StageResult:
+def run_stage(workspace: Path, index: int, planned: PlannedStage, timeout: float,
+              in_process: bool = False) -> StageResult:
     """Run one stage in ``workspace`` (a subprocess, or in this process); its output goes to
     ``logs/NN-STAGE.log`` there."""
+    stage, module_args = planned.name, planned.args
     command = [sys.executable, "-m", *module_args]
     log = workspace / "logs" / f"{index:02d}-{stage.replace('@', '-')}.log"
     log.parent.mkdir(exist_ok=True)
-    before = _snapshot(workspace / TIMINGS)
     start = time.perf_counter()
     with log.open("w") as out:
         if in_process:
@@ -288,8 +261,8 @@ def run_stage(workspace: Path, index: int, stage: str, module_args: list[str], i
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         what = f"timed out after {timeout:.0f} s" if code is None else f"exited with {code}"
         raise StageFailed(f"{stage} {what} (log: {log}):\n{tail}")
-    seconds, rate = timings_written(workspace, before)
-    return StageResult(stage, ["python", "-m", *module_args], images, wall, seconds, rate)
+    seconds, rate = read_stage_timing(workspace / planned.timing) if planned.timing else (None, None)
+    return StageResult(stage, ["python", "-m", *module_args], planned.images, wall, seconds, rate)
 
 
 def _prepare_workspace(opts: SmokeOptions) -> Path:
@@ -334,9 +307,9 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
         in_process = not opts.one_process_each and nproc == 1  # nproc > 1: training stages re-exec under torchrun
         console.log("stages run " + ("in this process (one Python and torch start-up for all; --subprocess: one "
                                      "process each, as DVC runs them)" if in_process else "as subprocesses"))
-        for index, (stage, module_args, images) in enumerate(plan, 1):
-            result = run_stage(workspace, index, stage, module_args, images, opts.stage_timeout, in_process)
-            console.log(f"[{index}/{len(plan)}] {stage}: {result.wall_seconds:.1f} s")
+        for index, planned in enumerate(plan, 1):
+            result = run_stage(workspace, index, planned, opts.stage_timeout, in_process)
+            console.log(f"[{index}/{len(plan)}] {planned.name}: {result.wall_seconds:.1f} s")
             results.append(result)
         ok = True
         return results, machine, workspace

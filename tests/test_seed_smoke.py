@@ -18,14 +18,12 @@ from typer.testing import CliRunner
 from slimcore import seed_smoke
 from slimcore.config import load_params
 from slimcore.seed_smoke import (
-    TIMINGS,
     SmokeOptions,
     StageResult,
     app,
-    read_timing,
+    read_stage_timing,
     smoke_params,
     stage_plan,
-    timings_written,
     train_steps,
 )
 
@@ -57,13 +55,18 @@ def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
     params = smoke_params(SmokeOptions(preset=PRESET, archs=["vgg16_bn", "resnet50"], ratios=[0.2, 0.5],
                                        batch_size=16), tmp_path, nproc=2)
     plan = stage_plan(params, train_images=100, test_images=30)
-    names = [name for name, _, _ in plan]
+    names = [stage.name for stage in plan]
     assert names == [
         "baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "prune@vgg16_bn-0.2", "prune@vgg16_bn-0.5",
         "finetune@vgg16_bn-0.2", "finetune@vgg16_bn-0.5",
         "baseline-train@resnet50", "sparse-train@resnet50", "prune@resnet50-0.2", "prune@resnet50-0.5",
         "finetune@resnet50-0.2", "finetune@resnet50-0.5", "profile", "evaluate"]
-    by_name = {name: (args, images) for name, args, images in plan}
+    by_name = {stage.name: (stage.args, stage.images) for stage in plan}
+    timing = {stage.name: stage.timing for stage in plan}
+    assert timing["sparse-train@vgg16_bn"] == Path("metrics/timings/vgg16_bn/sparse-train.json")
+    assert timing["prune@resnet50-0.5"] == Path("metrics/timings/resnet50/prune-0.5.json")
+    assert timing["finetune@resnet50-0.2"] == Path("metrics/timings/resnet50/finetune-0.2.json")
+    assert timing["profile"] is None and timing["evaluate"] is None
     assert by_name["prune@resnet50-0.5"] == (["stages.prune", "--arch", "resnet50", "--ratio", "0.5"], None)
     # 100 images over 2 processes: 50 each, 3 full batches of 16 -> 3 x 16 x 2 images a step
     assert train_steps(100, 16, 2) == 3
@@ -73,30 +76,14 @@ def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
     assert by_name["profile"][1] is None
 
 
-@pytest.mark.parametrize(("data", "expected"), [
-    ({"seconds": 2.0, "images_per_second": 300.0}, (2.0, 300.0)),
-    ({"seconds": 2.0}, (2.0, None)),
-    ([{"epoch": 1, "seconds": 1.0, "images_per_second": 100.0},
-      {"epoch": 2, "seconds": 3.0, "images_per_second": 200.0}], (4.0, 175.0)),
-    ({"arch": "x", "epochs": [{"seconds": 1.0, "images_per_second": 50.0}]}, (1.0, 50.0)),
-    ({"epochs": [{"seconds": 1.0}, {"seconds": 2.0, "images_per_second": 9.0}]}, (3.0, None)),
-    ({"seconds": "fast", "images_per_second": True}, (None, None)),
-    ({"a": [], "b": []}, (None, None)),
-    ("nonsense", (None, None)),
-])
-def test_read_timing_accepts_the_shapes_a_timing_file_may_take(data: object, expected: tuple) -> None:
-    assert read_timing(data) == expected
-
-
-def test_timings_written_only_counts_the_stage_s_own_files(tmp_path: Path) -> None:
-    folder = tmp_path / TIMINGS / "vgg16_bn"
-    folder.mkdir(parents=True)
-    (folder / "baseline-train.json").write_text(json.dumps({"seconds": 9.0, "images_per_second": 1.0}))
-    before = seed_smoke._snapshot(tmp_path / TIMINGS)
-    assert timings_written(tmp_path, before) == (None, None)
-    (folder / "sparse-train.json").write_text(json.dumps({"seconds": 2.0, "images_per_second": 500.0}))
-    (folder / "broken.json").write_text("{")
-    assert timings_written(tmp_path, before) == (2.0, 500.0)
+def test_stage_timing_is_read_from_the_file_the_stage_writes(tmp_path: Path) -> None:
+    train = tmp_path / "sparse-train.json"
+    train.write_text(json.dumps({"device": "cpu", "seconds": 2.0, "images_per_second": 500.0, "epochs": []}))
+    prune = tmp_path / "prune-0.5.json"
+    prune.write_text(json.dumps({"seconds": 0.3}))
+    assert read_stage_timing(train) == (2.0, 500.0)
+    assert read_stage_timing(prune) == (0.3, None)
+    assert read_stage_timing(tmp_path / "missing.json") == (None, None)
 
     timed = StageResult("sparse-train@vgg16_bn", [], 640, wall_seconds=10.0, timed_seconds=2.0,
                         timed_images_per_second=500.0)
@@ -118,7 +105,8 @@ def test_smoke_refuses_a_machine_without_cuda_unless_asked(tmp_path: Path, monke
 
 def test_a_failing_stage_stops_the_smoke_and_keeps_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """prune with no sparse checkpoint fails: exit 1, the log's end is shown and the workspace stays."""
-    prune = ("prune@vgg16_bn-0.5", ["stages.prune", "--arch", "vgg16_bn", "--ratio", "0.5"], None)
+    prune = seed_smoke.PlannedStage("prune@vgg16_bn-0.5", ["stages.prune", "--arch", "vgg16_bn", "--ratio", "0.5"],
+                                    None, None)
     monkeypatch.setattr(seed_smoke, "stage_plan", lambda *_: [prune])
     workspace = tmp_path / "ws"
     result = CliRunner().invoke(app, [str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125",
