@@ -38,14 +38,49 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+AUGMENTS = ("auto", "none", "flip", "crop+flip", "imagenet")
+SMALL_IMAGE_MAX = 64  # pixels: ``augment: auto`` picks crop+flip up to this size, imagenet-style above
+
+
 class DataConfig(_Section):
-    """Which dataset, where it lives and how it is shaped."""
+    """Which dataset, where it lives, how it is shaped and how training images are augmented.
+
+    ``root`` is a DVC dependency of every stage that reads data (baseline-train, sparse-train,
+    finetune, evaluate): a relative path is relative to the project root (the default ``data``
+    folder is committed with a README and keeps its contents out of git); an absolute path
+    outside the project works too.
+
+    ``augment`` (training images only; evaluation never randomises):
+
+    - ``none``: resize (shorter side to ``image_size``) and center crop, nothing random;
+    - ``flip``: that, plus a random horizontal flip;
+    - ``crop+flip``: that, plus a random crop after padding by ``image_size // 8`` pixels (the
+      CIFAR recipe: for small images);
+    - ``imagenet``: ``RandomResizedCrop(image_size)`` (8-100% of the area) + flip; evaluation
+      resizes to ``1.14 * image_size`` and center crops (the ImageNet recipe: for large images,
+      far too strong at a few dozen pixels);
+    - ``auto`` (default): ``none`` for ``digits`` (8x8 glyphs: a mirrored digit is another
+      glyph), ``crop+flip`` for CIFAR at any size and for an imagefolder at
+      ``image_size <= 64``, ``imagenet`` for an imagefolder above 64 px.  See
+      :meth:`augmentation`.
+    """
 
     name: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
     root: str = "data"
     download: bool = False
     image_size: PositiveInt = 16
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    augment: Literal["auto", "none", "flip", "crop+flip", "imagenet"] = "auto"
+
+    def augmentation(self) -> str:
+        """The augmentation actually applied: ``augment`` with ``auto`` resolved (never ``auto``)."""
+        if self.augment != "auto":
+            return self.augment
+        if self.name == "digits":
+            return "none"
+        if self.name in ("cifar10", "cifar100") or self.image_size <= SMALL_IMAGE_MAX:
+            return "crop+flip"
+        return "imagenet"
 
 
 class ModelConfig(_Section):
@@ -265,6 +300,6 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
 
 
 __all__ = [
-    "DATASETS", "STEMS", "DataConfig", "ModelConfig", "Params", "ParamsError", "ProfileConfig",
+    "AUGMENTS", "DATASETS", "STEMS", "DataConfig", "ModelConfig", "Params", "ParamsError", "ProfileConfig",
     "PruneConfig", "RuntimeConfig", "TrainConfig", "load_params", "parse_params", "with_overrides",
 ]

@@ -1,5 +1,6 @@
 """Datasets: the embedded ``digits`` default, torchvision's CIFAR on-disk format, ImageFolder.
 
+Training images are augmented per ``data.augment`` (see :class:`slimcore.config.DataConfig`).
 All loaders are deterministic for a given seed and epoch (``set_epoch``), shard across
 ``world_size`` ranks like ``DistributedSampler``, and never download unless asked.
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from slimcore.config import DataConfig, RuntimeConfig
+from slimcore.config import AUGMENTS, DataConfig, RuntimeConfig
 from slimcore.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,38 +69,88 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
 
 
+class AugmentedTensors(Dataset):
+    """In-memory images (N x C x H x W tensors) with a random transform applied per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: object) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def _random_transforms(augment: str, image_size: int, fill: float = 0.0) -> list:  # type: ignore[type-arg]
+    """The random part of a training transform (PIL images and CHW tensors alike)."""
+    from torchvision import transforms as T
+
+    if augment == "imagenet":
+        return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    crop = [T.RandomCrop(image_size, padding=image_size // 8, fill=fill)] if augment == "crop+flip" else []
+    flip = [T.RandomHorizontalFlip()] if augment in ("flip", "crop+flip") else []
+    return [*crop, *flip]
+
+
 def _digits(cfg: DataConfig) -> Splits:
-    """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels."""
+    """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels.
+
+    Images are normalised once, in memory; with ``augment: none`` (what ``auto`` gives digits)
+    the splits are plain tensors, otherwise the training split draws its random transform per
+    sample (padding with the background's value) and ``imagenet``'s test split is zoomed like
+    its center crop.
+    """
     raw_images, raw_labels = _digits_arrays()
     images = torch.from_numpy(raw_images / 16.0).unsqueeze(1)
     labels = torch.from_numpy(raw_labels)
-    images = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear",
-                           align_corners=False).expand(-1, 3, -1, -1)
+    augment = cfg.augmentation()
+    size = cfg.image_size
+
+    def upsample(to: int) -> torch.Tensor:
+        return F.interpolate(images, size=(to, to), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+
+    train_images = upsample(size)
     # The split is a property of the data, not of the training seed: fixed at 0.
     train_idx, test_idx = stratified_split(raw_labels, cfg.test_fraction, seed=0)
-    mean, std = images[train_idx].mean(), images[train_idx].std()
-    images = ((images - mean) / std).contiguous()
-    return Splits(
-        train=TensorDataset(images[train_idx], labels[train_idx]),
-        test=TensorDataset(images[test_idx], labels[test_idx]),
-        num_classes=10,
-        name="digits",
-    )
+    mean, std = train_images[train_idx].mean(), train_images[train_idx].std()
+    train_images = ((train_images - mean) / std).contiguous()
+    test_images = train_images
+    if augment == "imagenet":  # evaluation as the recipe's: resize to 1.14x, center crop
+        from torchvision.transforms.functional import center_crop
+
+        test_images = ((center_crop(upsample(round(size * 1.14)), [size, size]) - mean) / std).contiguous()
+    test = TensorDataset(test_images[test_idx], labels[test_idx])
+    if augment == "none":
+        train: Dataset = TensorDataset(train_images[train_idx], labels[train_idx])
+    else:
+        from torchvision import transforms as T
+
+        background = float(-mean / std)  # a raw 0 (the digits' background), normalised
+        train = AugmentedTensors(train_images[train_idx], labels[train_idx],
+                                 T.Compose(_random_transforms(augment, size, fill=background)))
+    return Splits(train=train, test=test, num_classes=10, name="digits")
 
 
-def _transforms(image_size: int, train: bool, mean: tuple[float, ...], std: tuple[float, ...],
-                random_resized: bool):  # type: ignore[no-untyped-def]
+def image_transforms(augment: str, image_size: int, train: bool, mean: tuple[float, ...],
+                     std: tuple[float, ...]):  # type: ignore[no-untyped-def]
+    """PIL image -> normalised tensor, for one split, per ``data.augment`` (resolved, never ``auto``).
+
+    Evaluation never randomises: resize (shorter side) + center crop to ``image_size``, from
+    ``1.14 * image_size`` for ``imagenet``.  Training: ``none`` is the evaluation transform,
+    ``flip``/``crop+flip`` add a horizontal flip / a padded random crop and a flip to it,
+    ``imagenet`` is ``RandomResizedCrop`` + flip.
+    """
     from torchvision import transforms as T
 
+    if augment not in AUGMENTS or augment == "auto":
+        raise ValueError(f"augment must be one of {', '.join(a for a in AUGMENTS if a != 'auto')}, got {augment!r}")
     norm = [T.ToTensor(), T.Normalize(mean, std)]
-    if not train:
-        resize = round(image_size * 1.14) if random_resized else image_size
-        crop = [T.CenterCrop(image_size)] if random_resized else []
-        return T.Compose([T.Resize(resize), *crop, *norm])
-    if random_resized:
-        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(image_size), T.RandomCrop(image_size, padding=image_size // 8),
-                      T.RandomHorizontalFlip(), *norm])
+    if train and augment == "imagenet":
+        return T.Compose([*_random_transforms(augment, image_size), *norm])
+    resize = round(image_size * 1.14) if augment == "imagenet" else image_size
+    fixed = [T.Resize(resize), T.CenterCrop(image_size)]
+    return T.Compose([*fixed, *(_random_transforms(augment, image_size) if train else []), *norm])
 
 
 _CIFAR_LAYOUT = {
@@ -185,7 +236,7 @@ def _cifar(cfg: DataConfig) -> Splits:
         cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
         cls(str(root), train=True, download=True)  # torchvision verifies the official checksums
     parts = [CifarFolder(root, cfg.name, train,
-                         _transforms(cfg.image_size, train, CIFAR_MEAN, CIFAR_STD, random_resized=False))
+                         image_transforms(cfg.augmentation(), cfg.image_size, train, CIFAR_MEAN, CIFAR_STD))
              for train in (True, False)]
     return Splits(parts[0], parts[1], num_classes=len(parts[0].classes), name=cfg.name)
 
@@ -206,7 +257,8 @@ def _imagefolder(cfg: DataConfig) -> Splits:
         try:
             parts[split] = datasets.ImageFolder(
                 str(folder),
-                transform=_transforms(cfg.image_size, split == "train", IMAGENET_MEAN, IMAGENET_STD, True),
+                transform=image_transforms(cfg.augmentation(), cfg.image_size, split == "train",
+                                           IMAGENET_MEAN, IMAGENET_STD),
             )
         except (FileNotFoundError, RuntimeError) as err:
             raise DataError(f"data.root: {folder}: {err}") from None
@@ -256,4 +308,5 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ru
     )
 
 
-__all__ = ["DataError", "Splits", "check_num_classes", "load_splits", "make_loader", "stratified_split"]
+__all__ = ["AugmentedTensors", "DataError", "Splits", "check_num_classes", "image_transforms", "load_splits",
+           "make_loader", "stratified_split"]

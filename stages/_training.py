@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -78,6 +79,45 @@ def write_timings(path: Path, timings: list[Any], ctx: Any) -> None:
     })
 
 
+CHANCE_MARGIN_PT = 5.0  # a test top-1 this close to chance (or below it) gets a warning
+
+
+def near_chance(top1: float, num_classes: int, margin_pt: float = CHANCE_MARGIN_PT) -> bool:
+    """True when ``top1`` (a fraction) is within ``margin_pt`` points of chance (100/num_classes %) or below.
+
+    NaN (no test set evaluated) is never near chance.
+    """
+    if math.isnan(top1) or num_classes < 2:
+        return False
+    return 100 * top1 < 100 / num_classes + margin_pt
+
+
+def chance_warning(run: str, arch: str, *, test_top1: float, train_top1: float, num_classes: int,
+                   section: str, epochs: int, lr: float, augment: str, image_size: int,
+                   dataset: str) -> str | None:
+    """The warning a training stage prints when its model ended near chance, naming likely causes.
+
+    ``section`` is the params section that set the schedule (``train`` or ``finetune``);
+    ``augment`` the augmentation actually applied (``data.augment`` resolved).
+    """
+    if not near_chance(test_top1, num_classes):
+        return None
+    chance = 100 / num_classes
+    causes = [f"too few epochs ({section}.epochs = {epochs}; raise it, and {section}.milestones with it)",
+              f"the learning rate ({section}.lr = {lr:g}: too high diverges, too low barely moves)"]
+    if augment != "none":
+        causes.append(f"augmentation too strong for {image_size}px images or this few epochs "
+                      f"(data.augment resolves to {augment}; try crop+flip, flip or none)")
+    if dataset == "imagefolder":
+        causes.append("labels: data.root/train/<class>/ and data.root/val/<class>/ must hold the same "
+                      "classes, one folder per class, each image in its own class's folder")
+    if not near_chance(train_top1, num_classes):  # it learned the training set but not the test set
+        causes.insert(0, f"train top-1 is {100 * train_top1:.1f}%: the test images may not match the "
+                         "training ones (labels, folders, preprocessing) or the model overfits")
+    return (f"{run}@{arch}: test top-1 {100 * test_top1:.1f}% is within {CHANCE_MARGIN_PT:g} pt of chance "
+            f"({chance:.1f}% for {num_classes} classes); likely causes: " + "; ".join(causes))
+
+
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
                         sparsity: float, init: Path | None = None, module: str) -> None:
     """Train a model (from scratch, or from the checkpoint ``init``) and save it to ``out``.
@@ -123,7 +163,15 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
             write_timings(paths.timings(arch, run), trainer.timings, ctx)
             state.unlink(missing_ok=True)
             console.log(f"{run}@{arch}: saved {out}")
+            warning = final and chance_warning(
+                run, arch, test_top1=final.test_top1, train_top1=final.train_top1,
+                num_classes=splits.num_classes, section="finetune" if run.startswith("finetune") else "train",
+                epochs=train_cfg.epochs, lr=train_cfg.lr, augment=params.data.augmentation(),
+                image_size=params.data.image_size, dataset=params.data.name)
+            if warning:
+                console.print(f"[yellow]warning:[/] {warning}")
         barrier(ctx)
 
 
-__all__ = ["fingerprint", "relaunch_under_torchrun", "seed_everything", "train_to_checkpoint", "write_timings"]
+__all__ = ["CHANCE_MARGIN_PT", "chance_warning", "fingerprint", "near_chance", "relaunch_under_torchrun",
+           "seed_everything", "train_to_checkpoint", "write_timings"]

@@ -438,3 +438,94 @@ def test_cifar_copies_written_with_any_pickle_protocol_and_numpy_labels_load(tmp
     (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
     splits = load_splits(DataConfig(name="cifar10", root=str(tmp_path), image_size=8))
     assert [splits.test[i][1] for i in range(len(splits.test))] == [3, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation (data.augment)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "size", "expected"), [
+    ("digits", 16, "none"), ("digits", 128, "none"),  # a mirrored digit is another glyph
+    ("cifar10", 32, "crop+flip"), ("cifar100", 224, "crop+flip"),  # 32px images, at any size
+    ("imagefolder", 16, "crop+flip"), ("imagefolder", 64, "crop+flip"), ("imagefolder", 65, "imagenet"),
+    ("imagefolder", 224, "imagenet"),
+])
+def test_auto_augmentation_suits_the_image_size(name: str, size: int, expected: str) -> None:
+    assert DataConfig(name=name, image_size=size).augmentation() == expected
+    for explicit in ("none", "flip", "crop+flip", "imagenet"):
+        assert DataConfig(name=name, image_size=size, augment=explicit).augmentation() == explicit
+
+
+def test_unknown_augment_names_the_key() -> None:
+    from slimcore.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError, match=r"data\.augment: .*'none', 'flip', 'crop\+flip'.*\(got 'mixup'\)"):
+        parse_params({"data": {"augment": "mixup"}})
+
+
+def _pil(width: int = 12, height: int = 10) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def test_image_transforms_per_mode() -> None:
+    from slimcore.data import image_transforms
+
+    image = _pil()
+    evals = {a: image_transforms(a, 8, False, CIFAR_MEAN, CIFAR_STD)(image) for a in ("none", "flip", "crop+flip")}
+    assert all(t.shape == (3, 8, 8) for t in evals.values())  # non-square in, square out
+    assert torch.equal(evals["none"], evals["flip"]) and torch.equal(evals["none"], evals["crop+flip"])
+    zoomed = image_transforms("imagenet", 8, False, CIFAR_MEAN, CIFAR_STD)(image)
+    assert zoomed.shape == (3, 8, 8) and not torch.equal(zoomed, evals["none"])  # 1.14x, center crop
+    reference = evals["none"]
+    torch.manual_seed(0)
+    draws = {a: [image_transforms(a, 8, True, CIFAR_MEAN, CIFAR_STD)(image) for _ in range(16)]
+             for a in ("none", "flip", "crop+flip", "imagenet")}
+    assert all(torch.equal(t, reference) for t in draws["none"])  # nothing random
+    flips = [torch.equal(t, reference.flip(-1)) for t in draws["flip"]]
+    assert all(f or torch.equal(t, reference) for f, t in zip(flips, draws["flip"])) and 0 < sum(flips) < 16
+    assert all(t.shape == (3, 8, 8) for a in draws for t in draws[a])
+    assert sum(not torch.equal(t, reference) and not torch.equal(t, reference.flip(-1))
+               for t in draws["crop+flip"]) > 4  # shifted by up to image_size // 8 = 1 pixel
+    with pytest.raises(ValueError, match="augment must be one of"):
+        image_transforms("auto", 8, True, CIFAR_MEAN, CIFAR_STD)
+
+
+def test_small_imagefolder_no_longer_trains_with_random_resized_crops(tmp_path: Path) -> None:
+    from torchvision import transforms as T
+
+    root = _image_folder(tmp_path / "imgs", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
+    kinds = {}
+    for size in (16, 96):
+        splits = load_splits(DataConfig(name="imagefolder", root=str(root), image_size=size))
+        kinds[size] = [type(t) for t in splits.train.transform.transforms]
+    assert T.RandomResizedCrop not in kinds[16] and T.RandomCrop in kinds[16]
+    assert T.RandomResizedCrop in kinds[96]
+
+
+def test_digits_augmentation_keeps_the_test_set_and_pads_with_background(digits16: Splits) -> None:
+    from slimcore.data import AugmentedTensors
+
+    x_test = digits16.test.tensors[0]
+    x_train = digits16.train.tensors[0]
+    flip = load_splits(DataConfig(name="digits", image_size=16, augment="flip"))
+    assert isinstance(flip.train, AugmentedTensors) and torch.equal(flip.test.tensors[0], x_test)
+    torch.manual_seed(0)
+    seen = [flip.train[0][0] for _ in range(12)]
+    assert all(torch.equal(s, x_train[0]) or torch.equal(s, x_train[0].flip(-1)) for s in seen)
+    crop = load_splits(DataConfig(name="digits", image_size=16, augment="crop+flip"))
+    background = x_train.min()  # raw 0 (no ink), normalised: what the padding is filled with
+    torch.manual_seed(1)
+    shifted = [crop.train[i][0] for i in range(40)]
+    assert all(s.shape == (3, 16, 16) for s in shifted)
+    assert any(not torch.equal(s, x_train[i]) and not torch.equal(s, x_train[i].flip(-1))
+               for i, s in enumerate(shifted))
+    ink = torch.full((3, 16, 16), 5.0)
+    padded = [crop.train.transform(ink) for _ in range(20)]
+    assert all(bool(((p == 5.0) | torch.isclose(p, background)).all()) for p in padded)
+    assert sum(bool(torch.isclose(p, background).any()) for p in padded) > 10  # 2 px of padding shows
+    zoom = load_splits(DataConfig(name="digits", image_size=16, augment="imagenet"))
+    assert zoom.test.tensors[0].shape == x_test.shape and not torch.equal(zoom.test.tensors[0], x_test)
+    assert torch.equal(zoom.test.tensors[1], digits16.test.tensors[1])
+    assert zoom.train[0][0].shape == (3, 16, 16)

@@ -296,6 +296,36 @@ def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
     assert paths.profile_report().as_posix() in rendered["evaluate"]["deps"]
 
 
+@pytest.mark.parametrize("name", ["baseline-train", "sparse-train", "prune", "finetune", "profile", "evaluate"])
+def test_stages_that_read_data_depend_on_data_root(name: str) -> None:
+    """A stage whose code loads the dataset lists ``${data.root}``; one that does not, does not."""
+    stage = _raw_stages()[name]
+    reads_data = "slimcore/data.py" in import_closure(_stage_module(stage))
+    assert ("${data.root}" in _dep_paths(stage)) is reads_data, (name, _dep_paths(stage))
+
+
+def test_rendered_data_root_dep_relative_or_absolute(rendered, params, tmp_path: Path) -> None:
+    """DVC renders data.root as written: the committed ``data`` folder, or an absolute path outside."""
+    readers = [n for n in rendered if n.split("@")[0] in ("baseline-train", "sparse-train", "finetune", "evaluate")]
+    assert readers and all(params.data.root in rendered[n]["deps"] for n in readers)
+    assert (ROOT / params.data.root).is_dir(), "DVC fails on a dep path that does not exist"
+    outside = tmp_path / "images"
+    outside.mkdir()
+    scratch = tmp_path / "repo"
+    scratch.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", scratch / "dvc.yaml")
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["data"]["root"] = str(outside)
+    (scratch / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=scratch, check=True)
+    (scratch / ".dvc").mkdir()
+    (scratch / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
+    absolute = _render(scratch)
+    for name in readers:
+        assert str(outside) in absolute[name]["deps"], name
+    assert not [n for n in absolute if n not in readers and str(outside) in absolute[n]["deps"]]
+
+
 def _render_with_ratios(tmp_path: Path, ratios: str) -> dict[str, dict[str, list[str]]]:
     """Render dvc.yaml in a scratch repo whose params.yaml spells ``prune.ratios`` as given."""
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -334,6 +364,18 @@ def test_integer_ratio_is_refused_before_dvc_misnames_it(tmp_path: Path) -> None
 # --------------------------------------------------------------------------------------------
 # git hygiene
 # --------------------------------------------------------------------------------------------
+
+
+def test_default_data_folder_is_committed_and_its_contents_ignored() -> None:
+    """``data/`` exists in every clone (README + .gitignore) while datasets put there stay out of git."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "data"], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.split()
+    assert tracked == ["data/.gitignore", "data/README.md"], tracked
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "data/my-images/train/cat/1.png"],
+                             cwd=ROOT)
+    assert ignored.returncode == 0, "data/.gitignore must keep datasets out of git"
 
 
 def test_no_checkpoint_is_tracked_by_git() -> None:
