@@ -51,11 +51,15 @@ class ExportError(SlimcoreError):
 # BatchNorm folding
 # --------------------------------------------------------------------------------------------
 
-def _foldable_bn(module: nn.Module) -> bool:
-    """A BatchNorm2d whose forward is BatchNorm's own (not e.g. timm's BatchNormAct2d, which adds an
-    activation) and which normalises with running statistics in eval mode."""
-    return (isinstance(module, nn.BatchNorm2d)
-            and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+def _plain_bn(module: nn.Module) -> bool:
+    """A BatchNorm2d whose forward is BatchNorm's own: once folded it is an identity."""
+    return isinstance(module, nn.BatchNorm2d) and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
+def _foldable_bn(module: nn.Module, subclasses: bool) -> bool:
+    """A BatchNorm2d that normalises with running statistics in eval mode; with ``subclasses``, also
+    BN subclasses with a forward of their own (timm's ``BatchNormAct2d``: BN, then an activation)."""
+    return (isinstance(module, nn.BatchNorm2d) and (subclasses or _plain_bn(module))
             and module.track_running_stats and module.running_mean is not None)
 
 
@@ -70,13 +74,13 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+def _pairs_fx(model: nn.Module, subclasses: bool) -> list[tuple[str, str]]:
     graph = _LeafTracer().trace(model)
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _foldable_bn(modules[node.target]) or calls[node.target] != 1:
+        if node.op != "call_module" or not _foldable_bn(modules[node.target], subclasses) or calls[node.target] != 1:
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -87,14 +91,14 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairs_graph(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[str, str]]:
+def _pairs_graph(model: nn.Module, example_inputs: torch.Tensor, subclasses: bool) -> list[tuple[str, str]]:
     from slimcore.plan import build_graph  # torch-pruning's autograd trace
 
     names = {m: n for n, m in model.named_modules()}
     dg = build_graph(model, example_inputs)
     pairs = []
     for module, node in dg.module2node.items():
-        if not _foldable_bn(module) or len(node.inputs) != 1:
+        if not _foldable_bn(module, subclasses) or len(node.inputs) != 1:
             continue
         src = node.inputs[0]
         if _is_conv(src.module) and [n.module for n in src.outputs] == [module]:
@@ -103,16 +107,17 @@ def _pairs_graph(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[s
 
 
 def conv_bn_pairs(model: nn.Module, example_inputs: torch.Tensor | None = None,
-                  method: Method = "auto") -> list[tuple[str, str]]:
+                  method: Method = "auto", subclasses: bool = True) -> list[tuple[str, str]]:
     """``(conv name, bn name)`` of every BatchNorm2d fed only by a convolution that feeds only it.
 
     ``method``: ``fx`` (symbolic trace), ``graph`` (torch-pruning's DependencyGraph, needs
     ``example_inputs``) or ``auto`` (fx, then graph where fx cannot trace the model, then no pair:
-    the export's check still compares the result with the model).
+    the export's check still compares the result with the model).  ``subclasses``: include BN
+    subclasses with a forward of their own (see :func:`fold_batchnorms`).
     """
     if method in ("auto", "fx"):
         try:
-            return _pairs_fx(model)
+            return _pairs_fx(model, subclasses)
         except Exception as err:  # fx rejects data-dependent control flow and more: many kinds
             if method == "fx":
                 raise ExportError(f"torch.fx cannot trace the model: {type(err).__name__}: {err}") from None
@@ -120,7 +125,7 @@ def conv_bn_pairs(model: nn.Module, example_inputs: torch.Tensor | None = None,
         raise ExportError("finding conv -> BN pairs without torch.fx needs example inputs")
     was_training = model.training
     try:
-        return _pairs_graph(model.eval(), example_inputs)
+        return _pairs_graph(model.eval(), example_inputs, subclasses)
     except Exception as err:  # torch-pruning's tracer raises many kinds too
         if method == "graph":
             raise ExportError(f"torch-pruning cannot trace the model: {type(err).__name__}: {err}") from None
@@ -155,18 +160,36 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def fold_batchnorms(model: nn.Module, example_inputs: torch.Tensor | None = None,
-                    method: Method = "auto") -> tuple[nn.Module, list[tuple[str, str]]]:
+@torch.no_grad()
+def _neutralise(bn: nn.BatchNorm2d) -> None:
+    """Make a BN's normalisation an exact identity (mean 0, var 1, eps 0, gamma 1, beta 0)."""
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    if bn.affine:
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+
+
+def fold_batchnorms(model: nn.Module, example_inputs: torch.Tensor | None = None, method: Method = "auto",
+                    subclasses: bool = True) -> tuple[nn.Module, list[tuple[str, str]]]:
     """An eval-mode copy of ``model`` with every conv -> BN pair folded, and the pairs folded.
 
-    The BN layers folded become ``nn.Identity``; a BN that does not directly follow a conv (or whose
-    conv output is also read elsewhere) is left as it is.  ``model`` itself is not modified.
+    A folded ``BatchNorm2d`` becomes ``nn.Identity``; a BN subclass with a forward of its own (timm's
+    ``BatchNormAct2d``, which applies an activation after normalising) stays in place with its
+    normalisation made an exact identity (mean 0, var 1, eps 0, gamma 1, beta 0), so what it adds
+    still runs (``subclasses=False`` leaves those alone).  A BN that does not directly follow a conv
+    (or whose conv output is also read elsewhere) is left as it is.  ``model`` is not modified.
     """
     folded = copy.deepcopy(model).eval()
-    pairs = conv_bn_pairs(folded, example_inputs, method)
+    pairs = conv_bn_pairs(folded, example_inputs, method, subclasses)
     for conv_name, bn_name in pairs:
-        fold_conv_bn(folded.get_submodule(conv_name), folded.get_submodule(bn_name))
-        _set_submodule(folded, bn_name, nn.Identity())
+        bn = folded.get_submodule(bn_name)
+        fold_conv_bn(folded.get_submodule(conv_name), bn)
+        if _plain_bn(bn):
+            _set_submodule(folded, bn_name, nn.Identity())
+        else:
+            _neutralise(bn)
     return folded, pairs
 
 
@@ -229,6 +252,12 @@ def max_abs_diff(reference: nn.Module, session: Any, image_size: int, batch: int
     return float((torch.from_numpy(got) - expected).abs().max())
 
 
+@torch.no_grad()
+def _same_outputs(folded: nn.Module, reference: nn.Module, image_size: int, atol: float) -> bool:
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return bool((folded(x) - reference(x)).abs().max() <= atol)
+
+
 @dataclass
 class ExportReport:
     """What an export did: sizes, folded layers and the onnxruntime check."""
@@ -239,6 +268,7 @@ class ExportReport:
     nodes: int
     bn_total: int
     bn_folded: int
+    bn_left: int  # BatchNormalization nodes in the ONNX graph (BNs that follow no conv)
     bytes: int
     md5: str
     max_abs_diff: float
@@ -249,7 +279,8 @@ class ExportReport:
 
     def summary(self) -> str:
         return (f"{self.nodes} ONNX nodes (opset {self.opset}), {self.bn_folded} of {self.bn_total} BatchNorm "
-                f"layers folded, {self.bytes / 1e6:.3f} MB, {self.image_size}px input"
+                f"layers folded ({self.bn_left} left in the graph), {self.bytes / 1e6:.3f} MB, "
+                f"{self.image_size}px input"
                 f"{' (dynamic batch)' if self.dynamic_batch else ''}; onnxruntime vs PyTorch max |diff| "
                 f"{self.max_abs_diff:.2e} (<= {self.atol:g})")
 
@@ -272,6 +303,8 @@ def export_model(model: nn.Module, image_size: int, opset: int = DEFAULT_OPSET, 
         raise ExportError(f"the model does not run on 1x3x{image_size}x{image_size} inputs "
                           f"({type(err).__name__}: {err}); pass a larger --image-size") from None
     folded, pairs = fold_batchnorms(reference, example)
+    if pairs and not _same_outputs(folded, reference, image_size, atol):
+        folded, pairs = fold_batchnorms(reference, example, subclasses=False)  # a BN subclass broke it
     data = onnx_bytes(folded, image_size, opset, dynamic_batch)
     proto = onnx.load_from_string(data)
     try:
@@ -285,6 +318,7 @@ def export_model(model: nn.Module, image_size: int, opset: int = DEFAULT_OPSET, 
                           "the ONNX model does not compute what the checkpoint does")
     report = ExportReport(image_size=image_size, opset=opset, dynamic_batch=dynamic_batch,
                           nodes=len(proto.graph.node), bn_total=count_batchnorms(reference), bn_folded=len(pairs),
+                          bn_left=sum(n.op_type == "BatchNormalization" for n in proto.graph.node),
                           bytes=len(data), md5=hashlib.md5(data).hexdigest(), max_abs_diff=diff, atol=atol)
     return data, report
 

@@ -107,6 +107,36 @@ def test_fx_and_graph_find_the_same_pairs_on_a_pruned_reference_model() -> None:
     assert torch.allclose(_out(folded, x), _out(pruned, x), atol=1e-5, rtol=0)
 
 
+class BNAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: normalise with the module's statistics, then an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+class OddBN(nn.BatchNorm2d):
+    """A BN subclass that reads its input in its own way: folding into the conv before it is wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * x)
+
+
+def test_bn_subclasses_are_folded_keeping_their_activation_or_left_when_that_breaks_them() -> None:
+    torch.manual_seed(0)
+    model = _random_stats(nn.Sequential(nn.Conv2d(3, 8, 3), BNAct(8), nn.Conv2d(8, 4, 1), OddBN(4)))
+    x = torch.randn(2, 3, 8, 8)
+    folded, pairs = fold_batchnorms(model, x)
+    assert pairs == [("0", "1"), ("2", "3")]  # both look foldable on the graph ...
+    assert isinstance(folded[1], BNAct) and not torch.allclose(_out(folded, x), _out(model, x), atol=1e-4)
+    _, strict = fold_batchnorms(model, x, subclasses=False)
+    assert strict == []
+    # ... and export keeps the fold of BNAct only where the outputs stay the same
+    _, report = export_model(model[:2], image_size=8)
+    assert report.bn_folded == 1 and report.bn_left == 0
+    _, report = export_model(model, image_size=8)
+    assert report.max_abs_diff <= 1e-4 and report.bn_folded == 0
+
+
 @pytest.mark.parametrize("arch", ["vgg16_bn", "resnet50"])
 def test_folding_the_other_reference_archs(arch: str) -> None:
     torch.manual_seed(0)
