@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro seed seed-smoke push pull test test-fast lint bench plots clean
+.PHONY: install repro seed seed-smoke push pull test test-fast lint bench plots export clean
 
 install: $(STAMP)
 
@@ -57,6 +57,12 @@ bench: $(STAMP)  ## the figures in README's Performance section
 plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
 	$(BIN)/python -m slimcore.render_plots --out docs/plots
 	$(BIN)/dvc plots show
+
+# A checkpoint as ONNX, BatchNorm folded, checked with onnxruntime (docs/export.md):
+#   make export CKPT=models/resnet50/finetuned-0.4.pt OUT=resnet50.onnx [EXPORT_ARGS="--image-size 32"]
+export: $(STAMP)  ## a checkpoint as ONNX: make export CKPT=models/ARCH/finetuned-R.pt OUT=model.onnx
+	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=path/to/checkpoint.pt OUT=model.onnx"; exit 2; }
+	$(BIN)/python -m slimcore.export "$(CKPT)" "$(OUT)" $(EXPORT_ARGS)
 
 clean:
 	rm -rf $(VENV) .slimcore dvc_plots .pytest_cache

@@ -1,4 +1,4 @@
-"""Model cost: FLOPs (thop), parameters, bytes on disk and median CPU latency.
+"""Model cost: FLOPs (thop), parameters, bytes on disk and median CPU latency (PyTorch and onnxruntime).
 
 FLOPs convention: thop's count, i.e. multiply-accumulates (MACs) of convolutions and linear
 layers plus thop's per-element counts for BatchNorm, pooling and activations (see README).
@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,12 +79,35 @@ def measure_latencies(models: Mapping[str, nn.Module], input_size: int | tuple[i
                 start = time.perf_counter()
                 net(x)
                 times[label].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for label, t in times.items():
-        t.sort()
-        out[label] = {"median_ms": statistics.median(t), "p10_ms": t[len(t) // 10],
-                      "p90_ms": t[(len(t) * 9) // 10], "runs": runs, "threads": threads}
-    return out
+    return {label: _spread(t, threads) for label, t in times.items()}
+
+
+def _spread(times_ms: list[float], threads: int) -> dict[str, float]:
+    t = sorted(times_ms)
+    return {"median_ms": statistics.median(t), "p10_ms": t[len(t) // 10], "p90_ms": t[(len(t) * 9) // 10],
+            "runs": len(t), "threads": threads}
+
+
+def measure_ort_latencies(sessions: Mapping[str, Any], input_size: int | tuple[int, ...], runs: int = 30,
+                          warmup: int = 5) -> dict[str, dict[str, float]]:
+    """onnxruntime wall time per run (ms) of several sessions, timed in interleaved rounds.
+
+    ``sessions``: onnxruntime ``InferenceSession`` objects (see :func:`slimcore.export.ort_session`,
+    which sets their intra-op threads).  Same statistics as :func:`measure_latencies`.
+    """
+    x = torch.randn(_input_shape(input_size)).numpy()
+    feeds = {label: {s.get_inputs()[0].name: x} for label, s in sessions.items()}
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for label, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, feeds[label])
+    for _ in range(runs):
+        for label, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[label])
+            times[label].append((time.perf_counter() - start) * 1e3)
+    threads = {label: int(s.get_session_options().intra_op_num_threads) for label, s in sessions.items()}
+    return {label: _spread(t, threads[label]) for label, t in times.items()}
 
 
 def measure_latency(model: nn.Module, input_size: int | tuple[int, ...], runs: int = 30,
@@ -97,4 +121,5 @@ def file_bytes(path: Path | str) -> int:
     return Path(path).stat().st_size
 
 
-__all__ = ["count_flops", "count_params", "file_bytes", "measure_latencies", "measure_latency", "torch_threads"]
+__all__ = ["count_flops", "count_params", "file_bytes", "measure_latencies", "measure_latency",
+           "measure_ort_latencies", "torch_threads"]
