@@ -2,7 +2,12 @@
 
 Files are written atomically (temp file in the same folder, fsync, rename) and read with
 ``torch.load(weights_only=True)``, so loading never executes code from the file.  A model is
-rebuilt as: build the spec -> replay the pruning plan -> load the weights.
+rebuilt as: build the spec (through its source: torchvision, timm or a Python factory) ->
+replay the pruning plan (traced at the recorded input size) -> load the weights (strict).
+
+Version 2 (this one) stores the spec as ``{source, name, num_classes, stem, width, kwargs}`` and
+the traced input size (``trace_size``); version-1 files (``{arch, num_classes, stem, width}``,
+torchvision only, no trace size) are still read.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimcore.errors import CheckpointError
-from slimcore.models import PLAN_ATTR, ModelSpec, spec_of
+from slimcore.archs import parse_arch
+from slimcore.errors import CheckpointError, SlimcoreError
+from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, spec_of
 
 FORMAT = "slimcore-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
@@ -78,9 +85,37 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a slimcore checkpoint (no '{FORMAT}' header)")
-    if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} != {VERSION}")
+    if ckpt.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not one of "
+                              f"{list(READABLE_VERSIONS)} (written by another slimcore?)")
     return ckpt
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Spec kwargs must be plain data: ``torch.load(weights_only=True)`` reads nothing else."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for k, item in value.items():
+            _check_plain(item, f"{where}.{k}")
+        return
+    raise CheckpointError(f"cannot save the model spec: {where} is a {type(value).__name__}; builder kwargs "
+                          "must be plain data (numbers, strings, lists, dicts) to rebuild the model on load")
+
+
+def _trace_size(model: nn.Module) -> list[int] | None:
+    """(H, W) the model's pruning plan was traced with (recorded by slimcore.plan.build_graph)."""
+    size = getattr(model, TRACE_ATTR, None)
+    if size is not None:
+        return [int(s) for s in size]
+    cfg = getattr(model, "pretrained_cfg", None)  # timm: the input size the model was designed for
+    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (list, tuple)) and len(cfg["input_size"]) == 3:
+        return [int(cfg["input_size"][1]), int(cfg["input_size"][2])]
+    return None
 
 
 def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None, **meta: Any) -> Path:
@@ -92,10 +127,12 @@ def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None
     # Index lists as int64 tensors: plain data that torch.load(weights_only=True) reads fast.
     plan = [[str(name), bool(is_out), torch.as_tensor([int(i) for i in idxs], dtype=torch.int64)]
             for name, is_out, idxs in getattr(model, PLAN_ATTR, [])]
+    _check_plain(dict(spec.kwargs), "kwargs")
+    trace_size = _trace_size(model) if plan else None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save(
         {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(), "plan": plan,
-         "state_dict": state, "meta": meta},
+         "trace_size": trace_size, "state_dict": state, "meta": meta},
         path,
     )
     return Path(path)
@@ -111,22 +148,53 @@ def _materialise_folded_biases(model: nn.Module, state: dict[str, torch.Tensor])
             module.bias = nn.Parameter(torch.zeros_like(value))
 
 
+def same_arch(spec: ModelSpec, arch: str) -> bool:
+    """True when ``arch`` (``resnet50``, ``torchvision:resnet50``, ``timm:X``, ``pkg.mod:fn``) names
+    the model ``spec`` describes (same source and name; builder kwargs are not compared)."""
+    try:
+        return parse_arch(arch) == (spec.source, spec.name)
+    except ValueError:
+        return False
+
+
+def checkpoint_spec(path: Path | str) -> ModelSpec:
+    """The :class:`ModelSpec` a checkpoint holds (no model is built)."""
+    return _spec_of_checkpoint(read_checkpoint(path), path)
+
+
+def _spec_of_checkpoint(ckpt: dict[str, Any], path: Path | str) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(ckpt["spec"])
+    except (TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{path}: malformed model spec: {err}") from None
+
+
 def load_model_and_meta(path: Path | str, expected_arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint (spec -> replay pruning plan -> load weights, strict),
-    and return it with the ``meta`` it was saved with."""
+    and return it with the ``meta`` it was saved with.
+
+    ``expected_arch`` (an arch string as :func:`slimcore.models.build_model` takes it, e.g. a
+    params.yaml short name resolved by :meth:`slimcore.config.Params.model_for`) must name the
+    model the file holds.
+    """
     from slimcore.plan import replay_plan  # torch-pruning: imported only when a plan is replayed
 
     ckpt = read_checkpoint(path)
-    try:
-        spec = ModelSpec(**ckpt["spec"])
-    except TypeError as err:
-        raise CheckpointError(f"{path}: malformed model spec: {err}") from None
-    if expected_arch is not None and spec.arch != expected_arch:
+    spec = _spec_of_checkpoint(ckpt, path)
+    if expected_arch is not None and not same_arch(spec, expected_arch):
         raise CheckpointError(f"{path}: holds a {spec.arch} model, but {expected_arch} was requested")
-    model = spec.build()
+    try:
+        model = spec.build()
+    except SlimcoreError as err:
+        raise CheckpointError(f"{path}: cannot rebuild its {spec.arch} model: {err}") from err
     if ckpt["plan"]:
         plan = [[name, is_out, torch.as_tensor(idxs).tolist()] for name, is_out, idxs in ckpt["plan"]]
-        replay_plan(model, plan, spec)
+        try:
+            replay_plan(model, plan, spec, ckpt.get("trace_size"))
+        except Exception as err:  # torch-pruning: a model that does not trace at that size, a foreign plan
+            raise CheckpointError(f"{path}: cannot replay the pruning plan on the rebuilt {spec.arch} "
+                                  f"(traced at {ckpt.get('trace_size') or spec.min_image_size}px): "
+                                  f"{type(err).__name__}: {err}") from err
     _materialise_folded_biases(model, ckpt["state_dict"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
@@ -147,6 +215,6 @@ def checkpoint_meta(path: Path | str) -> dict[str, Any]:
 
 
 __all__ = [
-    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checkpoint_meta",
-    "load_model", "load_model_and_meta", "read_checkpoint", "safe_torch_load", "save_model",
+    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checkpoint_meta", "checkpoint_spec",
+    "load_model", "load_model_and_meta", "read_checkpoint", "safe_torch_load", "same_arch", "save_model",
 ]

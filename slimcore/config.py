@@ -8,19 +8,32 @@ from __future__ import annotations
 
 import difflib
 import functools
+import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from slimcore.archs import (
     REFERENCE_ARCHS,
+    SHORT_NAME,
     STEMS,
+    arch_string,
+    check_name,
     classification_archs,
     has_batchnorm,
     is_known_arch,
     min_image_size,
+    uses_stem_and_width,
 )
 from slimcore.errors import ParamsError
 
@@ -84,10 +97,73 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """How models are built (see :func:`slimcore.models.build_model`)."""
+    """How models are built (see :func:`slimcore.models.build_model`) and where training starts.
+
+    ``stem`` and ``width`` shape the three reference archs (vgg16_bn, resnet50, mobilenet_v2)
+    only; every other model (torchvision, timm or Python) is built as its source defines it and
+    ignores them.  ``weights`` is a folder of ``ARCH.pt`` / ``ARCH.pth`` files (an arch without a
+    file starts from random init) or one file for every arch; a state_dict or a slimcore
+    checkpoint (see :mod:`slimcore.weights`).  It initialises baseline-train; ``sparse_start``
+    says where sparse-train starts: ``scratch`` (random init), ``baseline`` (the trained
+    models/ARCH/baseline.pt) or ``weights`` (the weights file itself).
+    """
 
     stem: Literal["imagenet", "cifar"] = "cifar"
     width: Annotated[float, Field(gt=0, le=4)] = 0.25
+    weights: Annotated[str, Field(min_length=1)] = "weights"  # slimcore.weights.DEFAULT_WEIGHTS
+    sparse_start: Literal["scratch", "baseline", "weights"] = "scratch"
+
+
+class ModelSource(_Section):
+    """One entry of params.yaml's ``models``: a model named by its source.
+
+    ``source: torchvision`` (``name``: a torchvision classification model), ``timm`` (any timm
+    model name; checked when the model is built, with close matches, since listing timm's
+    models means importing it) or ``python`` (``name``: ``package.module:factory``, called as
+    ``factory(num_classes=N, **kwargs)``).
+    """
+
+    source: Literal["torchvision", "timm", "python"]
+    name: Annotated[str, Field(min_length=1)]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_name(self) -> ModelSource:
+        check_name(self.source, self.name)
+        if self.source == "torchvision" and not is_known_arch(self.name):
+            close = difflib.get_close_matches(self.name, classification_archs(), n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown torchvision model {self.name!r}{hint}")
+        if self.source == "torchvision" and not has_batchnorm(self.name):
+            raise ValueError(f"{self.name!r} has no BatchNorm2d layers: network slimming ranks channels by BN "
+                             "scale factors")
+        reserved = sorted({"num_classes", "pretrained"} & set(self.kwargs))
+        if reserved:
+            raise ValueError(f"kwargs may not set {', '.join(reserved)}: num_classes comes from the data, and "
+                             "nothing is downloaded (start from weights with model.weights)")
+        return self
+
+    @property
+    def arch(self) -> str:
+        """The arch string :func:`slimcore.models.build_model` takes for this model."""
+        return arch_string(self.source, self.name)
+
+
+class ModelChoice(BaseModel):
+    """What a stage builds for one entry of ``archs`` (see :meth:`Params.model_for`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    short_name: str  # the entry of archs: stage names and folders under models/ and metrics/
+    source: str
+    name: str
+    kwargs: dict[str, Any]
+    stem: str  # effective: model.stem for the reference archs, imagenet for every other model
+    width: float  # idem: model.width or 1.0
+
+    @property
+    def arch(self) -> str:
+        return arch_string(self.source, self.name)
 
 
 class TrainConfig(_Section):
@@ -170,6 +246,8 @@ class Params(_Section):
     """All of params.yaml."""
 
     seed: NonNegInt = 0
+    # before archs: pydantic validates fields in this order, and archs may name keys of models
+    models: dict[str, ModelSource] = Field(default_factory=dict)  # short name -> source/name/kwargs
     archs: Annotated[list[str], Field(min_length=1)] = Field(
         default_factory=lambda: list(REFERENCE_ARCHS)
     )
@@ -184,16 +262,29 @@ class Params(_Section):
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
+    @field_validator("models")
+    @classmethod
+    def _short_names(cls, v: dict[str, ModelSource]) -> dict[str, ModelSource]:
+        for key in v:
+            if not SHORT_NAME.match(key):
+                raise ValueError(f"{key!r}: a short name becomes a DVC stage name and a folder name: use letters, "
+                                 "digits, '_', '.' and '-' only (not first: '.' or '-')")
+        return v
+
     @field_validator("archs")
     @classmethod
-    def _known_archs(cls, v: list[str]) -> list[str]:
+    def _known_archs(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if "models" not in info.data:
+            return v  # models itself is invalid (reported there): its keys are unknown
         for arch in v:
+            if arch in info.data["models"]:
+                continue  # validated as a models entry
             if not is_known_arch(arch):
                 close = difflib.get_close_matches(arch, classification_archs(), n=3)
                 hint = f" (did you mean {' or '.join(close)}?)" if close else ""
                 raise ValueError(
-                    f"unknown arch {arch!r}{hint}; allowed: {', '.join(REFERENCE_ARCHS)} or any "
-                    "torchvision classification model name"
+                    f"unknown arch {arch!r}{hint}; allowed: {', '.join(REFERENCE_ARCHS)}, any "
+                    "torchvision classification model name, or a key of models (timm, python or torchvision)"
                 )
             if not has_batchnorm(arch):
                 raise ValueError(
@@ -207,23 +298,35 @@ class Params(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> Params:
         for arch in self.archs:
-            if arch not in REFERENCE_ARCHS and (self.model.stem != "imagenet" or self.model.width != 1):
-                raise ValueError(
-                    f"archs: {arch!r} is supported at model.stem=imagenet and model.width=1 only "
-                    f"(stem/width variants exist for {', '.join(REFERENCE_ARCHS)})"
-                )
+            choice = self.model_for(arch)
             if arch not in self.sparsity:
                 raise ValueError(
                     f"sparsity.{arch}: missing; every arch in archs needs its L1 strength "
                     "(e.g. 1e-4 for VGG, 1e-5 for others in the seed's CIFAR-100 setup)"
                 )
-            need = min_image_size(arch, self.model.stem)
+            if choice.source != "torchvision":
+                continue  # timm / python: the model decides what it accepts (checked when traced)
+            need = min_image_size(choice.name, choice.stem)
             if self.data.image_size < need:
+                ignored = "" if uses_stem_and_width(choice.source, choice.name) else \
+                    " (model.stem/width apply to the reference archs only)"
                 raise ValueError(
                     f"data.image_size: {self.data.image_size} is too small for {arch} with "
-                    f"stem={self.model.stem}: it downsamples by {need}, use >= {need}"
+                    f"stem={choice.stem}{ignored}: it downsamples by {need}, use >= {need}"
                 )
         return self
+
+    def model_for(self, arch: str) -> ModelChoice:
+        """What to build for ``arch`` (an entry of archs: a key of ``models`` or a torchvision name).
+
+        ``stem``/``width`` are ``model.stem``/``model.width`` for the three reference archs and
+        ``imagenet``/``1.0`` (ignored) for every other model.
+        """
+        entry = self.models.get(arch) or ModelSource(source="torchvision", name=arch)
+        shaped = uses_stem_and_width(entry.source, entry.name)
+        return ModelChoice(short_name=arch, source=entry.source, name=entry.name, kwargs=dict(entry.kwargs),
+                           stem=self.model.stem if shaped else "imagenet",
+                           width=self.model.width if shaped else 1.0)
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -243,14 +346,20 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def _section_for(loc: str) -> type[BaseModel] | None:
-    """The pydantic model that holds the key at dotted path ``loc``."""
+    """The pydantic model that holds the key at dotted path ``loc`` (``models.NAME.key``: ModelSource)."""
     model: type[BaseModel] = Params
-    for part in loc.split(".")[:-1]:
-        field = model.model_fields.get(part)
+    parts = loc.split(".")[:-1]
+    i = 0
+    while i < len(parts):
+        field = model.model_fields.get(parts[i])
         ann = field.annotation if field else None
+        if typing.get_origin(ann) is dict and i + 1 < len(parts):  # a mapping of sections: skip its key
+            ann = typing.get_args(ann)[1]
+            i += 1
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return None
         model = ann
+        i += 1
     return model
 
 
@@ -300,6 +409,7 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
 
 
 __all__ = [
-    "AUGMENTS", "DATASETS", "STEMS", "DataConfig", "ModelConfig", "Params", "ParamsError", "ProfileConfig",
-    "PruneConfig", "RuntimeConfig", "TrainConfig", "load_params", "parse_params", "with_overrides",
+    "AUGMENTS", "DATASETS", "STEMS", "DataConfig", "ModelChoice", "ModelConfig", "ModelSource", "Params",
+    "ParamsError", "ProfileConfig", "PruneConfig", "RuntimeConfig", "TrainConfig", "load_params", "parse_params",
+    "with_overrides",
 ]

@@ -24,4 +24,9 @@ class CheckpointError(SlimcoreError):
     """A checkpoint is missing, truncated, foreign or disagrees with what was asked for."""
 
 
-__all__ = ["CheckpointError", "DataError", "ParamsError", "SlimcoreError"]
+class ModelError(SlimcoreError):
+    """A model cannot be built from its source (unknown name, missing package, bad factory)
+    or given weights do not fit it."""
+
+
+__all__ = ["CheckpointError", "DataError", "ModelError", "ParamsError", "SlimcoreError"]

@@ -1,21 +1,34 @@
-"""Model construction on torchvision's definitions.
+"""Model construction from three sources: torchvision, timm and the user's own Python code.
 
-``build_model(arch, num_classes, stem, width)`` is the one place models are made:
+``build_model(arch, num_classes, stem, width, **kwargs)`` is the one place models are made;
+``arch`` names the source (see :func:`slimcore.archs.parse_arch`):
 
-* ``stem="imagenet"`` is torchvision's model as is (224px inputs).  At ``width=1`` the three
-  reference archs are exactly torchvision's (134.68M / 23.71M / 2.352M parameters at 100 classes).
-* ``stem="cifar"`` adapts the stem for small inputs (32px and below): no stride in the first
-  convolution, no stem max-pool, and a global-pool + single linear head for VGG.
-* ``width`` scales every channel count so the default pipeline runs fast on a laptop CPU.
+* ``"resnet50"`` / ``"torchvision:resnet50"``: torchvision.  For the three reference archs
+  ``stem="imagenet"`` is torchvision's model as is (224px inputs; at ``width=1`` exactly
+  torchvision's 134.68M / 23.71M / 2.352M parameters at 100 classes), ``stem="cifar"`` adapts
+  the stem for small inputs (32px and below: no stride in the first convolution, no stem
+  max-pool, a global-pool + single linear head for VGG) and ``width`` scales every channel
+  count.  Any other torchvision classification model that uses ``BatchNorm2d`` is accepted by
+  name at ``stem="imagenet"`` and ``width=1``.
+* ``"timm:resnet50d"``: ``timm.create_model(name, pretrained=False, num_classes=..., **kwargs)``
+  (timm is an optional extra: ``pip install slimcore[timm]``).
+* ``"package.module:factory"``: ``factory(num_classes=num_classes, **kwargs)``, which must return
+  an ``nn.Module`` with ``BatchNorm2d`` layers.
 
-Any other torchvision classification model that uses ``BatchNorm2d`` is accepted by name at
-``stem="imagenet"`` and ``width=1``.
+``stem`` and ``width`` shape the reference archs only; timm and Python models are built as
+their source defines them (``stem="imagenet"``, ``width=1``).  Nothing is ever downloaded: every
+model starts from random initialisation (see :mod:`slimcore.weights` to start from weights).
+Every model carries its :class:`ModelSpec`, so :func:`slimcore.checkpoint.save_model` needs
+nothing more to save it and :func:`slimcore.checkpoint.load_model` rebuilds it from the same source.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import difflib
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torchvision
@@ -24,7 +37,18 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models import vgg as tv_vgg
 from torchvision.models.mobilenetv2 import MobileNetV2
 
-from slimcore.archs import REFERENCE_ARCHS, STEMS, classification_archs, min_image_size
+from slimcore.archs import (
+    GENERIC_MIN_SIZE,
+    REFERENCE_ARCHS,
+    SOURCES,
+    STEMS,
+    arch_string,
+    check_name,
+    classification_archs,
+    min_image_size,
+    parse_arch,
+)
+from slimcore.errors import ModelError
 
 # Builders whose auxiliary heads would change the training loop's output type.
 _EXTRA_KWARGS: dict[str, dict[str, object]] = {
@@ -33,29 +57,78 @@ _EXTRA_KWARGS: dict[str, dict[str, object]] = {
 }
 SPEC_ATTR = "slimcore_spec"  # every model build_model returns carries its ModelSpec here
 PLAN_ATTR = "slimcore_plan"  # and slim() adds its pruning plan (torch-pruning history) here
+TRACE_ATTR = "slimcore_trace_size"  # (H, W) of the input its graph was last traced with (slimcore.plan)
+TIMM_INSTALL_HINT = "pip install slimcore[timm]"
+_RESERVED_KWARGS = ("num_classes", "pretrained")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild an unpruned model: stored in every checkpoint."""
+    """Everything needed to rebuild an unpruned model: stored in every checkpoint.
 
-    arch: str
+    ``source`` is ``torchvision``, ``timm`` or ``python``; ``name`` the model's name in that
+    source (a ``package.module:factory`` import path for ``python``); ``kwargs`` the extra
+    keyword arguments of its builder (plain data: they are saved in checkpoints).
+    """
+
+    source: str
+    name: str
     num_classes: int
     stem: str = "imagenet"
     width: float = 1.0
+    kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kwargs", dict(self.kwargs))  # a private copy, never shared
+
+    @classmethod
+    def parse(cls, arch: str, num_classes: int, stem: str = "imagenet", width: float = 1.0,
+              kwargs: Mapping[str, Any] | None = None) -> ModelSpec:
+        """The spec of ``build_model(arch, num_classes, stem, width, **kwargs)``."""
+        source, name = parse_arch(arch)
+        return cls(source, name, num_classes, stem, width, dict(kwargs or {}))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Read :meth:`to_dict`'s output, or a version-1 checkpoint's ``{arch, ...}`` (torchvision)."""
+        data = dict(data)
+        if "arch" in data and "source" not in data:  # checkpoint version 1: torchvision names only
+            data["source"], data["name"] = "torchvision", data.pop("arch")
+        return cls(**data)
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {"source": self.source, "name": self.name, "num_classes": self.num_classes,
+                "stem": self.stem, "width": self.width, "kwargs": dict(self.kwargs)}
+
+    @property
+    def arch(self) -> str:
+        """The arch string that builds this model (``resnet50``, ``timm:resnet50d``, ``pkg.mod:fn``)."""
+        return arch_string(self.source, self.name)
 
     def build(self) -> nn.Module:
-        return build_model(self.arch, self.num_classes, self.stem, self.width)
+        """A freshly (randomly) initialised model of this spec, carrying the spec."""
+        _check_arguments(self)
+        if self.source == "torchvision":
+            model = _build_torchvision(self)
+        elif self.source == "timm":
+            model = _build_timm(self)
+        else:
+            model = _build_python(self)
+        if self.source != "torchvision" and not has_batchnorm(model):
+            raise ModelError(f"{self.source} model {self.name!r} has no BatchNorm2d layers: network slimming "
+                             "ranks channels by BN scale factors")
+        setattr(model, SPEC_ATTR, self)
+        return model
 
     @property
     def min_image_size(self) -> int:
-        return min_image_size(self.arch, self.stem)
+        """Smallest input the model accepts (torchvision: known; timm/python: a generic 32px)."""
+        if self.source == "torchvision":
+            return min_image_size(self.name, self.stem)
+        return GENERIC_MIN_SIZE
 
     def example_inputs(self, image_size: int | None = None, batch: int = 1) -> torch.Tensor:
-        """A random input batch (default size: the smallest the arch accepts, cheap to trace)."""
+        """A random input batch (default size: :attr:`min_image_size`, cheap to trace)."""
         size = image_size or self.min_image_size
         return torch.randn(batch, 3, size, size)
 
@@ -178,43 +251,123 @@ _REFERENCE_BUILDERS: dict[str, Callable[[int, str, float], nn.Module]] = {
 }
 
 
-def build_model(arch: str, num_classes: int, stem: str = "imagenet", width: float = 1.0) -> nn.Module:
+def build_model(arch: str, num_classes: int, stem: str = "imagenet", width: float = 1.0,
+                **kwargs: Any) -> nn.Module:
     """Build a randomly initialised classification model (no weights are ever downloaded).
 
     Args:
         arch: ``vgg16_bn``, ``resnet50``, ``mobilenet_v2`` or any torchvision classification
-            model name (those only at ``stem="imagenet"``, ``width=1``).
+            model name (optionally ``torchvision:NAME``); ``timm:NAME`` for a timm model;
+            ``package.module:factory`` for a factory of your own.
         num_classes: size of the classifier's output.
-        stem: ``imagenet`` (torchvision as is) or ``cifar`` (small-input stem).
-        width: channel multiplier, ``0 < width <= 1`` typically.
+        stem: ``imagenet`` (torchvision as is) or ``cifar`` (small-input stem); reference archs only.
+        width: channel multiplier, ``0 < width <= 4``; reference archs only.
+        **kwargs: extra keyword arguments of the timm / Python builder (or of a non-reference
+            torchvision builder).  A builder argument named ``stem`` or ``width`` goes through
+            ``ModelSpec(..., kwargs={...}).build()`` instead.
+
+    Raises:
+        ModelError (a ValueError): unknown name (with close matches), timm not installed,
+        factory not importable / missing / not returning an ``nn.Module`` / without BatchNorm2d.
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if stem not in STEMS:
-        raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
-    if not (0 < width <= 4):
-        raise ValueError(f"width must be in (0, 4], got {width}")
+    try:
+        source, name = parse_arch(arch)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    return ModelSpec(source, name, num_classes, stem, width, kwargs).build()
+
+
+def _check_arguments(spec: ModelSpec) -> None:
+    if spec.source not in SOURCES:
+        raise ModelError(f"model source must be one of {', '.join(SOURCES)}, got {spec.source!r}")
+    try:
+        check_name(spec.source, spec.name)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    if not isinstance(spec.num_classes, int) or spec.num_classes < 1:
+        raise ModelError(f"num_classes must be >= 1, got {spec.num_classes}")
+    if spec.stem not in STEMS:
+        raise ModelError(f"stem must be one of {list(STEMS)}, got {spec.stem!r}")
+    if not (0 < spec.width <= 4):
+        raise ModelError(f"width must be in (0, 4], got {spec.width}")
+    reserved = [k for k in _RESERVED_KWARGS if k in spec.kwargs]
+    if reserved:
+        raise ModelError(f"{spec.arch}: kwargs may not set {', '.join(reserved)} (num_classes comes from the "
+                         "data; nothing is downloaded: start from weights with model.weights / slimcore.weights)")
+    if spec.source != "torchvision" and (spec.stem != "imagenet" or spec.width != 1.0):
+        raise ModelError(f"{spec.arch}: stem/width shape the reference archs {list(REFERENCE_ARCHS)} only; "
+                         f"{spec.source} models are built as their source defines them (stem='imagenet', width=1)")
+
+
+def _build_torchvision(spec: ModelSpec) -> nn.Module:
+    arch, stem, width = spec.name, spec.stem, spec.width
     if arch in _REFERENCE_BUILDERS:
-        model = _REFERENCE_BUILDERS[arch](num_classes, stem, width)
-    else:
-        model = _build_torchvision(arch, num_classes, stem, width)
-    setattr(model, SPEC_ATTR, ModelSpec(arch, num_classes, stem, width))
-    return model
-
-
-def _build_torchvision(arch: str, num_classes: int, stem: str, width: float) -> nn.Module:
+        if spec.kwargs:
+            raise ModelError(f"{arch}: the reference archs take no kwargs (got {sorted(spec.kwargs)})")
+        return _REFERENCE_BUILDERS[arch](spec.num_classes, stem, width)
     if arch not in classification_archs():
-        raise ValueError(
-            f"unknown arch {arch!r}: use one of {list(REFERENCE_ARCHS)} or a torchvision "
-            "classification model name (torchvision.models.list_models(module=torchvision.models))"
+        close = difflib.get_close_matches(arch, classification_archs(), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ModelError(
+            f"unknown arch {arch!r}{hint}: use one of {list(REFERENCE_ARCHS)}, a torchvision "
+            "classification model name (torchvision.models.list_models(module=torchvision.models)), "
+            "timm:NAME or package.module:factory"
         )
     if stem != "imagenet" or width != 1.0:
-        raise ValueError(
+        raise ModelError(
             f"arch {arch!r} is supported at stem='imagenet', width=1 only "
             f"(stem/width variants exist for {list(REFERENCE_ARCHS)})"
         )
-    kwargs = dict(_EXTRA_KWARGS.get(arch, {}))
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    kwargs = {**_EXTRA_KWARGS.get(arch, {}), **spec.kwargs}
+    return torchvision.models.get_model(arch, weights=None, num_classes=spec.num_classes, **kwargs)
+
+
+def _import_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ModelError(f"timm models need the timm package, which is not installed: {TIMM_INSTALL_HINT}") from None
+    return timm
+
+
+def _build_timm(spec: ModelSpec) -> nn.Module:
+    timm = _import_timm()
+    if not timm.is_model(spec.name):
+        close = difflib.get_close_matches(spec.name, timm.list_models(), n=5, cutoff=0.7)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown timm model {spec.name!r}{hint}; timm.list_models() lists them")
+    return timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes, **spec.kwargs)
+
+
+def resolve_factory(path: str) -> Callable[..., Any]:
+    """The callable at ``package.module:attr`` (``attr`` may be dotted), with errors naming what failed."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelError(f"python model {path!r}: module {module_name!r} is not importable ({err}); install "
+                         "its package or run from the folder that holds it") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelError(f"python model {path!r}: {module_name} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelError(f"python model {path!r}: {attr} is not callable")
+    return target
+
+
+def _build_python(spec: ModelSpec) -> nn.Module:
+    factory = resolve_factory(spec.name)
+    try:
+        model = factory(num_classes=spec.num_classes, **spec.kwargs)
+    except TypeError as err:
+        raise ModelError(f"python model {spec.name!r}: calling it with num_classes={spec.num_classes} and "
+                         f"kwargs {dict(spec.kwargs)} failed: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"python model {spec.name!r}: the factory returned {type(model).__name__}, "
+                         "not a torch.nn.Module")
+    return model
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -223,6 +376,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 __all__ = [
-    "PLAN_ATTR", "REFERENCE_ARCHS", "SPEC_ATTR", "STEMS", "ModelSpec", "build_model", "classification_archs",
-    "has_batchnorm", "min_image_size", "scale_channels", "spec_of",
+    "PLAN_ATTR", "REFERENCE_ARCHS", "SPEC_ATTR", "STEMS", "TIMM_INSTALL_HINT", "TRACE_ATTR", "ModelSpec",
+    "build_model", "classification_archs", "has_batchnorm", "min_image_size", "resolve_factory",
+    "scale_channels", "spec_of",
 ]

@@ -3,6 +3,9 @@
 A plan is a list of ``[layer name, is_output_channels, [channel indices]]`` (plain ints, so
 it travels inside a ``weights_only`` checkpoint).  Replaying it on a freshly built model
 reproduces the pruned architecture exactly; the checkpoint's weights then load strictly.
+Replay traces the model with an input of the size it was pruned with: :func:`build_graph`
+records the traced input size on the model (``TRACE_ATTR``), checkpoints store it, so models that
+need large inputs (many timm models) replay as they were traced.
 Kept apart from :mod:`slimcore.prune` so that loading a model never depends on the slimming
 policy (and DVC does not re-run training when the policy changes).
 """
@@ -16,15 +19,22 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimcore.models import PLAN_ATTR, ModelSpec
+from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec
 
 Plan = list[list[Any]]
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
-    """torch-pruning's DependencyGraph of ``model`` (traced with autograd on)."""
+    """torch-pruning's DependencyGraph of ``model`` (traced with autograd on).
+
+    Records the input's spatial size on the model (``TRACE_ATTR``): a plan recorded on this
+    graph is replayed with an input of that size (see :func:`replay_plan`).
+    """
     with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+    if isinstance(example_inputs, torch.Tensor) and example_inputs.dim() == 4:
+        setattr(model, TRACE_ATTR, (int(example_inputs.shape[2]), int(example_inputs.shape[3])))
+    return graph
 
 
 def plain_plan(history: Sequence[Sequence[Any]]) -> Plan:
@@ -32,11 +42,16 @@ def plain_plan(history: Sequence[Sequence[Any]]) -> Plan:
     return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
 
 
-def replay_plan(model: nn.Module, plan: Sequence[Sequence[Any]], spec: ModelSpec) -> nn.Module:
-    """Re-apply a recorded pruning plan to a freshly built model (in place), for loading."""
+def replay_plan(model: nn.Module, plan: Sequence[Sequence[Any]], spec: ModelSpec,
+                trace_size: Sequence[int] | None = None) -> nn.Module:
+    """Re-apply a recorded pruning plan to a freshly built model (in place), for loading.
+
+    ``trace_size`` is the (H, W) the plan was traced with (default: the spec's smallest input).
+    """
     was_training = model.training
     model.eval()
-    dg = build_graph(model, spec.example_inputs())
+    height, width = (int(trace_size[0]), int(trace_size[1])) if trace_size else (spec.min_image_size,) * 2
+    dg = build_graph(model, torch.randn(1, 3, height, width))
     dg.load_pruning_history(plain_plan(plan))
     setattr(model, PLAN_ATTR, plain_plan(plan))
     model.train(was_training)

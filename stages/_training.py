@@ -13,10 +13,14 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from slimcore.config import Params
+from slimcore.errors import ParamsError
 from stages._common import console, write_json
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +68,60 @@ def relaunch_under_torchrun(params: Params, module: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
+
+
+class Start(NamedTuple):
+    """Where a training run starts: a checkpoint to continue (``init``), else a freshly built model,
+    initialised from a weights file (``weights``) or randomly (both None)."""
+
+    init: Path | None = None
+    weights: Path | None = None
+
+    def describe(self) -> str:
+        return str(self.init or self.weights or "scratch")
+
+
+def start_of(params: Params, arch: str, run: str) -> Start:
+    """Where ``baseline-train`` / ``sparse-train`` of ``arch`` start.
+
+    baseline-train: ``model.weights``' file for the arch, or random init when the folder has none.
+    sparse-train: ``model.sparse_start``: ``scratch`` (random init), ``baseline`` (the trained
+    ``models/ARCH/baseline.pt``) or ``weights`` (the arch's weights file, which must exist).
+    """
+    from slimcore import paths
+    from slimcore.weights import weights_file
+
+    if run == "baseline-train":
+        return Start(weights=weights_file(params.model.weights, arch))
+    start = params.model.sparse_start
+    if start == "baseline":
+        baseline = paths.checkpoint(arch, "baseline")
+        if not baseline.is_file():
+            raise ParamsError(f"model.sparse_start: baseline, but {baseline} does not exist "
+                              f"(run baseline-train@{arch})")
+        return Start(init=baseline)
+    if start == "weights":
+        found = weights_file(params.model.weights, arch)
+        if found is None:
+            raise ParamsError(f"model.sparse_start: weights, but {params.model.weights}/ holds no {arch}.pt or "
+                              f"{arch}.pth")
+        return Start(weights=found)
+    return Start()
+
+
+def starting_model(params: Params, arch: str, num_classes: int, start: Start) -> tuple[nn.Module, str]:
+    """The model a run trains (built through ``models``, or loaded from ``start.init``) and a log line."""
+    from slimcore.checkpoint import load_model
+    from slimcore.models import ModelSpec
+    from slimcore.weights import load_weights
+
+    choice = params.model_for(arch)
+    if start.init is not None:  # its classes are checked against the data by the caller
+        return load_model(start.init, expected_arch=choice.arch), f"continues from {start.init}"
+    model = ModelSpec(choice.source, choice.name, num_classes, choice.stem, choice.width, choice.kwargs).build()
+    if start.weights is not None:
+        return model, load_weights(model, start.weights).message()
+    return model, "random init"
 
 
 def write_timings(path: Path, timings: list[Any], ctx: Any) -> None:
@@ -119,19 +177,22 @@ def chance_warning(run: str, arch: str, *, test_top1: float, train_top1: float, 
 
 
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
-                        sparsity: float, init: Path | None = None, module: str) -> None:
-    """Train a model (from scratch, or from the checkpoint ``init``) and save it to ``out``.
+                        sparsity: float, init: Path | None = None, weights: Path | None = None,
+                        module: str) -> None:
+    """Train a model and save it to ``out``: from the checkpoint ``init``, else built through
+    params' ``models`` and initialised from the ``weights`` file (random init without one).
 
-    Resumes from the run's last finished epoch if an earlier attempt was interrupted.  With
-    ``runtime.nproc > 1`` the stage ``module`` first relaunches itself under torchrun.
+    Resumes from the run's last finished epoch if an earlier attempt was interrupted (only with
+    the same settings, arch, start checkpoint and weights file).  With ``runtime.nproc > 1`` the
+    stage ``module`` first relaunches itself under torchrun.
     """
     relaunch_under_torchrun(params, module)
     import torch
 
     from slimcore import paths
-    from slimcore.checkpoint import load_model, save_model
+    from slimcore.checkpoint import save_model
     from slimcore.data import check_num_classes, load_splits, make_loader
-    from slimcore.models import build_model, spec_of
+    from slimcore.models import spec_of
     from slimcore.runtime import barrier, current_context, distributed
     from slimcore.train import Trainer
 
@@ -139,19 +200,21 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
     with distributed(ctx):
         seed_everything(params.seed)
         splits = load_splits(params.data)
+        start = Start(init, weights)
+        model, how = starting_model(params, arch, splits.num_classes, start)
         if init is not None:
-            model = load_model(init, expected_arch=arch)
             check_num_classes(splits, spec_of(model).num_classes, str(init))
-        else:
-            model = build_model(arch, splits.num_classes, params.model.stem, params.model.width)
+        if ctx.is_main:
+            console.log(f"{run}@{arch}: {params.model_for(arch).arch}, {how}")
         train = make_loader(splits.train, train_cfg.batch_size, train=True, seed=params.seed,
                             runtime=params.runtime, rank=ctx.rank, world_size=ctx.world_size,
                             device=ctx.device.type)
         test = make_loader(splits.test, max(256, train_cfg.batch_size), train=False, seed=params.seed,
                            runtime=params.runtime, device=ctx.device.type)
         trainer = Trainer(model, train_cfg, ctx, train, test, sparsity=sparsity, desc=f"{run}@{arch}")
+        # files (Path) are hashed by content: a resume never mixes a changed start or weights file
         key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
-                          init if init is not None else "scratch")
+                          init if init is not None else "scratch", weights if weights is not None else "no weights")
         state = paths.resume_state(arch, run)
         history = trainer.fit(state_path=state, fingerprint=key, curves_dir=paths.curves(arch, run))
         if ctx.is_main:
@@ -173,5 +236,5 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         barrier(ctx)
 
 
-__all__ = ["CHANCE_MARGIN_PT", "chance_warning", "fingerprint", "near_chance", "relaunch_under_torchrun",
-           "seed_everything", "train_to_checkpoint", "write_timings"]
+__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "fingerprint", "near_chance", "relaunch_under_torchrun",
+           "seed_everything", "start_of", "starting_model", "train_to_checkpoint", "write_timings"]

@@ -55,7 +55,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         for arch in params.archs:
             evals[arch], gammas[arch], histories[arch] = {}, {}, {}
             for label, path in paths.model_files(arch, params.prune.ratios).items():
-                model, meta = load_model_and_meta(path, expected_arch=arch)
+                model, meta = load_model_and_meta(path, expected_arch=params.model_for(arch).arch)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
                 model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last
                                  else torch.preserve_format)

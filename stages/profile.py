@@ -107,7 +107,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         latency: dict[str, dict[str, dict[str, Any]]] = {}
         for arch in params.archs:
             files = paths.model_files(arch, params.prune.ratios)
-            models = {label: load_model(path, expected_arch=arch) for label, path in files.items()}
+            expected = params.model_for(arch).arch
+            models = {label: load_model(path, expected_arch=expected) for label, path in files.items()}
             timed = {label: models[label] for label in files if same_architecture(label) == label}
             console.log(f"profile {arch}: timing {len(timed)} architectures x {cfg.latency_runs} runs")
             latency[arch] = measure_latencies(timed, size, runs=cfg.latency_runs, warmup=cfg.warmup_runs,

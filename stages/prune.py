@@ -30,7 +30,7 @@ def main(
         from slimcore.profile import count_params
         from slimcore.prune import slim
 
-        sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=arch)
+        sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=params.model_for(arch).arch)
         generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
         example = torch.randn(2, 3, size, size, generator=generator)

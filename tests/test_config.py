@@ -164,7 +164,7 @@ def test_yaml_exponent_without_a_dot_is_still_a_float() -> None:
 INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "unknown top-level key": (
         _set("bogus", 1),
-        ["params.yaml: bogus: unknown key", "seed, archs, data, model, train, sparsity, prune, finetune"],
+        ["params.yaml: bogus: unknown key", "seed, models, archs, data, model, train, sparsity, prune, finetune"],
     ),
     "unknown nested key": (
         _set("train.bogus", 1),
@@ -224,9 +224,10 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
         ["sparsity.resnet50: missing"],
     ),
     "negative sparsity": (_set("sparsity.mobilenet_v2", -1e-4), ["sparsity.mobilenet_v2", "greater than or equal"]),
-    "torchvision arch at the cifar stem": (
+    "torchvision arch at the cifar stem ignores it": (
         lambda raw: (_set("archs", ["resnet18"])(raw), raw["sparsity"].update(resnet18=1e-5)),
-        ["archs", "'resnet18'", "model.stem=imagenet", "model.width=1"],
+        ["data.image_size", "16 is too small for resnet18", "stem=imagenet",
+         "model.stem/width apply to the reference archs only", ">= 32"],
     ),
     "milestones out of order": (_set("train.milestones", [8, 6]), ["train", "milestones", "increasing"]),
     "milestone past the last epoch": (_set("finetune.milestones", [3]), ["finetune", "milestones", "< epochs (3)"]),

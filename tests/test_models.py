@@ -141,7 +141,7 @@ def test_small_models_are_real_tensors_initialised_like_torchvision(arch: str) -
 @pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "googlenet"])
 def test_other_torchvision_classifiers_build_by_name(arch: str) -> None:
     model = build_model(arch, 5)
-    assert spec_of(model) == ModelSpec(arch, 5, "imagenet", 1.0)
+    assert spec_of(model) == ModelSpec("torchvision", arch, 5, "imagenet", 1.0)
     assert has_batchnorm(model)
     model.train()
     out = model(torch.randn(2, 3, 32, 32))
@@ -185,10 +185,14 @@ def test_spec_round_trips_to_the_same_model(arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch, 6, "cifar", 0.125).eval()
     spec = spec_of(model)
-    assert spec == ModelSpec(arch, 6, "cifar", 0.125)
+    assert spec == ModelSpec("torchvision", arch, 6, "cifar", 0.125) == ModelSpec.parse(arch, 6, "cifar", 0.125)
     data = json.loads(json.dumps(spec.to_dict()))  # what a checkpoint stores
-    assert data == {"arch": arch, "num_classes": 6, "stem": "cifar", "width": 0.125}
-    rebuilt_spec = ModelSpec(**data)
+    assert data == {"source": "torchvision", "name": arch, "num_classes": 6, "stem": "cifar", "width": 0.125,
+                    "kwargs": {}}
+    assert spec.arch == arch
+    rebuilt_spec = ModelSpec.from_dict(data)
+    # a version-1 checkpoint's spec (no source: torchvision) reads as the same spec
+    assert ModelSpec.from_dict({"arch": arch, "num_classes": 6, "stem": "cifar", "width": 0.125}) == spec
     assert rebuilt_spec == spec
     rebuilt = rebuilt_spec.build().eval()
     assert spec_of(rebuilt) == spec
@@ -201,12 +205,12 @@ def test_spec_round_trips_to_the_same_model(arch: str) -> None:
 
 
 def test_spec_defaults_follow_build_model() -> None:
-    spec = ModelSpec("mobilenet_v2", 10)
+    spec = ModelSpec("torchvision", "mobilenet_v2", 10)
     assert (spec.stem, spec.width) == ("imagenet", 1.0)
     assert spec.min_image_size == min_image_size("mobilenet_v2", "imagenet") == 32
     assert spec_of(build_model("mobilenet_v2", 10)) == spec
     assert spec.example_inputs(image_size=40).shape == (1, 3, 40, 40)
-    assert ModelSpec("vgg16_bn", 10, "cifar", 0.125).min_image_size == 8
+    assert ModelSpec("torchvision", "vgg16_bn", 10, "cifar", 0.125).min_image_size == 8
 
 
 def test_spec_is_immutable_and_survives_deepcopy() -> None:

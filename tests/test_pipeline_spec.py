@@ -288,6 +288,10 @@ def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
             assert paths.pruned(arch, ratio).as_posix() in rendered[f"finetune@{arch}-{tag}"]["deps"]
             prune_cmd = rendered[f"prune@{arch}-{tag}"]["cmd"]
             assert f"--arch {arch}" in prune_cmd and f"--ratio {tag}" in prune_cmd
+        # starting weights (model.weights) for both training stages; sparse-train may start from the baseline
+        for stage in ("baseline-train", "sparse-train"):
+            assert params.model.weights in rendered[f"{stage}@{arch}"]["deps"], stage
+        assert paths.checkpoint(arch, "baseline").as_posix() in rendered[f"sparse-train@{arch}"]["deps"]
     for name in ("profile", "evaluate"):
         assert _covered(paths.finetuned(params.archs[0], params.prune.ratios[0]).as_posix(),
                         rendered[name]["deps"]), name
