@@ -251,7 +251,7 @@ _REFERENCE_BUILDERS: dict[str, Callable[[int, str, float], nn.Module]] = {
 }
 
 
-def build_model(arch: str, num_classes: int, stem: str = "imagenet", width: float = 1.0,
+def build_model(arch: str, num_classes: int, stem: str | None = None, width: float | None = None,
                 **kwargs: Any) -> nn.Module:
     """Build a randomly initialised classification model (no weights are ever downloaded).
 
@@ -260,11 +260,13 @@ def build_model(arch: str, num_classes: int, stem: str = "imagenet", width: floa
             model name (optionally ``torchvision:NAME``); ``timm:NAME`` for a timm model;
             ``package.module:factory`` for a factory of your own.
         num_classes: size of the classifier's output.
-        stem: ``imagenet`` (torchvision as is) or ``cifar`` (small-input stem); reference archs only.
-        width: channel multiplier, ``0 < width <= 4``; reference archs only.
+        stem: torchvision models: ``imagenet`` (torchvision as is, the default) or ``cifar``
+            (small-input stem, reference archs only).  timm / Python models: a builder argument.
+        width: torchvision models: channel multiplier, ``0 < width <= 4`` (default 1; reference
+            archs only).  timm / Python models: a builder argument like any other (``width=32``
+            reaches ``factory(num_classes, width=32)``).
         **kwargs: extra keyword arguments of the timm / Python builder (or of a non-reference
-            torchvision builder).  A builder argument named ``stem`` or ``width`` goes through
-            ``ModelSpec(..., kwargs={...}).build()`` instead.
+            torchvision builder).
 
     Raises:
         ModelError (a ValueError): unknown name (with close matches), timm not installed,
@@ -274,7 +276,12 @@ def build_model(arch: str, num_classes: int, stem: str = "imagenet", width: floa
         source, name = parse_arch(arch)
     except ValueError as err:
         raise ModelError(str(err)) from None
-    return ModelSpec(source, name, num_classes, stem, width, kwargs).build()
+    if source == "torchvision":
+        return ModelSpec(source, name, num_classes, stem or "imagenet", 1.0 if width is None else width,
+                         kwargs).build()
+    builder_kwargs = {**({"stem": stem} if stem is not None else {}),
+                      **({"width": width} if width is not None else {}), **kwargs}
+    return ModelSpec(source, name, num_classes, kwargs=builder_kwargs).build()
 
 
 def _check_arguments(spec: ModelSpec) -> None:

@@ -57,9 +57,10 @@ def test_python_factory_gets_num_classes_and_kwargs() -> None:
     assert spec.arch == f"{NETS}:small_cnn"
     assert len(model.blocks) == 3 and model.fc.out_features == 5
     assert _out(model, torch.randn(2, 3, 16, 16)).shape == (2, 5)
-    # a factory argument named like build_model's own (width) goes through the spec, as the stages build
-    wide = ModelSpec("python", f"{NETS}:small_cnn", 5, kwargs={"depth": 1, "width": 8}).build()
+    # a factory argument named like build_model's own (width) reaches the factory, as the stages build it
+    wide = build_model(f"{NETS}:small_cnn", 5, depth=1, width=8)
     assert wide.fc.in_features == 16 and spec_of(wide).kwargs == {"depth": 1, "width": 8}
+    assert spec_of(wide) == ModelSpec("python", f"{NETS}:small_cnn", 5, kwargs={"depth": 1, "width": 8})
     assert ModelSpec.from_dict(spec_of(wide).to_dict()) == spec_of(wide)
 
 
@@ -89,9 +90,12 @@ def test_python_source_errors_are_clear(arch: str, kwargs: dict[str, Any], messa
 
 
 def test_stem_and_width_shape_reference_archs_only() -> None:
+    # in a spec, stem/width are torchvision's; for other sources they are builder arguments
     with pytest.raises(ModelError, match="stem/width shape the reference archs"):
-        build_model(f"{NETS}:small_cnn", 3, "cifar")
+        ModelSpec("python", f"{NETS}:small_cnn", 3, stem="cifar").build()
     with pytest.raises(ModelError, match="stem/width shape the reference archs"):
+        ModelSpec("timm", "resnet10t", 3, width=0.5).build()
+    with pytest.raises(TypeError, match="width"):  # timm's resnet10t has no width argument
         build_model("timm:resnet10t", 3, width=0.5)
 
 
