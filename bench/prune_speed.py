@@ -6,6 +6,14 @@ repeat; the figure is the median wall time.  torch-pruning's BNScalePruner inclu
 DependencyGraph, as slimcore's `slim` does.
 
     .venv/bin/python bench/prune_speed.py [--arch resnet50] [--ratio 0.4] [--repeats 5] [--size 224]
+
+With ``--timm [NAME ...]`` (default: the models of issue 9) it prints one row per timm model
+instead: BN channels, prunable ones, removed share of all BN channels, skipped groups, slimcore's
+seconds, torch-pruning's seconds and status (ok / crashed / timeout / broken: the returned model
+does not run or gives another output shape), and the ratio of the two times.  torch-pruning runs
+in a child process with ``--tp-timeout`` seconds.
+
+    PYTHONPATH=. .venv/bin/python bench/prune_speed.py --timm [resnet50d ...] [--size 224] [--tp-timeout 120]
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import multiprocessing as mp
 import statistics
 import time
 
@@ -58,13 +67,98 @@ def time_torch_pruning(model: nn.Module, ratio: float, x: torch.Tensor) -> tuple
     return elapsed, sum(p.numel() for p in work.parameters())
 
 
+TIMM_MODELS = ["resnet50d", "seresnet50", "resnext26ts", "regnetx_002", "regnety_004", "efficientnet_b0",
+               "mobilenetv3_large_100", "densenet121", "ghostnet_100", "hrnet_w18_small", "cspresnet50",
+               "cspdarknet53", "res2net50_26w_4s", "dpn68", "rexnet_100", "mixnet_s", "ecaresnet26t"]
+
+
+def _timm_model(name: str) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return bimodal_gammas(timm.create_model(name, pretrained=False, num_classes=100).eval(), 0.45)
+
+
+def _tp_child(name: str, ratio: float, size: int, threads: int, queue: mp.Queue) -> None:
+    torch.set_num_threads(threads)
+    model = _timm_model(name)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = model(x).shape
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    gc.collect()
+    start = time.perf_counter()
+    try:
+        pruner = tp.pruner.BNScalePruner(model, x, importance=tp.importance.BNScaleImportance(),
+                                         global_pruning=True, pruning_ratio=ratio, ignored_layers=[classifier])
+        pruner.step()
+    except Exception as err:
+        queue.put(("crashed", None, f"{type(err).__name__}"))
+        return
+    seconds = time.perf_counter() - start
+    try:
+        with torch.no_grad():
+            ok = model(x).shape == expected
+    except Exception:
+        ok = False
+    queue.put(("ok" if ok else "broken", seconds, ""))
+
+
+def time_torch_pruning_isolated(name: str, ratio: float, size: int, timeout: float) -> tuple[str, float | None]:
+    """torch-pruning's time on a timm model in a child process (status, seconds)."""
+    ctx = mp.get_context("spawn")  # fork after torch used threads can deadlock
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_tp_child, args=(name, ratio, size, torch.get_num_threads(), queue))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return "timeout", None
+    if queue.empty():
+        return "crashed", None
+    status, seconds, _ = queue.get()
+    return status, seconds
+
+
+def timm_table(names: list[str], ratio: float, size: int, tp_timeout: float) -> None:
+    """One row per timm model: coverage of slimcore and both times (see the module doc)."""
+    print(f"timm models, {size}px, ratio {ratio}, {torch.get_num_threads()} threads, bimodal gammas (45% ~0)\n")
+    print("| model | BN channels | prunable | removed / all BN | skipped groups (BN ch) | slimcore s "
+          "| torch-pruning s | slimcore / tp |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        model = _timm_model(name)
+        x = torch.randn(1, 3, size, size)
+        gc.collect()
+        start = time.perf_counter()
+        try:
+            _, report = slim(model, ratio, x, inplace=True)
+            ours = time.perf_counter() - start
+            cells = [f"{report.total_bn_channels}", f"{report.prunable_bn_channels}", f"{report.ratio_all_bn:.3f}",
+                     f"{sum(1 for s in report.skipped if s['channels'])} ({report.skipped_bn_channels})",
+                     f"{ours:.2f}"]
+        except Exception as err:
+            ours = None
+            cells = ["-", "-", "-", f"error: {type(err).__name__}: {str(err)[:80]}", "-"]
+        status, theirs = time_torch_pruning_isolated(name, ratio, size, tp_timeout)
+        tp_cell = f"{theirs:.2f} ({status})" if theirs is not None else f"- ({status})"
+        rel = f"{ours / theirs:.2f}x" if ours is not None and theirs else "-"
+        print(f"| {name} | " + " | ".join([*cells, tp_cell, rel]) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--timm", nargs="*", default=None, help="timm model names (none given: issue 9's list)")
+    parser.add_argument("--tp-timeout", type=float, default=120.0)
     args = parser.parse_args()
+    if args.timm is not None:
+        timm_table(args.timm or TIMM_MODELS, args.ratio, args.size, args.tp_timeout)
+        return
 
     torch.manual_seed(0)
     model = bimodal_gammas(build_model(args.arch, 100).eval())

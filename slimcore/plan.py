@@ -28,13 +28,45 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Dependency
     """torch-pruning's DependencyGraph of ``model`` (traced with autograd on).
 
     Records the input's spatial size on the model (``TRACE_ATTR``): a plan recorded on this
-    graph is replayed with an input of that size (see :func:`replay_plan`).
+    graph is replayed with an input of that size (see :func:`replay_plan`).  A 1-in 1-out Conv1d
+    (ECA-style attention, convolving along the channel axis) is left out of the trace, so
+    torch-pruning sees it as the element-wise op it is for channel indices.
     """
+    channel_convs = [m for m in model.modules()
+                     if isinstance(m, nn.Conv1d) and m.in_channels == m.out_channels == 1]
     with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs, verbose=False,
+                                                      ignored_layers=channel_convs)
     if isinstance(example_inputs, torch.Tensor) and example_inputs.dim() == 4:
         setattr(model, TRACE_ATTR, (int(example_inputs.shape[2]), int(example_inputs.shape[3])))
     return graph
+
+
+def _tolerant_concat_mapping(graph: tp.DependencyGraph, cat_node: Any) -> None:
+    """torch-pruning's concat index mapping, leaving a concat whose input sizes it cannot infer
+    unmapped (its ``offsets`` stay None) instead of failing the whole trace (e.g. DPN)."""
+    try:
+        _concat_mapping(graph, cat_node)
+    except TypeError:
+        cat_node.module.offsets = None
+
+
+_concat_mapping = tp.dependency.index_mapping.update_concat_index_mapping
+tp.dependency.index_mapping.update_concat_index_mapping = _tolerant_concat_mapping
+
+
+def sync_split_sizes(model: nn.Module) -> nn.Module:
+    """Update fixed channel-split sizes after surgery (timm's MixedConv2d keeps ``splits``, the
+    input channels of each of its convs): called after pruning and after replaying a plan."""
+    for module in model.modules():
+        splits = getattr(module, "splits", None)
+        convs = list(module.children())
+        if isinstance(splits, (list, tuple)) and len(splits) == len(convs) \
+                and all(isinstance(c, nn.Conv2d) for c in convs):
+            module.splits = [c.in_channels for c in convs]
+            module.in_channels = sum(module.splits)
+            module.out_channels = sum(c.out_channels for c in convs)
+    return model
 
 
 def plain_plan(history: Sequence[Sequence[Any]]) -> Plan:
@@ -53,9 +85,10 @@ def replay_plan(model: nn.Module, plan: Sequence[Sequence[Any]], spec: ModelSpec
     height, width = (int(trace_size[0]), int(trace_size[1])) if trace_size else (spec.min_image_size,) * 2
     dg = build_graph(model, torch.randn(1, 3, height, width))
     dg.load_pruning_history(plain_plan(plan))
+    sync_split_sizes(model)
     setattr(model, PLAN_ATTR, plain_plan(plan))
     model.train(was_training)
     return model
 
 
-__all__ = ["Plan", "build_graph", "plain_plan", "replay_plan"]
+__all__ = ["Plan", "build_graph", "plain_plan", "replay_plan", "sync_split_sizes"]

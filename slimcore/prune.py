@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+import types
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -33,10 +35,13 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning import _helpers
+from torch_pruning.dependency.dependency import Dependency
+from torch_pruning.dependency.group import Group
 from torch_pruning.ops import OPTYPE
 
 from slimcore.models import PLAN_ATTR
-from slimcore.plan import build_graph, plain_plan, replay_plan
+from slimcore.plan import build_graph, plain_plan, replay_plan, sync_split_sizes
 
 GroupScore = Literal["max", "mean", "l2"]
 
@@ -60,6 +65,9 @@ class SlimPolicy:
         fold_constants: fold removed channels' constant output into the next layer.
         group_score: how the |gamma| of a group's BN layers combine into one score per channel.
         inplace: prune ``model`` itself instead of a deep copy.
+        on_untraceable: when the model cannot be traced or no channel of it can be pruned:
+            ``"error"`` raises :class:`SlimError` naming the cause, ``"warn"`` warns and returns
+            the model untouched (its report says why).
     """
 
     round_to: int = 1
@@ -68,6 +76,7 @@ class SlimPolicy:
     fold_constants: bool = True
     group_score: GroupScore = "max"
     inplace: bool = False
+    on_untraceable: Literal["error", "warn"] = "error"
 
     def __post_init__(self) -> None:
         if self.round_to < 1 or self.min_channels < 1:
@@ -76,6 +85,8 @@ class SlimPolicy:
             raise ValueError(f"min_keep_fraction must be in [0, 1), got {self.min_keep_fraction}")
         if self.group_score not in ("max", "mean", "l2"):
             raise ValueError(f"group_score must be max, mean or l2, got {self.group_score!r}")
+        if self.on_untraceable not in ("error", "warn"):
+            raise ValueError(f"on_untraceable must be error or warn, got {self.on_untraceable!r}")
 
     @classmethod
     def from_kwargs(cls, **policy: Any) -> SlimPolicy:
@@ -101,7 +112,15 @@ class GroupReport:
 
 @dataclass
 class SlimReport:
-    """What slimming did: the figures users check against what they asked for."""
+    """What slimming did: the figures users check against what they asked for.
+
+    ``true_ratio`` is removed / prunable BN channels (what the ranking controls);
+    ``ratio_all_bn`` is removed / all BN channels of the model, which is lower whenever groups
+    were held fixed.  ``skipped`` lists every group left intact: ``group`` (its root layer),
+    ``reason`` and ``channels`` (the BN channels it holds fixed).  ``exact`` is True only when
+    the requested ratio was met over *all* BN channels (within one rounding unit of the target
+    and nothing held fixed); ``bound_by`` says what stopped it otherwise.
+    """
 
     requested_ratio: float
     true_ratio: float
@@ -112,9 +131,15 @@ class SlimReport:
     exact: bool
     bound_by: list[str]
     groups: list[GroupReport]
-    skipped: list[dict[str, str]]
+    skipped: list[dict[str, Any]]
     policy: dict[str, Any]
+    ratio_all_bn: float = 0.0
     seconds: float = 0.0
+
+    @property
+    def skipped_bn_channels(self) -> int:
+        """BN channels held fixed (in skipped groups or in no group at all)."""
+        return sum(int(s.get("channels", 0)) for s in self.skipped)
 
     @property
     def channels_per_layer(self) -> dict[str, list[int]]:
@@ -141,6 +166,8 @@ class _Group:
     prune_idxs: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     order: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     max_removable: int = 0
+    atoms: list[torch.Tensor] | None = None  # channels removed together (grouped convs); None: singletons
+    min_keep: int = 0  # channels the structure needs kept (e.g. 2 per conv group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,14 +265,129 @@ def _is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels)
 
 
+def _is_grouped(module: nn.Module) -> bool:
+    """A grouped (not depthwise) convolution: pruned by the same channel pattern in every group."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_depthwise(module)
+
+
+class _Unmappable(Exception):
+    """torch-pruning's channel propagation does not converge for this root (e.g. channel slices)."""
+
+
+def _bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_fn: Any,
+                           idxs: Any) -> Group:
+    """torch-pruning's ``DependencyGraph.get_pruning_group`` with a bound on the propagation.
+
+    Index mappings through channel slices (e.g. ReXNet's ``x[:, :c] += shortcut``) can make the
+    original loop grow its group forever; here it stops after a number of steps proportional
+    to the graph's size and raises :class:`_Unmappable`, so that group is skipped instead.
+    """
+    if module not in self.module2node:
+        raise ValueError(f"Module {module} is not in the dependency graph.")
+    if isinstance(module, tp.ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
+        pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels
+    if isinstance(idxs, (int, np.integer)):
+        idxs = [int(idxs)]
+    idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
+    tp.dependency.index_mapping.update_index_mapping(self)
+    group = Group()
+    root_node = self.module2node[module]
+    group.add_dep(dep=Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node), idxs=idxs)
+    limit = 8 * len(self.module2node) + 64
+    visited: set[Any] = set()
+    stack = [(group[0].dep, idxs)]
+    steps = 0
+    while stack:
+        dep, cur = stack.pop(-1)
+        steps += 1
+        if steps > limit:
+            raise _Unmappable(f"channel index propagation does not converge after {limit} steps")
+        node, fn = dep.target, dep.handler
+        visited.add(node)
+        for new_dep in node.dependencies:
+            if new_dep.is_triggered_by(fn):
+                new_idxs = cur
+                for mapping in new_dep.index_mapping:
+                    if mapping is not None:
+                        new_idxs = mapping(new_idxs)
+                if len(new_idxs) == 0:
+                    continue
+                if new_dep.target in visited and group.has_pruning_op(new_dep, new_idxs):
+                    continue
+                group.add_dep(new_dep, new_idxs)
+                stack.append((new_dep, new_idxs))
+    merged = Group()
+    for dep, item_idxs in group.items:
+        if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in self.ignored_params):
+            continue
+        merged.add_and_merge(dep, item_idxs)
+    merged._DG = self
+    for i in range(len(merged)):
+        hybrid = merged[i].idxs
+        merged[i] = _helpers.GroupItem(merged[i].dep, _helpers.to_plain_idxs(hybrid))
+        merged[i].root_idxs = _helpers.to_root_idxs(hybrid)
+    return merged
+
+
+def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[nn.Module, Any, str | None]]:
+    """``(root, group or None, why not)`` for every conv/linear root, as torch-pruning's
+    ``get_all_groups`` visits them, but a root whose group cannot be built is reported, not fatal."""
+    visited: set[nn.Module] = set()
+    out: list[tuple[nn.Module, Any, str | None]] = []
+    for m in list(dg.module2node.keys()):
+        if m in ignored or not isinstance(m, (nn.Conv2d, nn.Linear)) or m in visited:
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except _Unmappable as err:
+            visited.add(m)
+            out.append((m, None, str(err)))
+            continue
+        prunable = True
+        for item in group:
+            if dg.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(item.dep.target.module)
+                if item.dep.target.module in ignored:
+                    prunable = False
+        if prunable:
+            out.append((m, group, None))
+    return out
+
+
+def _channel_count(dg: tp.DependencyGraph, item: Any) -> int | None:
+    """Channels of an item's layer on the dimension the item prunes (None: not a layer)."""
+    module = item.dep.target.module
+    if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+        return None
+    if dg.is_out_channel_pruning_fn(item.dep.handler):
+        return dg.get_out_channels(module)
+    return dg.get_in_channels(module)
+
+
+def _expands_channels_only_spatially(node: Any) -> bool:
+    """An ``expand``/``expand_as`` of a ``(N, C, 1, 1)`` tensor (ECA/SE-style gates): channel i
+    stays channel i, so torch-pruning's identity index mapping through it is right."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    return sizes is not None and len(sizes) == 4 and int(sizes[1]) > 1 and int(sizes[2]) == int(sizes[3]) == 1
+
+
 def _unsafe_reason(group: Any, dg: tp.DependencyGraph) -> str | None:
     """Why torch-pruning's surgery on this group could yield a wrong model, or None."""
     for item in group:
         node, module = item.dep.target, item.dep.target.module
+        if node.type == OPTYPE.EXPAND and _expands_channels_only_spatially(node):
+            continue
         if node.type not in _SAFE_OPS:
             return f"unsupported operation {node.type.name} ({type(module).__name__})"
-        if isinstance(module, nn.Conv2d) and module.groups > 1 and not _is_depthwise(module):
-            return f"grouped convolution {dg._module2name.get(module, '?')} (groups={module.groups})"
+        if node.type in (OPTYPE.CONCAT, OPTYPE.SPLIT) and getattr(module, "offsets", None) is None:
+            return f"torch-pruning cannot map channels through {node.type.name.lower()} (unknown sizes)"
+        n = _channel_count(dg, item)
+        if n is not None and (len(item.idxs) != len(item.root_idxs) or any(not 0 <= i < n for i in item.idxs)):
+            return (f"torch-pruning's channel index mapping is inconsistent at "
+                    f"{dg._module2name.get(module, type(module).__name__)} (split/concat/slice)")
     return None
 
 
@@ -255,38 +397,105 @@ def _index_pair(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return pairs[0], pairs[1]
 
 
+def _grouped_atoms(group: Any, dg: tp.DependencyGraph,
+                   channels: int) -> tuple[list[torch.Tensor] | None, int, str | None]:
+    """Root channels that must go together so every grouped conv keeps its group structure.
+
+    A grouped conv's weight is ``(out, in / groups, kh, kw)``: removing the same offsets in
+    every group of its input (or output) channels keeps it a valid grouped conv with the same
+    ``groups``.  Channels at the same offset are merged (union-find over root channels).
+    Returns (atoms or None when there is no grouped conv, channels to keep at least, problem).
+    """
+    parent = list(range(channels))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    min_keep, found = 0, False
+    for item in group:
+        module = item.dep.target.module
+        if not _is_grouped(module):
+            continue
+        found = True
+        out_side = dg.is_out_channel_pruning_fn(item.dep.handler)
+        size = module.out_channels if out_side else module.in_channels
+        if len(set(item.idxs)) != size:
+            return None, 0, f"grouped convolution {dg._module2name.get(module, '?')} only partly in the group"
+        width = size // module.groups
+        first: dict[int, int] = {}
+        for idx, root in zip(item.idxs, item.root_idxs):
+            key = idx % width
+            if key in first:
+                parent[find(root)] = find(first[key])
+            else:
+                first[key] = root
+        if out_side:  # one output channel per group would make it depthwise: keep 2
+            min_keep = max(min_keep, 2 * module.groups)
+    if not found:
+        return None, 0, None
+    classes: dict[int, list[int]] = defaultdict(list)
+    for i in range(channels):
+        classes[find(i)].append(i)
+    atoms = [torch.tensor(sorted(c), dtype=torch.long) for c in classes.values()]
+    return sorted(atoms, key=lambda a: int(a[0])), min_keep, None
+
+
+def _bn_channels_of(group: Any) -> int:
+    """BN channels of a group (each BN layer's channels in it), for the skipped list."""
+    return sum(len(item.idxs) for item in group
+               if isinstance(item.dep.target.module, nn.BatchNorm2d))
+
+
 def _collect_groups(model: nn.Module, dg: tp.DependencyGraph, classifier: nn.Module | None,
-                    score: GroupScore) -> tuple[list[_Group], list[dict[str, str]]]:
+                    score: GroupScore) -> tuple[list[_Group], list[dict[str, Any]]]:
     """Prunable groups with per-channel scores and BN-layer weights; and the skipped ones."""
     names = dg._module2name
+    dg.get_pruning_group = types.MethodType(_bounded_pruning_group, dg)  # type: ignore[method-assign]
     ignored = [classifier] if classifier is not None else []
     groups: list[_Group] = []
-    skipped: list[dict[str, str]] = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        root = group[0].dep.target.module
-        root_name = names.get(root, "?")
+    skipped: list[dict[str, Any]] = []
+    seen_bns: set[nn.Module] = set()
+    for root, group, problem in _all_groups(dg, ignored):
+        root_name = names.get(root, type(root).__name__)
+        if group is None:
+            skipped.append({"group": root_name, "reason": problem, "channels": 0})
+            continue
         channels = dg.get_out_channels(root)
         bn_items, consumers = [], []
         for item in group:
             module = item.dep.target.module
+            if isinstance(module, nn.BatchNorm2d):
+                seen_bns.add(module)
             if isinstance(module, nn.BatchNorm2d) and module.affine:
-                bn_items.append((names.get(module, "?"), module, *_index_pair(item)))
+                bn_items.append((names.get(module, type(module).__name__), module, *_index_pair(item)))
             elif dg.is_in_channel_pruning_fn(item.dep.handler) and isinstance(module, (nn.Conv2d, nn.Linear)) \
                     and not _is_depthwise(module):
                 consumers.append((module, *_index_pair(item)))
+        held = _bn_channels_of(group)
         if not bn_items:
-            skipped.append({"group": root_name, "reason": "no BatchNorm2d (no gamma to rank)"})
+            skipped.append({"group": root_name, "reason": "no BatchNorm2d (no gamma to rank)", "channels": held})
             continue
         reason = _unsafe_reason(group, dg)
+        atoms, min_keep, atom_problem = (None, 0, None) if reason else _grouped_atoms(group, dg, channels)
+        reason = reason or atom_problem
         if reason:
-            skipped.append({"group": root_name, "reason": reason})
+            skipped.append({"group": root_name, "reason": reason, "channels": held})
             continue
-        g = _Group(root, root_name, channels, bn_items, consumers)
+        g = _Group(root, root_name, channels, bn_items, consumers, atoms=atoms, min_keep=min_keep)
         g.scores, g.weights = _score_channels(g, score)
         if bool((g.weights == 0).any()):
-            skipped.append({"group": root_name, "reason": "some channels have no BatchNorm2d"})
+            skipped.append({"group": root_name, "reason": "some channels have no BatchNorm2d", "channels": held})
             continue
         groups.append(g)
+    unreached = [(names.get(m, "?"), m.num_features) for m in model.modules()
+                 if isinstance(m, nn.BatchNorm2d) and m not in seen_bns]
+    if unreached:
+        skipped.append({"group": "<BN layers in no group>", "channels": sum(n for _, n in unreached),
+                        "reason": "not reached by any prunable group: " + ", ".join(n for n, _ in unreached[:8])
+                        + (", ..." if len(unreached) > 8 else "")})
     return groups, skipped
 
 
@@ -310,35 +519,46 @@ def _score_channels(g: _Group, how: GroupScore) -> tuple[torch.Tensor, torch.Ten
 # Selection
 
 
-def _floor(channels: int, policy: SlimPolicy) -> int:
+def _floor(channels: int, policy: SlimPolicy, min_keep: int = 0) -> int:
     """Fewest channels a group may keep, as a multiple of ``round_to``."""
-    need = max(policy.min_channels, math.ceil(policy.min_keep_fraction * channels))
+    need = max(policy.min_channels, math.ceil(policy.min_keep_fraction * channels), min_keep)
     return math.ceil(need / policy.round_to) * policy.round_to
 
 
-def _units(g: _Group, policy: SlimPolicy) -> list[int]:
-    """Allowed removal counts of a group, ascending (kept channels stay multiples of round_to)."""
-    d = policy.round_to
-    n_max = g.channels - _floor(g.channels, policy)
-    first = g.channels % d or d
-    return list(range(first, n_max + 1, d)) if n_max > 0 else []
+def _atom_order(g: _Group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(atom scores ascending, channels in that atom order, channels removed after each atom).
+
+    Atoms are single channels, or for grouped convs the channels that must go together; an
+    atom scores the highest |gamma| score of its channels.  Ties: lower index first.
+    """
+    if g.atoms is None:
+        sorted_scores, order = torch.sort(g.scores, stable=True)
+        return sorted_scores, order, torch.arange(1, g.channels + 1)
+    atom_scores = torch.stack([g.scores[a].max() for a in g.atoms])
+    sorted_scores, atom_order = torch.sort(atom_scores, stable=True)  # atoms are sorted by first index
+    order = torch.cat([g.atoms[i] for i in atom_order.tolist()])
+    sizes = torch.tensor([len(g.atoms[i]) for i in atom_order.tolist()])
+    return sorted_scores, order, torch.cumsum(sizes, 0)
 
 
 def _unit_table(groups: list[_Group], policy: SlimPolicy) -> tuple[np.ndarray, ...]:
     """Every group's removal units: (score, BN-channel weight, group index, cut) per unit.
 
-    A unit is the next ``round_to`` channels of a group in ascending |gamma| order; its score is
-    the highest |gamma| it removes and its weight the BN channels it removes.  Also stores each
-    group's ascending order of channels (``g.order``) and its most removable channels.
+    A unit is the next atoms of a group in ascending |gamma| order up to the next allowed cut
+    (kept channels a multiple of ``round_to``, at or above the floor); its score is the highest
+    |gamma| it removes and its weight the BN channels it removes.  Also stores each group's
+    order of channels (``g.order``) and its most removable channels.
     """
     scores, weights, group_ids, cuts_all = [], [], [], []
     for gi, g in enumerate(groups):
-        sorted_scores, g.order = torch.sort(g.scores, stable=True)  # ties: lower index first
-        cum_w = torch.cumsum(g.weights[g.order], 0)
-        cuts = torch.tensor(_units(g, policy), dtype=torch.long)
+        atom_scores, g.order, ends = _atom_order(g)
+        n_max = g.channels - _floor(g.channels, policy, g.min_keep)
+        allowed = (ends <= n_max) & ((g.channels - ends) % policy.round_to == 0)
+        cuts, unit_scores = ends[allowed], atom_scores[allowed]
         g.max_removable = int(cuts[-1]) if len(cuts) else 0
+        cum_w = torch.cumsum(g.weights[g.order], 0)
         unit_cum = cum_w[cuts - 1] if len(cuts) else cum_w[:0]
-        scores.append(sorted_scores[cuts - 1].double().numpy() if len(cuts) else np.empty(0))
+        scores.append(unit_scores.double().numpy())
         weights.append(torch.diff(unit_cum, prepend=unit_cum.new_zeros(1)).numpy())
         group_ids.append(np.full(len(cuts), gi))
         cuts_all.append(cuts.numpy())
@@ -397,11 +617,14 @@ def _select(groups: list[_Group], ratio: float, policy: SlimPolicy) -> tuple[int
             + ", ".join(g.root_name for g, n in zip(groups, removed_per_group) if n == g.max_removable)
         )
     elif removed != target:
-        where = groups[unit_group[stopped_at]].root_name if stopped_at is not None else "?"
+        if stopped_at is not None:
+            nxt = (f"the next unit ({int(unit_weight[stopped_at])} BN channels, group "
+                   f"{groups[unit_group[stopped_at]].root_name}) would overshoot")
+        else:
+            nxt = "the last unit taken overshoots by less than stopping short would miss"
         bound_by.append(
-            f"granularity: channels go in units of round_to x (BN layers in the group); the next unit "
-            f"({unit_weight[stopped_at] if stopped_at is not None else '?'} BN channels, group {where}) "
-            f"would overshoot, so {removed} of the target {target} BN channels are removed"
+            f"granularity: channels go in units of round_to x (BN layers in the group), or whole "
+            f"conv groups; {nxt}, so {removed} of the target {target} BN channels are removed"
         )
     return prunable, removed, threshold, bound_by
 
@@ -447,10 +670,11 @@ def _fold_constants(dg: tp.DependencyGraph, groups: list[_Group], tap_means: dic
         taps = tap_means[module].index_select(0, idxs)
         delta = (weight * taps).reshape(weight.shape[0], -1).sum(1)
         kind, sink = _bias_sink(dg, module)
+        # new tensors, never in place: a snapshot taken before folding can restore the old ones
         if kind == "bias":
-            sink.bias += delta.to(sink.bias.dtype)
-        elif kind == "bn":
-            sink.running_mean -= delta.to(sink.running_mean.dtype)  # BN(x + d) == BN'(x), mean' = mean - d
+            sink.bias = nn.Parameter(sink.bias.detach() + delta.to(sink.bias.dtype))
+        elif kind == "bn":  # BN(x + d) == BN'(x), mean' = mean - d
+            sink.running_mean = sink.running_mean - delta.to(sink.running_mean.dtype)
         else:
             sink.bias = nn.Parameter(delta.to(module.weight.dtype))
 
@@ -466,6 +690,42 @@ def _apply(dg: tp.DependencyGraph, groups: list[_Group]) -> None:
             continue
         pruner = dg.get_pruner_of_module(g.root)
         dg.get_pruning_group(g.root, pruner.prune_out_channels, g.prune_idxs.tolist()).prune()
+    sync_split_sizes(dg.model)
+
+
+_LIST_ATTRS = ("shape", "concat_sizes", "split_sizes", "offsets")
+
+
+class _Snapshot:
+    """The state of every module of the model and of the graph's ops, without copying tensors.
+
+    torch-pruning's surgery and our folding assign new tensors and attributes, never modify
+    tensors in place, so restoring each module's attribute dict (and the graph's pruning
+    history) undoes them: a failed try costs no deep copy and no retrace.
+    """
+
+    def __init__(self, model: nn.Module, dg: tp.DependencyGraph) -> None:
+        modules = {id(m): m for m in model.modules()}
+        modules.update({id(m): m for m in dg.module2node if isinstance(m, nn.Module)})
+        self.states = [(m, self._copy(m.__dict__)) for m in modules.values()]
+        self.history = len(dg._pruning_history)
+
+    @staticmethod
+    def _copy(state: dict[str, Any]) -> dict[str, Any]:
+        out = dict(state)
+        for key in ("_parameters", "_buffers"):
+            if key in out:
+                out[key] = dict(out[key])
+        for key in _LIST_ATTRS:
+            if isinstance(out.get(key), list):
+                out[key] = list(out[key])
+        return out
+
+    def restore(self, dg: tp.DependencyGraph) -> None:
+        for module, state in self.states:
+            module.__dict__.clear()
+            module.__dict__.update(self._copy(state))
+        del dg._pruning_history[self.history:]
 
 
 def _run_once(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Size | None, str | None]:
@@ -495,43 +755,97 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, expected: torch.
     return problem
 
 
-class _SurgeryFailed(Exception):
-    def __init__(self, problem: str, group: str | None = None) -> None:
-        super().__init__(problem)
-        self.problem, self.group = problem, group
+def _breaking_groups(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group],
+                     example_inputs: torch.Tensor, expected: torch.Size) -> dict[str, str]:
+    """Apply the groups one by one, checking after each; undo and name each one that breaks."""
+    bad: dict[str, str] = {}
+    for g in groups:
+        if len(g.prune_idxs) == 0:
+            continue
+        before = _Snapshot(model, dg)
+        try:
+            _apply(dg, [g])
+            problem = _check_runs(model, example_inputs, expected)
+        except Exception as err:  # torch-pruning's own surgery failed
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            before.restore(dg)
+            bad[g.root_name] = f"surgery breaks the model ({problem[:200]})"
+    return bad
 
 
-def _slim_once(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy,
-               excluded: dict[str, str], isolate: bool) -> SlimReport:
-    """One slimming pass on ``model`` (modified in place); raises _SurgeryFailed if it breaks.
+def _untraceable(ratio: float, total_bn: int, pol: SlimPolicy, cause: str,
+                 skipped: list[dict[str, Any]]) -> SlimReport:
+    """Raise :class:`SlimError` (default) or warn and report the model untouched."""
+    if pol.on_untraceable == "error":
+        raise SlimError(f"cannot slim this model: {cause} (on_untraceable='warn' returns it untouched)")
+    warnings.warn(f"slim: model left untouched: {cause}", stacklevel=3)
+    return SlimReport(requested_ratio=float(ratio), true_ratio=0.0, threshold=0.0, prunable_bn_channels=0,
+                      removed_bn_channels=0, total_bn_channels=total_bn, exact=ratio == 0,
+                      bound_by=[cause] if ratio else [], groups=[],
+                      skipped=[{"group": "<model>", "reason": cause, "channels": total_bn}, *skipped],
+                      policy=asdict(pol), ratio_all_bn=0.0)
 
-    With ``isolate`` every group is applied and checked on its own, so the failure names the
-    group that breaks the model.
-    """
+
+def _skip_summary(skipped: list[dict[str, Any]]) -> str:
+    reasons = sorted({s["reason"].split(" (")[0] for s in skipped})
+    return "; ".join(reasons[:4]) + ("; ..." if len(reasons) > 4 else "")
+
+
+_MAX_TRIES = 4
+
+
+def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy) -> SlimReport:
+    """Slim ``model`` in place (one trace; failed surgery undone from a snapshot)."""
     total_bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     try:
         traced = _trace(model, example_inputs, fold=pol.fold_constants and ratio > 0)
-        dg, expected = traced.graph, traced.output_shape
-        groups, skipped = _collect_groups(model, dg, traced.classifier, pol.group_score)
+        groups, skipped = _collect_groups(model, traced.graph, traced.classifier, pol.group_score)
     except Exception as err:  # torch-pruning cannot model this graph at all
         with torch.no_grad():
             model(example_inputs)  # a model that cannot run on example_inputs is the caller's error
-        reason = f"torch-pruning cannot trace the model: {type(err).__name__}: {err}"
-        return _untouched_report(ratio, total_bn, pol, reason)
-    skipped += [{"group": name, "reason": why} for name, why in excluded.items()]
-    groups = [g for g in groups if g.root_name not in excluded]
-    prunable, removed, threshold, bound_by = _select(groups, ratio, pol)
-    if pol.fold_constants and removed:
-        _fold_constants(dg, groups, traced.tap_means)
-    reports = [_group_report(g) for g in groups]
-    if removed:
-        for batch in ([[g] for g in groups] if isolate else [groups]):
-            _apply(dg, batch)
+        return _untraceable(ratio, total_bn, pol, f"torch-pruning cannot trace the model: "
+                            f"{type(err).__name__}: {err}", [])
+    if ratio > 0 and not groups:
+        why = _skip_summary(skipped) if skipped else "it has no BatchNorm2d layer"
+        return _untraceable(ratio, total_bn, pol, f"no channel group can be pruned ({why})", skipped)
+    dg, expected = traced.graph, traced.output_shape
+    snapshot = _Snapshot(model, dg)
+    by_name = {g.root_name: g for g in groups}
+    excluded: dict[str, str] = {}
+    for _ in range(_MAX_TRIES):
+        active = [g for g in groups if g.root_name not in excluded]
+        prunable, removed, threshold, bound_by = _select(active, ratio, pol)
+        if not removed:
+            break
+        if pol.fold_constants:
+            _fold_constants(dg, active, traced.tap_means)
+        try:
+            _apply(dg, active)
             problem = _check_runs(model, example_inputs, expected)
-            if problem:
-                raise _SurgeryFailed(problem, batch[0].root_name if isolate else None)
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+        if problem is None:
+            break
+        snapshot.restore(dg)
+        bad = _breaking_groups(model, dg, active, example_inputs, expected)
+        snapshot.restore(dg)
+        if not bad:
+            raise SlimError(f"pruned model fails to run ({problem}), though each group alone does not break it")
+        excluded.update(bad)
+    else:
+        raise SlimError(f"pruned model still fails to run after excluding {len(excluded)} groups ({problem})")
+    skipped += [{"group": name, "reason": why, "channels": int(by_name[name].weights.sum())}
+                for name, why in excluded.items()]
     history = plain_plan(dg.pruning_history())
     setattr(model, PLAN_ATTR, list(getattr(model, PLAN_ATTR, [])) + history)
+    held = sum(int(s["channels"]) for s in skipped)
+    ratio_all = removed / total_bn if total_bn else 0.0
+    if held and ratio:
+        bound_by.append(
+            f"skipped groups: {held} of {total_bn} BN channels are held fixed in "
+            f"{sum(1 for s in skipped if s['channels'])} skipped group(s) (see skipped), so "
+            f"{removed} of all {total_bn} BN channels ({ratio_all:.1%}) are removed for a requested {ratio:.1%}")
     return SlimReport(
         requested_ratio=float(ratio),
         true_ratio=removed / prunable if prunable else 0.0,
@@ -539,20 +853,13 @@ def _slim_once(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
         prunable_bn_channels=prunable,
         removed_bn_channels=removed,
         total_bn_channels=total_bn,
-        exact=removed == round(ratio * prunable),
+        exact=removed == round(ratio * prunable) and not (held and ratio),
         bound_by=bound_by,
-        groups=reports,
+        groups=[_group_report(g) for g in groups if g.root_name not in excluded],
         skipped=skipped,
         policy=asdict(pol),
+        ratio_all_bn=ratio_all,
     )
-
-
-def _untouched_report(ratio: float, total_bn: int, pol: SlimPolicy, reason: str) -> SlimReport:
-    """The report of a model left as it was because no group could be pruned safely."""
-    return SlimReport(requested_ratio=float(ratio), true_ratio=0.0, threshold=0.0, prunable_bn_channels=0,
-                      removed_bn_channels=0, total_bn_channels=total_bn, exact=ratio == 0,
-                      bound_by=[reason] if ratio else [], groups=[],
-                      skipped=[{"group": "<model>", "reason": reason}], policy=asdict(pol))
 
 
 def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
@@ -568,31 +875,24 @@ def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
     Returns:
         The physically smaller model (same train/eval mode as ``model``) and its report.  A
         group whose surgery would break the model is left intact and listed in
-        ``report.skipped``; the returned model always runs.
+        ``report.skipped`` (with the BN channels it holds fixed); the returned model always runs.
+
+    Raises:
+        SlimError: the model cannot be traced or no group of it can be pruned (unless
+            ``on_untraceable="warn"``), or the pruned model cannot be made to run.
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     pol = SlimPolicy.from_kwargs(**policy)
     start = time.perf_counter()
     was_training = model.training
-    excluded: dict[str, str] = {}
-    isolate = False
-    while True:
-        work = model if pol.inplace else copy.deepcopy(model)
-        work.eval()
-        try:
-            report = _slim_once(work, ratio, example_inputs, pol, excluded, isolate)
-            break
-        except _SurgeryFailed as failure:
-            if pol.inplace:
-                raise SlimError(f"pruned model fails to run ({failure.problem}); "
-                                "retry with inplace=False to isolate the offending group") from None
-            if failure.group is None:
-                isolate = True  # find which group breaks it
-            else:
-                excluded[failure.group] = f"surgery breaks the model ({failure.problem})"
-    work.train(was_training)
-    model.train(was_training)
+    work = model if pol.inplace else copy.deepcopy(model)
+    work.eval()
+    try:
+        report = _slim_work(work, ratio, example_inputs, pol)
+    finally:
+        work.train(was_training)
+        model.train(was_training)
     report.seconds = time.perf_counter() - start
     return work, report
 

@@ -15,7 +15,7 @@ from slimcore.paths import ratio_tag
 
 SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested ratio", "true ratio", "FLOPs after",
                 "params after/M", "top1", "top5"]
-EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB"]
+EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB", "removed of all BN"]
 
 
 def _pct(x: float | None, digits: int = 3) -> str:
@@ -59,6 +59,11 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return lines
 
 
+def _all_bn(prune_report: Mapping[str, Any]) -> float:
+    """Removed share of *all* BN channels (older reports, with nothing skipped: the true ratio)."""
+    return float(prune_report.get("ratio_all_bn", prune_report["true_ratio"]))
+
+
 def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
               prunes: Mapping[float, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one arch's pruning table (seed columns, then ours)."""
@@ -79,7 +84,7 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
             _fmt(fin["flops"], f_scale), f"{fin['params'] / 1e6:.3f}",
             _pct(evals[f"finetuned-{tag}"]["top1"]), _pct(evals[f"finetuned-{tag}"]["top5"]),
             _pct(evals[f"pruned-{tag}"]["top1"]), _pct(nofold),
-            f"{fin['bytes'] / 1e6:.3f}",
+            f"{fin['bytes'] / 1e6:.3f}", f"{100 * _all_bn(pr):.2f}%",
         ])
     return header, rows
 
@@ -97,7 +102,8 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         f"training {t.epochs} epochs (baseline and sparse), fine-tuning {f.epochs} epochs; "
         f"seed {params.seed}. Accuracies in %, on the test split. FLOPs: thop's count (MACs, see README); "
         "params/M: millions of parameters; size/MB: checkpoint bytes on disk / 10^6. "
-        "Ratios count BN channels; the true ratio is measured on the pruned model. "
+        "Ratios count BN channels; the true ratio is measured on the pruned model, over the prunable "
+        "BN channels; 'removed of all BN' counts every BN channel (lower when groups were held fixed). "
         "CPU latency and speedups are wall-clock figures: see [timings/latency.md](timings/latency.md).",
         "",
     ]
@@ -130,6 +136,7 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
         out[f"r{i}"] = {
             "ratio": ratio,
             "removed_pct": _pct2(prunes[ratio]["true_ratio"]),
+            "removed_all_bn_pct": _pct2(_all_bn(prunes[ratio])),
             "top1_pruned": _pct2(evals[f"pruned-{tag}"]["top1"]),
             "top1": _pct2(evals[f"finetuned-{tag}"]["top1"]),
             "top5": _pct2(evals[f"finetuned-{tag}"]["top5"]),

@@ -43,11 +43,13 @@ def main(
         summary = {
             "requested_ratio": report.requested_ratio,
             "true_ratio": report.true_ratio,
+            "ratio_all_bn": report.ratio_all_bn,
             "threshold": report.threshold,
             "exact": report.exact,
             "removed_bn_channels": report.removed_bn_channels,
             "prunable_bn_channels": report.prunable_bn_channels,
             "total_bn_channels": report.total_bn_channels,
+            "skipped_bn_channels": report.skipped_bn_channels,
             "params_before": count_params(sparse),
             "params_after": count_params(pruned),
             "bound_by": report.bound_by,
@@ -61,6 +63,16 @@ def main(
         console.log(f"prune@{arch}-{ratio}: removed {report.true_ratio:.2%} of {report.prunable_bn_channels} "
                     f"BN channels (threshold |gamma| <= {report.threshold:.3g}), params "
                     f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M")
+        if short_of_request(report.ratio_all_bn, ratio):
+            console.print(f"[yellow]warning: prune@{arch}-{ratio}: only {report.ratio_all_bn:.2%} of all "
+                          f"{report.total_bn_channels} BN channels removed for a requested {ratio:.0%}: "
+                          f"{report.skipped_bn_channels} BN channels are held fixed in skipped groups "
+                          f"(see 'skipped' in {paths.prune_report(arch, ratio)})[/]")
+
+
+def short_of_request(ratio_all_bn: float, requested: float, tolerance: float = 0.01) -> bool:
+    """True when the share of all BN channels removed falls short of the request by > 1 pt."""
+    return ratio_all_bn < requested - tolerance
 
 
 if __name__ == "__main__":

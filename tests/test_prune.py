@@ -10,7 +10,7 @@ from torch import nn
 
 from slimcore.models import build_model
 from slimcore.profile import count_flops, count_params
-from slimcore.prune import SlimPolicy, slim
+from slimcore.prune import SlimError, SlimPolicy, slim
 from tests.conftest import coupled_bimodal, randomize_bn, zero_coupled_channels
 
 REFERENCE = ["vgg16_bn", "resnet50", "mobilenet_v2"]
@@ -180,17 +180,28 @@ def test_any_torchvision_bn_cnn(arch: str) -> None:
         assert entry["group"] and entry["reason"]
 
 
-def test_unsupported_models_are_left_intact_not_broken() -> None:
-    """Grouped convolutions are skipped by name; an untraceable graph returns the model as is."""
+def test_grouped_convs_pruned_by_group_pattern_and_untraceable_models_are_errors() -> None:
+    """Grouped convolutions keep their groups (same channels removed in every group); a model
+    that cannot be pruned at all raises SlimError, or with on_untraceable="warn" comes back as is."""
     x = torch.randn(1, 3, 64, 64)
     resnext = randomize_bn(build_model("resnext50_32x4d", 10).eval())
+    grouped = {n: m.groups for n, m in resnext.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
     pruned, report = slim(resnext, 0.3, x)
     assert _run(pruned, x).shape == (1, 10)
-    assert any("grouped convolution" in s["reason"] for s in report.skipped)
+    assert not any("grouped convolution" in s["reason"] for s in report.skipped)
+    modules = dict(pruned.named_modules())
+    for name, groups in grouped.items():
+        conv = modules[name]
+        assert conv.groups == groups and conv.in_channels % groups == 0 and conv.out_channels % groups == 0
+    assert any(modules[n].out_channels < resnext.get_submodule(n).out_channels for n in grouped)
     shuffle = randomize_bn(build_model("shufflenet_v2_x0_5", 10).eval())
-    same, report = slim(shuffle, 0.3, x)
+    with pytest.raises(SlimError, match="cannot slim this model"):
+        slim(shuffle, 0.3, x)
+    with pytest.warns(UserWarning, match="untouched"):
+        same, report = slim(shuffle, 0.3, x, on_untraceable="warn")
     assert torch.allclose(_run(same, x), _run(shuffle, x))
     assert report.removed_bn_channels == 0 and report.skipped[0]["group"] == "<model>"
+    assert report.ratio_all_bn == 0.0 and report.skipped[0]["channels"] == report.total_bn_channels
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [(1, 1, 0, 1), (1, 2, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1),

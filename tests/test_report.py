@@ -119,15 +119,15 @@ def test_one_row_per_arch_and_ratio_with_formatted_numbers(markdown: str) -> Non
     vgg, resnet = tables["vgg16_bn"][1:], tables["resnet50"][1:]
     assert vgg == [
         ["vgg16_bn", "150.00", "134.679", "1e-4", "20%", "18.75%", "15.500", "130.310", "80.670", "95.160",
-         "50.000", "12.346", "521.240"],
+         "50.000", "12.346", "521.240", "18.75%"],
         ["vgg16_bn", "150.00", "134.679", "1e-4", "50%", "50.00%", "2.450", "120.730", "77.620", "93.970",
-         "25.000", "12.500", "482.920"],
+         "25.000", "12.500", "482.920", "50.00%"],
     ]
     assert resnet == [
         ["resnet50", "5.551", "0.376", "1e-2", "20%", "20.00%", "2.801", "0.194", "96.657", "100.000",
-         "94.986", "n/a", "0.886"],
+         "94.986", "n/a", "0.886", "20.00%"],
         ["resnet50", "5.551", "0.376", "1e-2", "50%", "50.00%", "0.833", "0.040", "97.493", "100.000",
-         "n/a", "0.000", "0.263"],
+         "n/a", "0.000", "0.263", "50.00%"],
     ]
 
 
@@ -178,8 +178,8 @@ def test_summary_keys_ratios_by_position_with_percent_accuracy() -> None:
     got = out["vgg16_bn"]
     assert list(got) == ["baseline", "sparse", "r1", "r2"]
     assert got["baseline"] == {"top1": 81.06, "top5": 95.77, "mflops": 150000.0, "params": 134_678_692}
-    assert got["r1"] == {"ratio": 0.2, "removed_pct": 18.75, "top1_pruned": 50.0, "top1": 80.67, "top5": 95.16,
-                         "mflops": 15500.0, "params": 130_310_000}
+    assert got["r1"] == {"ratio": 0.2, "removed_pct": 18.75, "removed_all_bn_pct": 18.75, "top1_pruned": 50.0,
+                         "top1": 80.67, "top5": 95.16, "mflops": 15500.0, "params": 130_310_000}
     assert got["r2"]["ratio"] == 0.5 and got["r2"]["top1"] == 77.62
     flat = json.dumps(out)
     assert "latency" not in flat and "seconds" not in flat
