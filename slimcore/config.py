@@ -204,6 +204,7 @@ class PruneConfig(_Section):
     min_keep_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
     fold_constants: bool = True
     group_score: Literal["max", "mean", "l2"] = "max"
+    on_untraceable: Literal["error", "warn"] = "error"  # warn: keep such a model whole, with a warning
 
     @field_validator("ratios", mode="before")
     @classmethod
