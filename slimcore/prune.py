@@ -417,6 +417,22 @@ def _grouped_atoms(group: Any, dg: tp.DependencyGraph,
     min_keep, found = 0, False
     for item in group:
         module = item.dep.target.module
+        if getattr(module, "equal_chunks", False) and module.offsets is not None:
+            # split(x, size) with the size from the model's code: every chunk keeps the same
+            # channels (slimcore.plan.sync_split_sizes updates the size), one kept at least
+            sizes = module.chunk_sizes
+            if len(set(sizes)) != 1 or len(set(item.idxs)) != sum(sizes):
+                return None, 0, "channel split into chunks of a fixed size only partly in the group"
+            found = True
+            first_chunk: dict[int, int] = {}
+            for idx, root in zip(item.idxs, item.root_idxs):
+                key = idx % sizes[0]
+                if key in first_chunk:
+                    parent[find(root)] = find(first_chunk[key])
+                else:
+                    first_chunk[key] = root
+            min_keep = max(min_keep, len(sizes))
+            continue
         if not _is_grouped(module):
             continue
         found = True
@@ -486,8 +502,8 @@ def _collect_groups(model: nn.Module, dg: tp.DependencyGraph, classifier: nn.Mod
             continue
         g = _Group(root, root_name, channels, bn_items, consumers, atoms=atoms, min_keep=min_keep)
         g.scores, g.weights = _score_channels(g, score)
-        if bool((g.weights == 0).any()):
-            skipped.append({"group": root_name, "reason": "some channels have no BatchNorm2d", "channels": held})
+        if not bool((g.weights > 0).any()):
+            skipped.append({"group": root_name, "reason": "no channel has a BatchNorm2d", "channels": held})
             continue
         groups.append(g)
     unreached = [(names.get(m, "?"), m.num_features) for m in model.modules()
@@ -512,7 +528,9 @@ def _score_channels(g: _Group, how: GroupScore) -> tuple[torch.Tensor, torch.Ten
         scores = torch.nanmean(stacked, 0)
     else:
         scores = torch.nan_to_num(stacked, nan=0.0).pow(2).sum(0).sqrt()
-    return torch.nan_to_num(scores, nan=math.inf), weights
+    scores = torch.nan_to_num(scores, nan=math.inf)
+    scores[weights == 0] = math.inf  # a channel without BN (no gamma) is never removed
+    return scores, weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +571,8 @@ def _unit_table(groups: list[_Group], policy: SlimPolicy) -> tuple[np.ndarray, .
     for gi, g in enumerate(groups):
         atom_scores, g.order, ends = _atom_order(g)
         n_max = g.channels - _floor(g.channels, policy, g.min_keep)
-        allowed = (ends <= n_max) & ((g.channels - ends) % policy.round_to == 0)
+        # units that would remove a channel without BN (score inf, sorted last) are never offered
+        allowed = (ends <= n_max) & ((g.channels - ends) % policy.round_to == 0) & torch.isfinite(atom_scores)
         cuts, unit_scores = ends[allowed], atom_scores[allowed]
         g.max_removable = int(cuts[-1]) if len(cuts) else 0
         cum_w = torch.cumsum(g.weights[g.order], 0)
