@@ -23,14 +23,16 @@ import copy
 import gc
 import multiprocessing as mp
 import statistics
+import sys
 import time
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimcore.models import build_model
-from slimcore.prune import slim
+# slimcore is imported inside the functions that use it: importing it patches torch-pruning's
+# split/concat index mapping (slimcore.plan), and the torch-pruning child process must time
+# torch-pruning as released.
 
 
 def bimodal_gammas(model: nn.Module, zero_fraction: float = 0.5, seed: int = 0) -> nn.Module:
@@ -47,6 +49,8 @@ def bimodal_gammas(model: nn.Module, zero_fraction: float = 0.5, seed: int = 0) 
 
 
 def time_slimcore(model: nn.Module, ratio: float, x: torch.Tensor, inplace: bool) -> tuple[float, int]:
+    from slimcore.prune import slim
+
     work = copy.deepcopy(model) if inplace else model
     gc.collect()  # the copy's garbage must not be collected inside the timed region
     start = time.perf_counter()
@@ -85,7 +89,8 @@ def _tp_child(name: str, ratio: float, size: int, threads: int, queue: mp.Queue)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         expected = model(x).shape
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]  # DPN: a 1x1 conv
+    assert "slimcore" not in sys.modules, "the torch-pruning child must not import slimcore (it patches tp)"
     gc.collect()
     start = time.perf_counter()
     try:
@@ -123,6 +128,8 @@ def time_torch_pruning_isolated(name: str, ratio: float, size: int, timeout: flo
 
 def timm_table(names: list[str], ratio: float, size: int, tp_timeout: float) -> None:
     """One row per timm model: coverage of slimcore and both times (see the module doc)."""
+    from slimcore.prune import slim
+
     print(f"timm models, {size}px, ratio {ratio}, {torch.get_num_threads()} threads, bimodal gammas (45% ~0)\n")
     print("| model | BN channels | prunable | removed / all BN | skipped groups (BN ch) | slimcore s "
           "| torch-pruning s | slimcore / tp |")
@@ -159,6 +166,7 @@ def main() -> None:
     if args.timm is not None:
         timm_table(args.timm or TIMM_MODELS, args.ratio, args.size, args.tp_timeout)
         return
+    from slimcore.models import build_model
 
     torch.manual_seed(0)
     model = bimodal_gammas(build_model(args.arch, 100).eval())

@@ -289,11 +289,15 @@ def _bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_
     if isinstance(idxs, (int, np.integer)):
         idxs = [int(idxs)]
     idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
-    tp.dependency.index_mapping.update_index_mapping(self)
+    if not getattr(self, "_slim_mapping_fresh", False):  # no surgery since the last update (see _all_groups)
+        tp.dependency.index_mapping.update_index_mapping(self)
     group = Group()
     root_node = self.module2node[module]
     group.add_dep(dep=Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node), idxs=idxs)
-    limit = 8 * len(self.module2node) + 64
+    # groups that converge take at most ~len(module2node) steps on timm's CNNs (DPN: 3 per node)
+    limit = 3 * len(self.module2node) + 64
+    widest = max((max(getattr(m, "in_channels", 0), getattr(m, "out_channels", 0), getattr(m, "in_features", 0),
+                       getattr(m, "out_features", 0)) for m in self.module2node if isinstance(m, nn.Module)), default=0)
     visited: set[Any] = set()
     stack = [(group[0].dep, idxs)]
     steps = 0
@@ -312,6 +316,9 @@ def _bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_
                         new_idxs = mapping(new_idxs)
                 if len(new_idxs) == 0:
                     continue
+                if len(new_idxs) > 2 * widest:  # more indices than any layer has: a mapping that multiplies
+                    raise _Unmappable(f"channel index propagation explodes ({len(new_idxs)} indices at "
+                                      f"{self._module2name.get(new_dep.target.module, new_dep.target.name)})")
                 if new_dep.target in visited and group.has_pruning_op(new_dep, new_idxs):
                     continue
                 group.add_dep(new_dep, new_idxs)
@@ -334,6 +341,17 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[
     ``get_all_groups`` visits them, but a root whose group cannot be built is reported, not fatal."""
     visited: set[nn.Module] = set()
     out: list[tuple[nn.Module, Any, str | None]] = []
+    tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is pruned while groups are built
+    dg._slim_mapping_fresh = True
+    try:
+        _visit_roots(dg, ignored, visited, out)
+    finally:
+        dg._slim_mapping_fresh = False
+    return out
+
+
+def _visit_roots(dg: tp.DependencyGraph, ignored: list[nn.Module], visited: set[nn.Module],
+                 out: list[tuple[nn.Module, Any, str | None]]) -> None:
     for m in list(dg.module2node.keys()):
         if m in ignored or not isinstance(m, (nn.Conv2d, nn.Linear)) or m in visited:
             continue
@@ -354,7 +372,6 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[
                     prunable = False
         if prunable:
             out.append((m, group, None))
-    return out
 
 
 def _channel_count(dg: tp.DependencyGraph, item: Any) -> int | None:
