@@ -40,8 +40,15 @@ from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
 from torch_pruning.ops import OPTYPE
 
+from slimcore.fold import fold_constants as _fold_constants
+from slimcore.fold import tap_means as _tap_means
 from slimcore.models import PLAN_ATTR
-from slimcore.plan import build_graph, plain_plan, replay_plan, sync_split_sizes
+from slimcore.plan import build_graph, plain_plan, replay_plan
+from slimcore.surgery import Snapshot as _Snapshot
+from slimcore.surgery import apply_groups as _apply
+from slimcore.surgery import breaking_groups as _breaking_groups
+from slimcore.surgery import check_runs as _check_runs
+from slimcore.surgery import probe_input as _probe_input
 
 GroupScore = Literal["max", "mean", "l2"]
 
@@ -220,44 +227,6 @@ def _trace(model: nn.Module, example_inputs: torch.Tensor, fold: bool) -> _Trace
         for h in hooks:
             h.remove()
     return _Trace(graph, order[-1] if order else None, shapes[-1], tap_means)
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding the convolution applies, as for ``F.pad``."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]  # "same"
-        (th, tw) = totals
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def _tap_means(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean input per (channel, kernel tap) over the batch and every output position.
-
-    A linear layer's output averaged over the batch is ``W @ mean(x)``; a convolution's output
-    averaged over positions is ``sum(W * tap_means)`` with the padded input sampled the way the
-    kernel samples it.  Shape: ``(in_features,)`` or ``(in_channels, kh, kw)``.
-    """
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).float().mean(0)
-    conv: nn.Conv2d = module  # type: ignore[assignment]
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    pads = _conv_padding(conv)
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
-        return x.float().mean(dim=(0, 2, 3)).reshape(-1, 1, 1)
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    xp = nn.functional.pad(x.float(), pads, mode=mode) if any(pads) else x.float()
-    out_h = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    out_w = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    taps = torch.empty(x.shape[1], kh, kw)
-    for i in range(kh):
-        rows = xp[:, :, i * dh: i * dh + (out_h - 1) * sh + 1: sh]
-        for j in range(kw):
-            taps[:, i, j] = rows[:, :, :, j * dw: j * dw + (out_w - 1) * sw + 1: sw].mean(dim=(0, 2, 3))
-    return taps
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -663,167 +632,6 @@ def _select(groups: list[_Group], ratio: float, policy: SlimPolicy) -> tuple[int
             f"conv groups; {nxt}, so {removed} of the target {target} BN channels are removed"
         )
     return prunable, removed, threshold, bound_by
-
-
-# --------------------------------------------------------------------------------------------
-# Constant folding
-
-
-def _bias_sink(dg: tp.DependencyGraph, module: nn.Module) -> tuple[str, nn.Module]:
-    """Where a consumer's missing constant goes: its own bias, or the running mean of its BN."""
-    if getattr(module, "bias", None) is not None:
-        return "bias", module
-    outputs = dg.module2node[module].outputs
-    if len(outputs) == 1 and isinstance(outputs[0].module, nn.BatchNorm2d):
-        return "bn", outputs[0].module
-    return "new_bias", module
-
-
-@torch.no_grad()
-def _fold_constants(dg: tp.DependencyGraph, groups: list[_Group], tap_means: dict[nn.Module, torch.Tensor]) -> None:
-    """Fold the output of channels about to be removed into the layers that consume them.
-
-    A removed channel, its gamma at zero, emits a constant (beta through the activation, and
-    through any depthwise conv and BN of its group).  The traced pass recorded every consumer's
-    mean input per kernel tap with all gammas at zero; what the removed inputs add to the
-    consumer's output (``sum(W[:, removed] * taps[removed])``, exact for a linear or 1x1 layer,
-    the mean over positions for a padded KxK conv) goes into the layer's bias, or the running
-    mean of the BN right after it, so removing the inputs leaves the layer's output unchanged.
-    """
-    wanted: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
-        removed = torch.zeros(g.channels, dtype=torch.bool)
-        removed[g.prune_idxs] = True
-        for module, idxs, root_idxs in g.consumers:
-            wanted[module].append(idxs[removed[root_idxs]])
-    for module, parts in wanted.items():
-        if module not in tap_means:
-            continue  # not reached by the traced pass (cannot happen for a consumer in the graph)
-        idxs = torch.unique(torch.cat(parts))
-        weight = module.weight.detach().float().index_select(1, idxs)
-        taps = tap_means[module].index_select(0, idxs)
-        delta = (weight * taps).reshape(weight.shape[0], -1).sum(1)
-        kind, sink = _bias_sink(dg, module)
-        # new tensors, never in place: a snapshot taken before folding can restore the old ones
-        if kind == "bias":
-            sink.bias = nn.Parameter(sink.bias.detach() + delta.to(sink.bias.dtype))
-        elif kind == "bn":  # BN(x + d) == BN'(x), mean' = mean - d
-            sink.running_mean = sink.running_mean - delta.to(sink.running_mean.dtype)
-        else:
-            sink.bias = nn.Parameter(delta.to(module.weight.dtype))
-
-
-# --------------------------------------------------------------------------------------------
-# Surgery
-
-
-def _apply(dg: tp.DependencyGraph, groups: list[_Group]) -> None:
-    """Remove the chosen channels, group by group (torch-pruning records the history)."""
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
-        pruner = dg.get_pruner_of_module(g.root)
-        dg.get_pruning_group(g.root, pruner.prune_out_channels, g.prune_idxs.tolist()).prune()
-    sync_split_sizes(dg.model)
-
-
-_LIST_ATTRS = ("shape", "concat_sizes", "split_sizes", "offsets")
-
-
-class _Snapshot:
-    """The state of every module of the model and of the graph's ops, without copying tensors.
-
-    torch-pruning's surgery and our folding assign new tensors and attributes, never modify
-    tensors in place, so restoring each module's attribute dict (and the graph's pruning
-    history) undoes them: a failed try costs no deep copy and no retrace.
-    """
-
-    def __init__(self, model: nn.Module, dg: tp.DependencyGraph) -> None:
-        modules = {id(m): m for m in model.modules()}
-        modules.update({id(m): m for m in dg.module2node if isinstance(m, nn.Module)})
-        self.states = [(m, self._copy(m.__dict__)) for m in modules.values()]
-        self.history = len(dg._pruning_history)
-
-    @staticmethod
-    def _copy(state: dict[str, Any]) -> dict[str, Any]:
-        out = dict(state)
-        for key in ("_parameters", "_buffers"):
-            if key in out:
-                out[key] = dict(out[key])
-        for key in _LIST_ATTRS:
-            if isinstance(out.get(key), list):
-                out[key] = list(out[key])
-        return out
-
-    def restore(self, dg: tp.DependencyGraph) -> None:
-        for module, state in self.states:
-            module.__dict__.clear()
-            module.__dict__.update(self._copy(state))
-        del dg._pruning_history[self.history:]
-
-
-def _run_once(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Size | None, str | None]:
-    """(output shape, None) when ``model`` runs on ``inputs``, else (None, what went wrong)."""
-    try:
-        with torch.no_grad():
-            return model(inputs).shape, None
-    except Exception as err:
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _probe_input(model: nn.Module, example_inputs: torch.Tensor, expected: torch.Size) -> torch.Tensor:
-    """The cheapest input that judges whether surgery broke the model: one sample at a quarter
-    of the resolution when the unpruned model gives the expected output shape on it, else
-    ``example_inputs``.  A channel mismatch fails at any size the original model accepts."""
-    if example_inputs.dim() == 4 and min(example_inputs.shape[2:]) >= 128:
-        h, w = example_inputs.shape[2:]
-        small = example_inputs[:1, :, : h // 4, : w // 4].contiguous()
-        shape, _ = _run_once(model, small)
-        if shape is not None and shape[1:] == expected[1:]:
-            return small
-    return example_inputs
-
-
-def _check_runs(model: nn.Module, probe: torch.Tensor, expected: torch.Size) -> str | None:
-    """None when the pruned model runs on ``probe`` (see :func:`_probe_input`) and gives the
-    original output shape (batch aside), else what went wrong."""
-    shape, problem = _run_once(model, probe)
-    if problem is None and shape[1:] != expected[1:]:
-        problem = f"output shape {tuple(shape)} != {tuple(expected)}"
-    return problem
-
-
-def _breaking_groups(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group],
-                     probe: torch.Tensor, expected: torch.Size) -> dict[str, str]:
-    """Find the groups whose surgery breaks the model by bisection: a set of groups is applied
-    and checked with one forward pass; a set that breaks is undone and its halves tried in turn
-    (the ones that pass stay applied).  k breaking groups out of n cost about 2k log2(n/k)
-    forward passes instead of n.  Returns {root name: what went wrong}."""
-    bad: dict[str, str] = {}
-
-    def attempt(part: list[_Group]) -> None:
-        before = _Snapshot(model, dg)
-        try:
-            _apply(dg, part)
-            problem = _check_runs(model, probe, expected)
-        except Exception as err:  # torch-pruning's own surgery failed
-            problem = f"{type(err).__name__}: {err}"
-        if problem is None:
-            return
-        before.restore(dg)
-        if len(part) == 1:
-            bad[part[0].root_name] = f"surgery breaks the model ({problem[:200]})"
-            return
-        attempt(part[: len(part) // 2])
-        attempt(part[len(part) // 2:])
-
-    todo = [g for g in groups if len(g.prune_idxs)]
-    if todo:
-        attempt(todo[: len(todo) // 2])
-        attempt(todo[len(todo) // 2:])
-    return bad
 
 
 def _untraceable(ratio: float, total_bn: int, pol: SlimPolicy, cause: str,
