@@ -265,8 +265,12 @@ def _bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_
     group.add_dep(dep=Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node), idxs=idxs)
     # groups that converge take at most ~len(module2node) steps on timm's CNNs (DPN: 3 per node)
     limit = 3 * len(self.module2node) + 64
-    widest = max((max(getattr(m, "in_channels", 0), getattr(m, "out_channels", 0), getattr(m, "in_features", 0),
-                       getattr(m, "out_features", 0)) for m in self.module2node if isinstance(m, nn.Module)), default=0)
+    widest = getattr(self, "_slim_widest", None)
+    if widest is None:  # the widest layer's channels, once per graph
+        widest = self._slim_widest = max(
+            (max(getattr(m, "in_channels", 0), getattr(m, "out_channels", 0), getattr(m, "in_features", 0),
+                 getattr(m, "out_features", 0)) for m in self.module2node if isinstance(m, (nn.Conv2d, nn.Linear))),
+            default=0)
     visited: set[Any] = set()
     stack = [(group[0].dep, idxs)]
     steps = 0
