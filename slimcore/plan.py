@@ -55,10 +55,96 @@ _concat_mapping = tp.dependency.index_mapping.update_concat_index_mapping
 tp.dependency.index_mapping.update_concat_index_mapping = _tolerant_concat_mapping
 
 
+def _chunk_of(split_fn: Any, consumer: Any) -> int | None:
+    """Which output of the split autograd node ``split_fn`` the consumer node reads (None: several
+    or none)."""
+    found = {nr for fn, nr in getattr(consumer.grad_fn, "next_functions", ()) if fn is split_fn}
+    return found.pop() if len(found) == 1 else None
+
+
+def _split_chunks(node: Any) -> tuple[list[int], list[int]] | None:
+    """(chunk sizes, chunk read by each of the node's outputs) of a channel split, or None."""
+    fn = node.grad_fn
+    sizes_in = getattr(fn, "_saved_self_sym_sizes", None)
+    if sizes_in is None or len(sizes_in) != 4 or int(getattr(fn, "_saved_dim", -1)) != 1:
+        return None
+    total = int(sizes_in[1])
+    if hasattr(fn, "_saved_split_sizes"):
+        sizes = [int(c) for c in fn._saved_split_sizes]
+    elif hasattr(fn, "_saved_split_size"):
+        step = int(fn._saved_split_size)
+        sizes = [min(step, total - i) for i in range(0, total, step)]
+    else:
+        return None
+    chunks = [_chunk_of(fn, out) for out in node.outputs]
+    if sum(sizes) != total or any(c is None or c >= len(sizes) for c in chunks):
+        return None
+    return sizes, chunks  # type: ignore[return-value]
+
+
+def _split_shapes(graph: tp.DependencyGraph) -> None:
+    """torch-pruning's shape inference, with each channel split's outputs mapped by the chunk
+    they read.  torch-pruning assumes one output node per chunk, in chunk order; a chunk read
+    by two layers (CSP's ``xb`` feeds the first block and its shortcut) or consumers traced out
+    of chunk order got another chunk's channel offsets.  Here ``split_sizes`` holds the size
+    read by each output node (what torch-pruning's shape inference indexes by output position),
+    ``offsets`` the chunk boundaries and ``output_chunks`` the chunk of each output node."""
+    _init_shapes(graph)
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        found = _split_chunks(node)
+        if found is None:
+            node.module.offsets = None
+            continue
+        sizes, chunks = found
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        node.module.split_sizes = [sizes[c] for c in chunks]
+        node.module.offsets = offsets
+        node.module.output_chunks = chunks
+        node.module.chunk_sizes = sizes
+        node.module.equal_chunks = hasattr(node.grad_fn, "_saved_split_size")  # split(x, int): sizes from code
+
+
+def _split_mapping(graph: tp.DependencyGraph, node: Any) -> None:
+    """Index mapping between a split and each output node, by the chunk that output reads."""
+    chunks = getattr(node.module, "output_chunks", None)
+    if node.type != tp.ops.OPTYPE.SPLIT or chunks is None or node.module.offsets is None:
+        return
+    offsets = node.module.offsets
+    for out, c in zip(node.outputs, chunks):
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = _SplitMap(offset=offsets[c:c + 2], reverse=False)
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _SplitMap(offset=offsets[c:c + 2], reverse=True)
+
+
+_SplitMap = tp.dependency.index_mapping._SplitIndexMapping
+_init_shapes = tp.dependency.shape_infer.init_shape_information
+tp.dependency.shape_infer.init_shape_information = _split_shapes
+tp.dependency.index_mapping.update_split_index_mapping = _split_mapping
+
+
 def sync_split_sizes(model: nn.Module) -> nn.Module:
-    """Update fixed channel-split sizes after surgery (timm's MixedConv2d keeps ``splits``, the
-    input channels of each of its convs): called after pruning and after replaying a plan."""
+    """Update fixed channel-split sizes after surgery: called after pruning and after replaying
+    a plan.  timm's MixedConv2d keeps ``splits`` (the input channels of each of its convs),
+    CSP stages split ``conv_exp``'s output in halves of ``expand_chs // 2``, Res2Net blocks
+    split ``conv1``'s output in chunks of ``width`` (the input channels of each of ``convs``);
+    slimming prunes those splits by the same offsets in every chunk, so they stay equal."""
     for module in model.modules():
+        exp = getattr(module, "conv_exp", None)
+        if isinstance(getattr(module, "expand_chs", None), int) and exp is not None:
+            conv = exp if isinstance(exp, nn.Conv2d) else getattr(exp, "conv", None)
+            if isinstance(conv, nn.Conv2d):
+                module.expand_chs = conv.out_channels
+        convs = getattr(module, "convs", None)
+        if isinstance(getattr(module, "width", None), int) and isinstance(getattr(module, "scale", None), int) \
+                and isinstance(convs, nn.ModuleList) and len(convs) and isinstance(convs[0], nn.Conv2d):
+            module.width = convs[0].in_channels
         splits = getattr(module, "splits", None)
         convs = list(module.children())
         if isinstance(splits, (list, tuple)) and len(splits) == len(convs) \

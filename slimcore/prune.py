@@ -40,8 +40,15 @@ from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
 from torch_pruning.ops import OPTYPE
 
+from slimcore.fold import fold_constants as _fold_constants
+from slimcore.fold import tap_means as _tap_means
 from slimcore.models import PLAN_ATTR
-from slimcore.plan import build_graph, plain_plan, replay_plan, sync_split_sizes
+from slimcore.plan import build_graph, plain_plan, replay_plan
+from slimcore.surgery import Snapshot as _Snapshot
+from slimcore.surgery import apply_groups as _apply
+from slimcore.surgery import breaking_groups as _breaking_groups
+from slimcore.surgery import check_runs as _check_runs
+from slimcore.surgery import probe_input as _probe_input
 
 GroupScore = Literal["max", "mean", "l2"]
 
@@ -222,44 +229,6 @@ def _trace(model: nn.Module, example_inputs: torch.Tensor, fold: bool) -> _Trace
     return _Trace(graph, order[-1] if order else None, shapes[-1], tap_means)
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding the convolution applies, as for ``F.pad``."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]  # "same"
-        (th, tw) = totals
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def _tap_means(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean input per (channel, kernel tap) over the batch and every output position.
-
-    A linear layer's output averaged over the batch is ``W @ mean(x)``; a convolution's output
-    averaged over positions is ``sum(W * tap_means)`` with the padded input sampled the way the
-    kernel samples it.  Shape: ``(in_features,)`` or ``(in_channels, kh, kw)``.
-    """
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1]).float().mean(0)
-    conv: nn.Conv2d = module  # type: ignore[assignment]
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    pads = _conv_padding(conv)
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and not any(pads):
-        return x.float().mean(dim=(0, 2, 3)).reshape(-1, 1, 1)
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    xp = nn.functional.pad(x.float(), pads, mode=mode) if any(pads) else x.float()
-    out_h = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    out_w = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    taps = torch.empty(x.shape[1], kh, kw)
-    for i in range(kh):
-        rows = xp[:, :, i * dh: i * dh + (out_h - 1) * sh + 1: sh]
-        for j in range(kw):
-            taps[:, i, j] = rows[:, :, :, j * dw: j * dw + (out_w - 1) * sw + 1: sw].mean(dim=(0, 2, 3))
-    return taps
-
-
 def _is_depthwise(module: nn.Module) -> bool:
     return (isinstance(module, nn.Conv2d) and module.groups > 1
             and module.groups == module.in_channels == module.out_channels)
@@ -289,11 +258,19 @@ def _bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_
     if isinstance(idxs, (int, np.integer)):
         idxs = [int(idxs)]
     idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
-    tp.dependency.index_mapping.update_index_mapping(self)
+    if not getattr(self, "_slim_mapping_fresh", False):  # no surgery since the last update (see _all_groups)
+        tp.dependency.index_mapping.update_index_mapping(self)
     group = Group()
     root_node = self.module2node[module]
     group.add_dep(dep=Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node), idxs=idxs)
-    limit = 8 * len(self.module2node) + 64
+    # groups that converge take at most ~len(module2node) steps on timm's CNNs (DPN: 3 per node)
+    limit = 3 * len(self.module2node) + 64
+    widest = getattr(self, "_slim_widest", None)
+    if widest is None:  # the widest layer's channels, once per graph
+        widest = self._slim_widest = max(
+            (max(getattr(m, "in_channels", 0), getattr(m, "out_channels", 0), getattr(m, "in_features", 0),
+                 getattr(m, "out_features", 0)) for m in self.module2node if isinstance(m, (nn.Conv2d, nn.Linear))),
+            default=0)
     visited: set[Any] = set()
     stack = [(group[0].dep, idxs)]
     steps = 0
@@ -312,6 +289,9 @@ def _bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_
                         new_idxs = mapping(new_idxs)
                 if len(new_idxs) == 0:
                     continue
+                if len(new_idxs) > 2 * widest:  # more indices than any layer has: a mapping that multiplies
+                    raise _Unmappable(f"channel index propagation explodes ({len(new_idxs)} indices at "
+                                      f"{self._module2name.get(new_dep.target.module, new_dep.target.name)})")
                 if new_dep.target in visited and group.has_pruning_op(new_dep, new_idxs):
                     continue
                 group.add_dep(new_dep, new_idxs)
@@ -334,6 +314,17 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[
     ``get_all_groups`` visits them, but a root whose group cannot be built is reported, not fatal."""
     visited: set[nn.Module] = set()
     out: list[tuple[nn.Module, Any, str | None]] = []
+    tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is pruned while groups are built
+    dg._slim_mapping_fresh = True
+    try:
+        _visit_roots(dg, ignored, visited, out)
+    finally:
+        dg._slim_mapping_fresh = False
+    return out
+
+
+def _visit_roots(dg: tp.DependencyGraph, ignored: list[nn.Module], visited: set[nn.Module],
+                 out: list[tuple[nn.Module, Any, str | None]]) -> None:
     for m in list(dg.module2node.keys()):
         if m in ignored or not isinstance(m, (nn.Conv2d, nn.Linear)) or m in visited:
             continue
@@ -354,7 +345,6 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[
                     prunable = False
         if prunable:
             out.append((m, group, None))
-    return out
 
 
 def _channel_count(dg: tp.DependencyGraph, item: Any) -> int | None:
@@ -417,6 +407,22 @@ def _grouped_atoms(group: Any, dg: tp.DependencyGraph,
     min_keep, found = 0, False
     for item in group:
         module = item.dep.target.module
+        if getattr(module, "equal_chunks", False) and module.offsets is not None:
+            # split(x, size) with the size from the model's code: every chunk keeps the same
+            # channels (slimcore.plan.sync_split_sizes updates the size), one kept at least
+            sizes = module.chunk_sizes
+            if len(set(sizes)) != 1 or len(set(item.idxs)) != sum(sizes):
+                return None, 0, "channel split into chunks of a fixed size only partly in the group"
+            found = True
+            first_chunk: dict[int, int] = {}
+            for idx, root in zip(item.idxs, item.root_idxs):
+                key = idx % sizes[0]
+                if key in first_chunk:
+                    parent[find(root)] = find(first_chunk[key])
+                else:
+                    first_chunk[key] = root
+            min_keep = max(min_keep, len(sizes))
+            continue
         if not _is_grouped(module):
             continue
         found = True
@@ -486,8 +492,8 @@ def _collect_groups(model: nn.Module, dg: tp.DependencyGraph, classifier: nn.Mod
             continue
         g = _Group(root, root_name, channels, bn_items, consumers, atoms=atoms, min_keep=min_keep)
         g.scores, g.weights = _score_channels(g, score)
-        if bool((g.weights == 0).any()):
-            skipped.append({"group": root_name, "reason": "some channels have no BatchNorm2d", "channels": held})
+        if not bool((g.weights > 0).any()):
+            skipped.append({"group": root_name, "reason": "no channel has a BatchNorm2d", "channels": held})
             continue
         groups.append(g)
     unreached = [(names.get(m, "?"), m.num_features) for m in model.modules()
@@ -512,7 +518,9 @@ def _score_channels(g: _Group, how: GroupScore) -> tuple[torch.Tensor, torch.Ten
         scores = torch.nanmean(stacked, 0)
     else:
         scores = torch.nan_to_num(stacked, nan=0.0).pow(2).sum(0).sqrt()
-    return torch.nan_to_num(scores, nan=math.inf), weights
+    scores = torch.nan_to_num(scores, nan=math.inf)
+    scores[weights == 0] = math.inf  # a channel without BN (no gamma) is never removed
+    return scores, weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +561,8 @@ def _unit_table(groups: list[_Group], policy: SlimPolicy) -> tuple[np.ndarray, .
     for gi, g in enumerate(groups):
         atom_scores, g.order, ends = _atom_order(g)
         n_max = g.channels - _floor(g.channels, policy, g.min_keep)
-        allowed = (ends <= n_max) & ((g.channels - ends) % policy.round_to == 0)
+        # units that would remove a channel without BN (score inf, sorted last) are never offered
+        allowed = (ends <= n_max) & ((g.channels - ends) % policy.round_to == 0) & torch.isfinite(atom_scores)
         cuts, unit_scores = ends[allowed], atom_scores[allowed]
         g.max_removable = int(cuts[-1]) if len(cuts) else 0
         cum_w = torch.cumsum(g.weights[g.order], 0)
@@ -629,151 +638,6 @@ def _select(groups: list[_Group], ratio: float, policy: SlimPolicy) -> tuple[int
     return prunable, removed, threshold, bound_by
 
 
-# --------------------------------------------------------------------------------------------
-# Constant folding
-
-
-def _bias_sink(dg: tp.DependencyGraph, module: nn.Module) -> tuple[str, nn.Module]:
-    """Where a consumer's missing constant goes: its own bias, or the running mean of its BN."""
-    if getattr(module, "bias", None) is not None:
-        return "bias", module
-    outputs = dg.module2node[module].outputs
-    if len(outputs) == 1 and isinstance(outputs[0].module, nn.BatchNorm2d):
-        return "bn", outputs[0].module
-    return "new_bias", module
-
-
-@torch.no_grad()
-def _fold_constants(dg: tp.DependencyGraph, groups: list[_Group], tap_means: dict[nn.Module, torch.Tensor]) -> None:
-    """Fold the output of channels about to be removed into the layers that consume them.
-
-    A removed channel, its gamma at zero, emits a constant (beta through the activation, and
-    through any depthwise conv and BN of its group).  The traced pass recorded every consumer's
-    mean input per kernel tap with all gammas at zero; what the removed inputs add to the
-    consumer's output (``sum(W[:, removed] * taps[removed])``, exact for a linear or 1x1 layer,
-    the mean over positions for a padded KxK conv) goes into the layer's bias, or the running
-    mean of the BN right after it, so removing the inputs leaves the layer's output unchanged.
-    """
-    wanted: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
-        removed = torch.zeros(g.channels, dtype=torch.bool)
-        removed[g.prune_idxs] = True
-        for module, idxs, root_idxs in g.consumers:
-            wanted[module].append(idxs[removed[root_idxs]])
-    for module, parts in wanted.items():
-        if module not in tap_means:
-            continue  # not reached by the traced pass (cannot happen for a consumer in the graph)
-        idxs = torch.unique(torch.cat(parts))
-        weight = module.weight.detach().float().index_select(1, idxs)
-        taps = tap_means[module].index_select(0, idxs)
-        delta = (weight * taps).reshape(weight.shape[0], -1).sum(1)
-        kind, sink = _bias_sink(dg, module)
-        # new tensors, never in place: a snapshot taken before folding can restore the old ones
-        if kind == "bias":
-            sink.bias = nn.Parameter(sink.bias.detach() + delta.to(sink.bias.dtype))
-        elif kind == "bn":  # BN(x + d) == BN'(x), mean' = mean - d
-            sink.running_mean = sink.running_mean - delta.to(sink.running_mean.dtype)
-        else:
-            sink.bias = nn.Parameter(delta.to(module.weight.dtype))
-
-
-# --------------------------------------------------------------------------------------------
-# Surgery
-
-
-def _apply(dg: tp.DependencyGraph, groups: list[_Group]) -> None:
-    """Remove the chosen channels, group by group (torch-pruning records the history)."""
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
-        pruner = dg.get_pruner_of_module(g.root)
-        dg.get_pruning_group(g.root, pruner.prune_out_channels, g.prune_idxs.tolist()).prune()
-    sync_split_sizes(dg.model)
-
-
-_LIST_ATTRS = ("shape", "concat_sizes", "split_sizes", "offsets")
-
-
-class _Snapshot:
-    """The state of every module of the model and of the graph's ops, without copying tensors.
-
-    torch-pruning's surgery and our folding assign new tensors and attributes, never modify
-    tensors in place, so restoring each module's attribute dict (and the graph's pruning
-    history) undoes them: a failed try costs no deep copy and no retrace.
-    """
-
-    def __init__(self, model: nn.Module, dg: tp.DependencyGraph) -> None:
-        modules = {id(m): m for m in model.modules()}
-        modules.update({id(m): m for m in dg.module2node if isinstance(m, nn.Module)})
-        self.states = [(m, self._copy(m.__dict__)) for m in modules.values()]
-        self.history = len(dg._pruning_history)
-
-    @staticmethod
-    def _copy(state: dict[str, Any]) -> dict[str, Any]:
-        out = dict(state)
-        for key in ("_parameters", "_buffers"):
-            if key in out:
-                out[key] = dict(out[key])
-        for key in _LIST_ATTRS:
-            if isinstance(out.get(key), list):
-                out[key] = list(out[key])
-        return out
-
-    def restore(self, dg: tp.DependencyGraph) -> None:
-        for module, state in self.states:
-            module.__dict__.clear()
-            module.__dict__.update(self._copy(state))
-        del dg._pruning_history[self.history:]
-
-
-def _run_once(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Size | None, str | None]:
-    """(output shape, None) when ``model`` runs on ``inputs``, else (None, what went wrong)."""
-    try:
-        with torch.no_grad():
-            return model(inputs).shape, None
-    except Exception as err:
-        return None, f"{type(err).__name__}: {err}"
-
-
-def _check_runs(model: nn.Module, example_inputs: torch.Tensor, expected: torch.Size) -> str | None:
-    """None when the pruned model runs and gives the original output shape, else what went wrong.
-
-    A channel mismatch fails at any batch and image size, so the first try is one sample at a
-    quarter of the resolution (several times cheaper on a large model); only when that does not
-    pass (the model may need its full input size) is ``example_inputs`` itself the judge.
-    """
-    if example_inputs.dim() == 4 and min(example_inputs.shape[2:]) >= 128:
-        h, w = example_inputs.shape[2:]
-        shape, _ = _run_once(model, example_inputs[:1, :, : h // 4, : w // 4].contiguous())
-        if shape is not None and shape[1:] == expected[1:]:
-            return None
-    shape, problem = _run_once(model, example_inputs)
-    if problem is None and shape != expected:
-        problem = f"output shape {tuple(shape)} != {tuple(expected)}"
-    return problem
-
-
-def _breaking_groups(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group],
-                     example_inputs: torch.Tensor, expected: torch.Size) -> dict[str, str]:
-    """Apply the groups one by one, checking after each; undo and name each one that breaks."""
-    bad: dict[str, str] = {}
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
-        before = _Snapshot(model, dg)
-        try:
-            _apply(dg, [g])
-            problem = _check_runs(model, example_inputs, expected)
-        except Exception as err:  # torch-pruning's own surgery failed
-            problem = f"{type(err).__name__}: {err}"
-        if problem:
-            before.restore(dg)
-            bad[g.root_name] = f"surgery breaks the model ({problem[:200]})"
-    return bad
-
-
 def _untraceable(ratio: float, total_bn: int, pol: SlimPolicy, cause: str,
                  skipped: list[dict[str, Any]]) -> SlimReport:
     """Raise :class:`SlimError` (default) or warn and report the model untouched."""
@@ -810,6 +674,7 @@ def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
         why = _skip_summary(skipped) if skipped else "it has no BatchNorm2d layer"
         return _untraceable(ratio, total_bn, pol, f"no channel group can be pruned ({why})", skipped)
     dg, expected = traced.graph, traced.output_shape
+    probe = _probe_input(model, example_inputs, expected)
     snapshot = _Snapshot(model, dg)
     by_name = {g.root_name: g for g in groups}
     excluded: dict[str, str] = {}
@@ -822,13 +687,13 @@ def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
             _fold_constants(dg, active, traced.tap_means)
         try:
             _apply(dg, active)
-            problem = _check_runs(model, example_inputs, expected)
+            problem = _check_runs(model, probe, expected)
         except Exception as err:
             problem = f"{type(err).__name__}: {err}"
         if problem is None:
             break
         snapshot.restore(dg)
-        bad = _breaking_groups(model, dg, active, example_inputs, expected)
+        bad = _breaking_groups(model, dg, active, probe, expected)
         snapshot.restore(dg)
         if not bad:
             raise SlimError(f"pruned model fails to run ({problem}), though each group alone does not break it")
