@@ -44,15 +44,36 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.Dependency
 
 def _tolerant_concat_mapping(graph: tp.DependencyGraph, cat_node: Any) -> None:
     """torch-pruning's concat index mapping, leaving a concat whose input sizes it cannot infer
-    unmapped (its ``offsets`` stay None) instead of failing the whole trace (e.g. DPN)."""
+    unmapped (its ``offsets`` stay None) instead of failing the whole trace.  A concat whose
+    sizes :func:`_concat_sizes` read from autograd skips torch-pruning's check of their sum
+    against its own recursive inference of the output size (wrong after DPN's slices)."""
+    infer = _shape_infer.infer_in_channels_recursively
+    if getattr(cat_node.module, "sizes_from_autograd", False):
+        _shape_infer.infer_in_channels_recursively = lambda *args, **kwargs: None
     try:
         _concat_mapping(graph, cat_node)
     except TypeError:
         cat_node.module.offsets = None
+    finally:
+        _shape_infer.infer_in_channels_recursively = infer
 
 
 _concat_mapping = tp.dependency.index_mapping.update_concat_index_mapping
+_shape_infer = tp.dependency.shape_infer
 tp.dependency.index_mapping.update_concat_index_mapping = _tolerant_concat_mapping
+
+
+def _slice_prune(self: Any, layer: Any, idxs: Sequence[int]) -> None:
+    """torch-pruning's ``SlicePruner``, fixed: the indices that reach a slice are its *output*
+    channels (mapped on the way in), all inside ``[start, end)``: only ``end`` moves.  (The
+    original read them as input channels and moved ``start`` for outputs below it: after the
+    first surgery on DPN's ``x[:, num_1x1_c:]`` every later mapping through it was shifted.)"""
+    if layer.grad_fn is not None and layer.end < 2 ** 62:
+        layer.end -= len(set(idxs)) * layer.step
+
+
+tp.ops.SlicePruner.prune_out_channels = _slice_prune
+tp.ops.SlicePruner.prune_in_channels = _slice_prune
 
 
 def _chunk_of(split_fn: Any, consumer: Any) -> int | None:
@@ -106,6 +127,57 @@ def _split_shapes(graph: tp.DependencyGraph) -> None:
         node.module.output_chunks = chunks
         node.module.chunk_sizes = sizes
         node.module.equal_chunks = hasattr(node.grad_fn, "_saved_split_size")  # split(x, int): sizes from code
+    _concat_sizes(graph)
+
+
+def _out_channels(graph: tp.DependencyGraph, node: Any, reader: Any, memo: dict[Any, int | None]) -> int | None:
+    """Channels of ``node``'s output as ``reader`` sees it, from the layers and autograd
+    (slices: ``_saved_start/_saved_end``; split chunks: by output), None when unknown."""
+    key = (node, reader if node.type == tp.ops.OPTYPE.SPLIT else None)
+    if key in memo:
+        return memo[key]
+    memo[key] = None  # cycle guard
+    ch: int | None = None
+    fn = node.grad_fn
+    if isinstance(node.module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+        ch = graph.get_out_channels(node.module)
+    elif node.type == tp.ops.OPTYPE.SPLIT:
+        sizes = getattr(node.module, "split_sizes", None)
+        pos = [i for i, out in enumerate(node.outputs) if out is reader]
+        ch = int(sizes[pos[0]]) if sizes is not None and len(pos) == 1 and pos[0] < len(sizes) else None
+    elif node.type == tp.ops.OPTYPE.SLICE:
+        shape = getattr(fn, "_saved_self_sym_sizes", None)
+        if shape is not None and len(shape) == 4 and int(fn._saved_dim) == 1:
+            ch = len(range(int(fn._saved_start), min(int(fn._saved_end), int(shape[1])), int(fn._saved_step)))
+        elif node.inputs:
+            ch = _out_channels(graph, node.inputs[0], node, memo)
+    elif node.type == tp.ops.OPTYPE.CONCAT:
+        parts = [_out_channels(graph, n, node, memo) for n in node.inputs]
+        ch = None if any(p is None for p in parts) else sum(parts)  # type: ignore[misc]
+    elif node.type == tp.ops.OPTYPE.ELEMENTWISE:  # adds, activations: any input's channels
+        for n in node.inputs:
+            ch = _out_channels(graph, n, node, memo)
+            if ch is not None:
+                break
+    memo[key] = ch
+    return ch
+
+
+def _concat_sizes(graph: tp.DependencyGraph) -> None:
+    """Each channel concat's input sizes from the layers and autograd (slices included), where
+    all are known: torch-pruning's recursive inference gets slices of a fixed size wrong (DPN's
+    ``x[:, :num_1x1_c]`` / ``x[:, num_1x1_c:]``).  Inputs are in ``next_functions`` order, the
+    order of ``torch.cat``'s arguments."""
+    memo: dict[Any, int | None] = {}
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.CONCAT or int(getattr(node.grad_fn, "_saved_dim", 1)) != 1:
+            continue
+        if len(node.inputs) != len([f for f, _ in node.grad_fn.next_functions if f is not None]):
+            continue  # an input read twice: leave it to torch-pruning
+        sizes = [_out_channels(graph, n, node, memo) for n in node.inputs]
+        if all(s is not None for s in sizes):
+            node.module.concat_sizes = sizes
+            node.module.sizes_from_autograd = True
 
 
 def _split_mapping(graph: tp.DependencyGraph, node: Any) -> None:

@@ -325,24 +325,38 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> list[tuple[
 
 def _visit_roots(dg: tp.DependencyGraph, ignored: list[nn.Module], visited: set[nn.Module],
                  out: list[tuple[nn.Module, Any, str | None]]) -> None:
+    """torch-pruning's root visit, except where a group passes a channel slice: there a layer
+    whose outputs the group covers only in part (DPN's ``c1x1_c``: its first ``num_1x1_c``
+    outputs join the stage's residual path, the rest its own dense path) is visited again later
+    as the root of its remaining outputs."""
+    covered: dict[nn.Module, set[int]] = {}
     for m in list(dg.module2node.keys()):
         if m in ignored or not isinstance(m, (nn.Conv2d, nn.Linear)) or m in visited:
             continue
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
+        done = covered.get(m, set())
         try:
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            group = dg.get_pruning_group(m, pruner.prune_out_channels,
+                                         [i for i in range(pruner.get_out_channels(m)) if i not in done])
         except _Unmappable as err:
             visited.add(m)
             out.append((m, None, str(err)))
             continue
+        sliced = any(_channel_slice(item.dep.target) is not None for item in group)
         prunable = True
         for item in group:
             if dg.is_out_channel_pruning_fn(item.dep.handler):
-                visited.add(item.dep.target.module)
-                if item.dep.target.module in ignored:
+                target = item.dep.target.module
+                if target in ignored:
                     prunable = False
+                if sliced and isinstance(target, (nn.Conv2d, nn.Linear)) and target is not m:
+                    covered.setdefault(target, set()).update(int(i) for i in item.idxs)
+                    if len(covered[target]) < dg.get_out_channels(target):
+                        continue
+                visited.add(target)
+        visited.add(m)
         if prunable:
             out.append((m, group, None))
 
@@ -364,12 +378,37 @@ def _expands_channels_only_spatially(node: Any) -> bool:
     return sizes is not None and len(sizes) == 4 and int(sizes[1]) > 1 and int(sizes[2]) == int(sizes[3]) == 1
 
 
+def _channel_slice(node: Any) -> tuple[int, int, int] | None:
+    """(start, end, input channels) of a ``x[:, start:end]`` slice (step 1) of a 4D tensor, or None."""
+    fn = node.grad_fn
+    sizes = getattr(fn, "_saved_self_sym_sizes", None)
+    if node.type != OPTYPE.SLICE or sizes is None or len(sizes) != 4 or int(fn._saved_dim) != 1 \
+            or int(fn._saved_step) != 1:
+        return None
+    return int(fn._saved_start), min(int(fn._saved_end), int(sizes[1])), int(sizes[1])
+
+
+def _fixed_slice_channels(group: Any) -> list[int]:
+    """Root channels that reach a channel slice ending before the last channel
+    (``x[:, :n]``, DPN's residual path ``x[:, :num_1x1_c]``): ``n`` is fixed in the model's
+    code, so they are held fixed.  Channels after ``n`` (``x[:, n:]``, DPN's dense path) may go:
+    the slice start stays valid while no channel before it is removed."""
+    fixed: set[int] = set()
+    for item in group:
+        bounds = _channel_slice(item.dep.target)
+        if bounds is not None and bounds[1] < bounds[2]:
+            fixed.update(int(i) for i in item.root_idxs)
+    return sorted(fixed)
+
+
 def _unsafe_reason(group: Any, dg: tp.DependencyGraph) -> str | None:
     """Why torch-pruning's surgery on this group could yield a wrong model, or None."""
     for item in group:
         node, module = item.dep.target, item.dep.target.module
         if node.type == OPTYPE.EXPAND and _expands_channels_only_spatially(node):
             continue
+        if node.type == OPTYPE.SLICE and _channel_slice(node) is not None:
+            continue  # channel slices: see _fixed_slice_channels
         if node.type not in _SAFE_OPS:
             return f"unsupported operation {node.type.name} ({type(module).__name__})"
         if node.type in (OPTYPE.CONCAT, OPTYPE.SPLIT) and getattr(module, "offsets", None) is None:
@@ -492,6 +531,12 @@ def _collect_groups(model: nn.Module, dg: tp.DependencyGraph, classifier: nn.Mod
             continue
         g = _Group(root, root_name, channels, bn_items, consumers, atoms=atoms, min_keep=min_keep)
         g.scores, g.weights = _score_channels(g, score)
+        fixed = _fixed_slice_channels(group)
+        if fixed:
+            skipped.append({"group": root_name, "channels": int(g.weights[fixed].sum()),
+                            "reason": f"{len(fixed)} channels reach a channel slice of a size fixed in "
+                                      "the model's code (x[:, :n]): held fixed, the rest of the group ranked"})
+            g.scores[fixed], g.weights[fixed] = math.inf, 0
         if not bool((g.weights > 0).any()):
             skipped.append({"group": root_name, "reason": "no channel has a BatchNorm2d", "channels": held})
             continue
