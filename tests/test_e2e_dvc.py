@@ -110,6 +110,15 @@ def _commit(proj: Path, message: str) -> None:
     ok(["git", "commit", "-q", "--allow-empty", "-m", message], proj)
 
 
+def init_repo(proj: Path, message: str) -> None:
+    """Make ``proj`` a git repository with a test identity (no signing) and commit all of it."""
+    ok(["git", "init", "-q"], proj)
+    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
+                       ("commit.gpgsign", "false")):
+        ok(["git", "config", key, value], proj)
+    _commit(proj, message)
+
+
 @dataclass
 class Pipeline:
     proj: Path
@@ -131,11 +140,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     proj.mkdir()
     _copy_project(proj)
     _tiny_params(proj)
-    ok(["git", "init", "-q"], proj)
-    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
-                       ("commit.gpgsign", "false")):
-        ok(["git", "config", key, value], proj)
-    _commit(proj, "slimcore e2e: tiny params")
+    init_repo(proj, "slimcore e2e: tiny params")
     repro = dvc("repro", cwd=proj)
     assert repro.returncode == 0, repro.tail()
     return Pipeline(proj, repro)

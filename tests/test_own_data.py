@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_e2e_dvc import _commit, _copy_project, dvc, ok, skip_without_dvc_checkout
+from test_e2e_dvc import _copy_project, dvc, init_repo, ok, skip_without_dvc_checkout
 
 from slimcore.config import parse_params
 from stages._training import CHANCE_MARGIN_PT, chance_warning, near_chance
@@ -181,11 +181,7 @@ def test_readme_own_data_under_dvc(tmp_path: Path) -> None:
     params["archs"] = [ARCH]  # for time: one arch, ...
     params["train"]["batch_size"] = 16  # ... and several steps per epoch on 90 images
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ok(["git", "init", "-q"], proj)
-    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
-                       ("commit.gpgsign", "false")):
-        ok(["git", "config", key, value], proj)
-    _commit(proj, "own data: README's keys")
+    init_repo(proj, "own data: README's keys")
     tracked = ok(["git", "ls-files", "data"], proj).output.split()
     assert tracked == ["data/.gitignore", "data/README.md"], f"images must stay out of git: {tracked}"
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_e2e_dvc import _commit, _copy_project, dvc, ok, skip_without_dvc_checkout
+from test_e2e_dvc import _copy_project, dvc, init_repo, skip_without_dvc_checkout
 from test_own_data import readme_section
 
 from slimcore.config import parse_params
@@ -104,11 +104,7 @@ def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
     timm_arch = next(a for a, m in extra["models"].items() if m["source"] == "timm")
     pretrained = timm.create_model(extra["models"][timm_arch]["name"], pretrained=False, num_classes=1000)
     torch.save(pretrained.state_dict(), proj / "weights" / f"{timm_arch}.pth")  # a 1000-class head
-    ok(["git", "init", "-q"], proj)
-    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
-                       ("commit.gpgsign", "false")):
-        ok(["git", "config", key, value], proj)
-    _commit(proj, "own model: README's module and params")
+    init_repo(proj, "own model: README's module and params")
 
     repro = dvc("repro", cwd=proj, timeout=600)
     assert repro.returncode == 0, repro.tail()

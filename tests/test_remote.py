@@ -25,6 +25,7 @@ from test_e2e_dvc import (
     _copy_project,
     _tiny_params,
     dvc,
+    init_repo,
     ok,
     skip_without_dvc_checkout,
 )
@@ -80,11 +81,7 @@ def clones(tmp_path_factory: pytest.TempPathFactory) -> Clones:
     params = yaml.safe_load((origin / "params.yaml").read_text())
     params["prune"]["ratios"] = [RATIO]
     (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ok(["git", "init", "-q"], origin)
-    for key, value in (("user.email", "test@slimcore.invalid"), ("user.name", "slimcore test"),
-                       ("commit.gpgsign", "false")):  # as test_e2e_dvc's fixture does
-        ok(["git", "config", key, value], origin)
-    _commit(origin, "slimcore remote test: tiny params")
+    init_repo(origin, "slimcore remote test: tiny params")
     _dvc_ok("repro", cwd=origin)
 
     name = _dvc_ok("remote", "default", cwd=origin).output.strip()
