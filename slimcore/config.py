@@ -83,6 +83,7 @@ class DataConfig(_Section):
     download: bool = False
     image_size: PositiveInt = 16
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, held out of training
     augment: Literal["auto", "none", "flip", "crop+flip", "imagenet"] = "auto"
 
     def augmentation(self) -> str:
@@ -205,6 +206,7 @@ class PruneConfig(_Section):
     fold_constants: bool = True
     group_score: Literal["max", "mean", "l2"] = "max"
     on_untraceable: Literal["error", "warn"] = "error"  # warn: keep such a model whole, with a warning
+    max_drop: NonNegFloat = 2.0  # pt of validation top-1 a safe ratio may lose before fine-tuning
 
     @field_validator("ratios", mode="before")
     @classmethod

@@ -55,6 +55,17 @@ def prune_report(arch: str, ratio: float) -> Path:
     return prune_reports() / f"{arch}-{ratio_tag(ratio)}.json"
 
 
+def sensitivity_dir() -> Path:
+    """Folder of the sensitivity curves (top-1 on the validation split vs ratio, before fine-tuning)."""
+    return METRICS / "sensitivity"
+
+
+def sensitivity_report(arch: str) -> Path:
+    """``metrics/sensitivity/ARCH.json``: the curve and ``safe_ratio``, the largest ratio whose
+    validation top-1 drop stays within ``prune.max_drop`` (read by the ``safe`` prune target)."""
+    return sensitivity_dir() / f"{arch}.json"
+
+
 def profile_report() -> Path:
     """FLOPs, parameters and bytes of every checkpoint (deterministic: no wall-clock figures)."""
     return METRICS / "profile.json"
