@@ -82,7 +82,11 @@ def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
     """The checkpoint's dictionary, validated as a slimcore checkpoint."""
-    ckpt = safe_torch_load(path)
+    return checked_checkpoint(safe_torch_load(path), path)
+
+
+def checked_checkpoint(ckpt: Any, path: Path | str) -> dict[str, Any]:
+    """``ckpt`` (what ``path`` held) if it is a slimcore checkpoint of a readable version."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a slimcore checkpoint (no '{FORMAT}' header)")
     if ckpt.get("version") not in READABLE_VERSIONS:
@@ -215,6 +219,6 @@ def checkpoint_meta(path: Path | str) -> dict[str, Any]:
 
 
 __all__ = [
-    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checkpoint_meta", "checkpoint_spec",
+    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checked_checkpoint", "checkpoint_meta", "checkpoint_spec",
     "load_model", "load_model_and_meta", "read_checkpoint", "safe_torch_load", "same_arch", "save_model",
 ]

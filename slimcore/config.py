@@ -180,6 +180,7 @@ class TrainConfig(_Section):
     milestones: list[PositiveInt] = Field(default_factory=lambda: [5, 7])
     lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.1
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    bn_recalibrate_batches: NonNegInt = 8  # after each epoch: BN running stats from this many batches (0: off)
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
@@ -224,6 +225,21 @@ class PruneConfig(_Section):
         return v
 
 
+class PenaltyConfig(_Section):
+    """How sparse-train applies ``sparsity`` (see :mod:`slimcore.sparsity`).
+
+    ``group`` (default): the proximal step of a group lasso over the channels ``slim`` removes
+    together, so residual groups reach zero as a whole; ``prox``: the proximal L1 step per
+    gamma; ``l1``: the paper's subgradient through momentum (the seed's recipe; its strengths are
+    about 10x smaller than the proximal methods' for the same pull).  ``ramp_epochs`` grows the
+    strength linearly from zero over that many epochs.
+    """
+
+    method: Literal["group", "prox", "l1"] = "group"
+    ramp_epochs: NonNegFloat = 0.0
+    target: Annotated[float, Field(ge=0, lt=1)] = 0.0  # prox/group: shrink only the lowest this share of BN channels
+
+
 class ProfileConfig(_Section):
     """How models are measured."""
 
@@ -260,6 +276,7 @@ class Params(_Section):
     sparsity: dict[str, NonNegFloat] = Field(  # the seed's strengths for the reference archs
         default_factory=lambda: {"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5}
     )
+    penalty: PenaltyConfig = Field(default_factory=PenaltyConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: TrainConfig = Field(default_factory=TrainConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
@@ -412,7 +429,7 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
 
 
 __all__ = [
-    "AUGMENTS", "DATASETS", "STEMS", "DataConfig", "ModelChoice", "ModelConfig", "ModelSource", "Params",
+    "AUGMENTS", "DATASETS", "STEMS", "DataConfig", "ModelChoice", "ModelConfig", "ModelSource", "Params", "PenaltyConfig",
     "ParamsError", "ProfileConfig", "PruneConfig", "RuntimeConfig", "TrainConfig", "load_params", "parse_params",
     "with_overrides",
 ]

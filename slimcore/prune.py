@@ -807,6 +807,37 @@ def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
     return work, report
 
 
+def coupled_units(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[nn.BatchNorm2d, torch.Tensor]]:
+    """Which BN channels ``slim`` removes together: per affine BN layer, a unit id per channel.
+
+    Channels of different BN layers that share an id are one channel of a coupled group (e.g.
+    a residual stream channel: the last BN of every block of a stage and the downsample BN),
+    which :func:`slim` scores by combining their |gamma| (``group_score``) and removes only as
+    a whole.  Channels no prunable group reaches get ids of their own.  Used by the group-aware
+    sparsity penalty (:class:`slimcore.sparsity.GammaPenalty`); ``model`` is left unchanged.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        traced = _trace(model, example_inputs, fold=False)
+        groups, _ = _collect_groups(model, traced.graph, traced.classifier, "max")
+    finally:
+        model.train(was_training)
+    units: dict[nn.BatchNorm2d, torch.Tensor] = {
+        m: torch.full((m.num_features,), -1, dtype=torch.long)
+        for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine}
+    next_id = 0
+    for g in groups:
+        for _, bn, idxs, root_idxs in g.bn_items:
+            units[bn][idxs] = next_id + root_idxs
+        next_id += g.channels
+    for bn, ids in units.items():
+        alone = ids < 0
+        ids[alone] = torch.arange(next_id, next_id + int(alone.sum()))
+        next_id += int(alone.sum())
+    return list(units.items())
+
+
 def _group_report(g: _Group) -> GroupReport:
     removed = torch.zeros(g.channels, dtype=torch.bool)
     removed[g.prune_idxs] = True
@@ -821,4 +852,4 @@ def _group_report(g: _Group) -> GroupReport:
     )
 
 
-__all__: list[str] = ["GroupReport", "SlimError", "SlimPolicy", "SlimReport", "replay_plan", "slim"]
+__all__: list[str] = ["GroupReport", "SlimError", "SlimPolicy", "SlimReport", "coupled_units", "replay_plan", "slim"]

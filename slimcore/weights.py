@@ -118,13 +118,13 @@ def classifier_name(model: nn.Module, num_classes: int | None = None) -> str | N
 
 def read_weights(path: Path | str, model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
     """The state_dict in ``path`` (plain or wrapped state_dict, or unpruned slimcore checkpoint)."""
-    from slimcore.checkpoint import FORMAT, read_checkpoint, safe_torch_load
+    from slimcore.checkpoint import FORMAT, checked_checkpoint, safe_torch_load
     from slimcore.models import SPEC_ATTR, ModelSpec
 
     path = Path(path)
     raw = safe_torch_load(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        ckpt = read_checkpoint(path)  # version check
+        ckpt = checked_checkpoint(raw, path)  # version check
         if ckpt["plan"]:
             raise ModelError(f"{path}: holds a pruned model ({len(ckpt['plan'])} pruning steps): start from an "
                              "unpruned one (a baseline or sparse checkpoint, or a state_dict)")

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from slimcore.config import Params
@@ -76,9 +77,6 @@ class Start(NamedTuple):
 
     init: Path | None = None
     weights: Path | None = None
-
-    def describe(self) -> str:
-        return str(self.init or self.weights or "scratch")
 
 
 def start_of(params: Params, arch: str, run: str) -> Start:
@@ -178,7 +176,7 @@ def chance_warning(run: str, arch: str, *, test_top1: float, train_top1: float, 
 
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
                         sparsity: float, init: Path | None = None, weights: Path | None = None,
-                        module: str) -> None:
+                        module: str, units: Callable[[nn.Module], Any] | None = None) -> None:
     """Train a model and save it to ``out``: from the checkpoint ``init``, else built through
     params' ``models`` and initialised from the ``weights`` file (random init without one).
 
@@ -211,7 +209,10 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
                             device=ctx.device.type)
         test = make_loader(splits.test, max(256, train_cfg.batch_size), train=False, seed=params.seed,
                            runtime=params.runtime, device=ctx.device.type)
-        trainer = Trainer(model, train_cfg, ctx, train, test, sparsity=sparsity, desc=f"{run}@{arch}")
+        coupled = units(model) if units is not None and sparsity > 0 else None
+        trainer = Trainer(model, train_cfg, ctx, train, test, sparsity=sparsity, desc=f"{run}@{arch}",
+                          sparsity_method=params.penalty.method, sparsity_units=coupled,
+                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=params.penalty.target)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
         key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
                           init if init is not None else "scratch", weights if weights is not None else "no weights")

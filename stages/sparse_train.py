@@ -1,15 +1,42 @@
-"""Stage ``sparse-train@ARCH``: train the arch with L1 on every BatchNorm gamma, from ``model.sparse_start``."""
+"""Stage ``sparse-train@ARCH``: train the arch with a sparsity penalty on every BatchNorm gamma
+(``penalty`` and ``sparsity.ARCH``), from ``model.sparse_start``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from stages._common import PARAMS_OPTION, params_for, run_app, stage
+from stages._common import PARAMS_OPTION, console, params_for, run_app, stage
 from stages._training import start_of, train_to_checkpoint
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimcore.config import Params
+
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[nn.BatchNorm2d, Any]] | None:
+    """For ``penalty.method: group``: the BN channels ``slim`` removes together (see
+    :func:`slimcore.prune.coupled_units`); None for the other methods.  A model whose graph
+    cannot be traced gets the per-channel proximal step instead, with a warning."""
+    if params.penalty.method != "group":
+        return None
+    import torch
+
+    from slimcore.prune import coupled_units
+
+    size = params.data.image_size
+    try:
+        return coupled_units(model, torch.zeros(2, 3, size, size))  # zeros: no draw from the RNG
+    except Exception as err:  # noqa: BLE001 - any tracing failure degrades to per-channel shrinkage
+        console.print(f"[yellow]warning:[/] sparse-train@{arch}: cannot trace which channels slim removes "
+                      f"together ({type(err).__name__}: {err}); penalty.method group shrinks each channel "
+                      "alone, as prox does")
+        return None
 
 
 @app.command()
@@ -18,7 +45,7 @@ def main(
     params_file: Path = PARAMS_OPTION,
     epochs: int | None = typer.Option(None, help="override train.epochs"),
     lr: float | None = typer.Option(None, help="override train.lr"),
-    sparsity: float | None = typer.Option(None, help="override sparsity.ARCH (L1 strength)"),
+    sparsity: float | None = typer.Option(None, help="override sparsity.ARCH (penalty strength)"),
 ) -> None:
     """Train ARCH with sparsity from model.sparse_start (scratch, baseline or weights); writes
     models/ARCH/sparse.pt and metrics/ARCH/sparse-train/."""
@@ -30,7 +57,8 @@ def main(
         start = start_of(params, arch, "sparse-train")
         train_to_checkpoint(params, arch, "sparse-train", paths.checkpoint(arch, "sparse"),
                             train_cfg=params.train, sparsity=params.sparsity[arch], init=start.init,
-                            weights=start.weights, module="stages.sparse_train")
+                            weights=start.weights, module="stages.sparse_train",
+                            units=lambda model: coupled_channels(model, params, arch))
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_params_are_immutable() -> None:
 
 def test_yaml_exponent_without_a_dot_is_still_a_float() -> None:
     """PyYAML reads ``1e-4`` as a string (YAML 1.1); validation must still give the float."""
-    text = PARAMS_FILE.read_text().replace("vgg16_bn: 1.5e-2", "vgg16_bn: 1e-4")
+    text = PARAMS_FILE.read_text().replace("vgg16_bn: 0.15", "vgg16_bn: 1e-4")
     assert "vgg16_bn: 1e-4" in text
     params = parse_params(yaml.safe_load(text))
     assert params.sparsity["vgg16_bn"] == pytest.approx(1e-4)
@@ -164,7 +164,7 @@ def test_yaml_exponent_without_a_dot_is_still_a_float() -> None:
 INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "unknown top-level key": (
         _set("bogus", 1),
-        ["params.yaml: bogus: unknown key", "seed, models, archs, data, model, train, sparsity, prune, finetune"],
+        ["params.yaml: bogus: unknown key", "seed, models, archs, data, model, train, sparsity, penalty, prune, finetune"],
     ),
     "unknown nested key": (
         _set("train.bogus", 1),

@@ -13,7 +13,7 @@ from slimcore.config import RuntimeConfig, TrainConfig
 from slimcore.data import make_loader
 from slimcore.models import build_model
 from slimcore.runtime import current_context
-from slimcore.sparsity import L1Sparsity, gamma_magnitudes
+from slimcore.sparsity import GammaPenalty, gamma_magnitudes
 from slimcore.train import NonFiniteLossError, Trainer, lr_factor, make_optimizer
 
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0, milestones=[1], weight_decay=5e-4)
@@ -61,11 +61,11 @@ def test_l1_subgradient_is_added_to_every_gamma() -> None:
         bns[0].weight[0] = -0.5
     for m in bns:
         m.weight.grad = torch.zeros_like(m.weight)
-    L1Sparsity(model, 0.01).apply_()
+    GammaPenalty(model, 0.01, "l1").before_step_()
     assert bns[0].weight.grad[0] == pytest.approx(-0.01)
     assert all(torch.allclose(m.weight.grad[1:], torch.full_like(m.weight[1:], 0.01)) for m in bns)
     assert all(m.bias.grad is None for m in bns)  # beta is not penalised
-    L1Sparsity(model, 0.0).apply_()
+    GammaPenalty(model, 0.0, "l1").before_step_()
     assert bns[0].weight.grad[0] == pytest.approx(-0.01)  # strength 0: untouched
 
 
@@ -81,7 +81,7 @@ def test_penalty_sees_unscaled_gradients_under_a_grad_scaler() -> None:
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
-    L1Sparsity(model, 1e-3).apply_()
+    GammaPenalty(model, 1e-3, "l1").before_step_()
     assert torch.allclose(gamma.grad, true_grad + 1e-3 * gamma.sign(), atol=1e-6)
 
 
