@@ -143,9 +143,9 @@ def start_up_done() -> None:
     if not _blocked_at_start:
         return
     _blocked_at_start = False
-    import torch  # noqa: F401  C++ extensions: never interrupted half-loaded
-    import torchvision  # noqa: F401
-
+    if pending_stop_signal() is None:  # (stopped already: no need to load torch just to exit)
+        import torch  # noqa: F401  C++ extensions: never interrupted half-loaded
+        import torchvision  # noqa: F401
     unblock_stop_signals()
 
 
