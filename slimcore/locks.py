@@ -9,13 +9,17 @@ after it takes the lock and resumes.  No torch here.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import time
 from pathlib import Path
 
 from slimcore.errors import SlimcoreError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stages run unlocked there
+    fcntl = None  # type: ignore[assignment]
 
 LOCKS = Path(".slimcore") / "locks"  # under slimcore.paths.STATE: not a DVC output, not in git
 HELD_ENV = "SLIMCORE_STAGE_LOCK"  # set by the holder: torchrun workers it starts do not lock again
@@ -85,6 +89,8 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         """Take the lock or raise :class:`OutputsLocked` naming the holder's pid (never waits for a
         live holder)."""
+        if fcntl is None:
+            return self
         deadline = time.monotonic() + DEAD_HOLDER_WAIT_SECONDS
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)

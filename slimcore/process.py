@@ -45,17 +45,24 @@ _stage_process = False
 # ---------------------------------------------------------------------------------------- signals
 
 
+_MASKS = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere stops are only handled, never held
+
+
 def block_stop_signals() -> None:
     """Hold SIGINT/SIGTERM pending (they are delivered when unblocked)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if _MASKS:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def unblock_stop_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if _MASKS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def pending_stop_signal() -> int | None:
     """A SIGINT/SIGTERM received while blocked and not yet delivered, if any."""
+    if not _MASKS:
+        return None
     pending = signal.sigpending()
     return next((int(s) for s in STOP_SIGNALS if s in pending), None)
 
@@ -151,6 +158,9 @@ def start_up_done() -> None:
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
+    if not _MASKS:
+        yield
+        return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -281,7 +291,8 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), file_mode())
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), file_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -299,5 +310,5 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 
 __all__ = ["STOP_SIGNALS", "TEMP_GLOB", "atomic_write_bytes", "block_stop_signals", "check_not_stopped",
            "die_with_parent", "enter_stage_process", "file_mode", "hold_stops", "ignore_stop_signals",
-           "install_stop_handlers", "is_stage_process", "is_stale_temp", "pending_stop_signal", "remove_stale_temp_files",
-           "restore_handlers", "start_up_done", "stop_requested", "unblock_stop_signals"]
+           "install_stop_handlers", "is_stage_process", "is_stale_temp", "pending_stop_signal",
+           "remove_stale_temp_files", "restore_handlers", "start_up_done", "stop_requested", "unblock_stop_signals"]

@@ -134,6 +134,7 @@ def _signal_after_import(proc: subprocess.Popen[str], module: str, said: list[st
         said.append(f"(test) {module} was never imported\n")
 
 
+@pytest.mark.slow
 def test_sigterm_as_each_heavy_import_finishes_exits_130_cleanly(tmp_path: Path) -> None:
     import threading
 
@@ -161,6 +162,7 @@ def test_sigterm_as_each_heavy_import_finishes_exits_130_cleanly(tmp_path: Path)
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_instance_refuses_naming_the_holder_and_a_rerun_after_it_died_resumes(tmp_path: Path) -> None:
     project = _project(tmp_path / "proj")
     first = _start(project)
