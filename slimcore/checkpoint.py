@@ -13,9 +13,7 @@ torchvision only, no trace size) are still read.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +23,11 @@ from torch import nn
 from slimcore.archs import parse_arch
 from slimcore.errors import CheckpointError, SlimcoreError
 from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, spec_of
+from slimcore.process import atomic_write_bytes  # the one writer of every output file
 
 FORMAT = "slimcore-checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_torch_save(obj: Any, path: Path | str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,33 +32,69 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+TEMP_ROOTS = ("models", "metrics", ".slimcore")  # where atomic writers of killed stages leave temp files
+
+
+def _interrupted(name: str) -> NoReturn:
+    console.print(f"[yellow]{name}: interrupted[/]; every finished epoch is saved: "
+                  "run the stage again (or `dvc repro`) to resume")
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Turn expected failures into one-line messages and exit codes; SIGTERM acts like Ctrl-C."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Run a stage's body with the process safety of issue 11 and clear exits.
+
+    * SIGINT and SIGTERM (at any moment, start-up included) end it with exit 130 and the resume
+      hint: they stay blocked until :func:`params_for` has imported torch (the safe point), and
+      nothing is written once one arrived;
+    * it holds the exclusive lock of its outputs (``.slimcore/locks/NAME.lock``) for its whole run:
+      a second instance exits 2 at once, naming the pid that holds it;
+    * it first removes temp files that killed writers left under models/, metrics/ and .slimcore/;
+    * expected failures (:class:`SlimcoreError`) print one line and exit 2 (3: non-finite loss).
+    """
+    from slimcore import process
+    from slimcore.locks import OutputLock, held_by_launcher
+
+    old_handlers = process.install_stop_handlers()
+    lock = None
     try:
-        yield
-    except SlimcoreError as err:
-        fail(f"{name}: {err}")
+        try:
+            if not held_by_launcher():
+                lock = OutputLock(name).acquire()
+                for path in process.remove_stale_temp_files(TEMP_ROOTS):
+                    console.log(f"{name}: removed {path} (a temp file left by a killed run)")
+            yield
+        finally:
+            process.hold_stops()  # the exit below is never cut short: it says what happened
+        if process.stop_requested():  # a stop whose KeyboardInterrupt was swallowed, or still pending
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
-        console.print(f"[yellow]{name}: interrupted[/]; every finished epoch is saved: "
-                      "run the stage again (or `dvc repro`) to resume")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _interrupted(name)
+    except SlimcoreError as err:
+        if process.stop_requested():
+            _interrupted(name)
+        fail(f"{name}: {err}")
     except FloatingPointError as err:
+        if process.stop_requested():
+            _interrupted(name)
         fail(f"{name}: {err}", EXIT_NUMERICS)
+    finally:
+        if lock is not None:
+            lock.release()
+        process.restore_handlers(old_handlers)
 
 
 def params_for(path: Path, arch: str | None = None, **overrides: Any) -> Params:
     """Validated params (with by-hand option overrides), checking ``arch`` is one of ``archs``."""
+    from slimcore.process import start_up_done
+
     params = load_params(path)
     if any(v is not None for v in overrides.values()):
         params = with_overrides(params, overrides)
     if arch is not None and arch not in params.archs:
         raise ParamsError(f"--arch {arch!r} is not in {path}'s archs: {', '.join(params.archs)}")
+    start_up_done()  # torch imported with stop signals held; a SIGINT/SIGTERM that came meanwhile lands here
     return params
 
 
@@ -71,14 +106,31 @@ def check_ratio(params: Params, ratio: float) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Pretty JSON, atomically."""
-    from slimcore.checkpoint import atomic_write_bytes
+    from slimcore.process import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def run_app(app: typer.Typer) -> None:
-    """Entry point shared by ``python -m stages.X``."""
-    app(prog_name=f"python -m stages.{Path(sys.argv[0]).stem}", standalone_mode=True)
+    """Entry point shared by ``python -m stages.X``.
+
+    A stop signal that came after the stage's body (held there: see :func:`stage`) still ends it
+    with exit 130; from then on they are ignored, so that the interpreter's shutdown (which puts
+    back the default handlers) cannot turn a finished run into a silent death by SIGTERM.
+    """
+    from slimcore import process
+
+    name = f"stages.{Path(sys.argv[0]).stem}"
+    try:
+        app(prog_name=f"python -m {name}", standalone_mode=True)
+    except SystemExit as done:
+        stopped = process.stop_requested()
+        process.ignore_stop_signals()
+        if done.code in (0, None) and (stopped or process.stop_requested()):
+            console.print(f"[yellow]{name}: interrupted after its outputs were written[/]; "
+                          "run the stage again (or `dvc repro`) to record them")
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        raise
 
 
 __all__ = ["PARAMS_OPTION", "check_ratio", "console", "fail", "params_for", "run_app", "stage", "write_json"]

@@ -34,7 +34,7 @@ def main(
         generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
         example = torch.randn(2, 3, size, size, generator=generator)
-        policy = params.prune.model_dump(exclude={"ratios"})
+        policy = params.prune.model_dump(exclude={"ratios", "max_drop"})
         pruned, report = slim(sparse, ratio, example, **policy)
         save_model(paths.pruned(arch, ratio), pruned, run="prune", ratio=ratio,
                    true_ratio=report.true_ratio, threshold=report.threshold)
