@@ -284,7 +284,7 @@ def test_ratio_and_safe_targets_are_plain_slim_and_safe_needs_its_ratio() -> Non
     model = coupled_bimodal(build_model("resnet50", 10, "cifar", 0.25).eval(), x[:1], zero_fraction=0.5)
     _, plain = slim(model, 0.3, x)
     for target, kwargs in ((0.3, {}), ("0.3", {}), ("safe", {"safe_ratio": 0.3})):
-        pruned, report = slim_to(model, target, x, **kwargs)
+        _, report = slim_to(model, target, x, **kwargs)
         assert report.removed_bn_channels == plain.removed_bn_channels
         assert report.requested_ratio == 0.3 and report.search_steps == 0
         assert report.target == ("safe" if target == "safe" else "0.3")
