@@ -783,8 +783,18 @@ def _search_ratio(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group]
         return cache[k]
 
     what = "FLOPs" if goal.measure == "flops" else "parameters"
-    lo, hi = 0, available
-    f_lo, f_hi = 1.0, kept(available) if available else 1.0
+    lo, hi, f_lo, f_hi = 0, available, 1.0, 1.0
+    # A first guess: a layer's FLOPs and weights scale with its input and output widths, so
+    # removing a share s of the channels keeps about (1 - s)^2.  When the guess overshoots, the
+    # bracket [0, guess] holds the target and the costliest candidate (all removable) is skipped.
+    guess = min(available, max(1, round(prunable * (1 - math.sqrt(target))))) if available else 0
+    if guess:
+        f_guess = kept(guess)
+        if f_guess <= target or guess == available:
+            hi, f_hi = guess, f_guess
+        else:
+            lo, f_lo = guess, f_guess
+            f_hi = kept(available)
     if f_hi > target + tol:
         held = sum(int(x.get("channels", 0)) for x in skipped)
         floors = [g.root_name for g in groups if g.max_removable < g.channels]
