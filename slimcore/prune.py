@@ -755,7 +755,8 @@ def _search_ratio(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group]
     no ratio does (``bound_by``).
 
     Each candidate is pruned for real on the one traced graph (select, fold, surgery), measured
-    as the profile stage measures it, and undone from ``snapshot``: no retrace, no deep copy.
+    as the profile stage measures it, and undone from ``snapshot``: no retrace, and no copy of
+    the model to undo (``count_flops`` counts on a copy, as the profile stage does).
     The search runs over the number of BN channels removed (integers), by interpolation
     between a bracket that always holds the target, with a bisection step whenever
     interpolation stalls.
