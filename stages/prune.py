@@ -135,15 +135,11 @@ def main(
                          f"channels removed for a requested {ratio:.0%}: {report.skipped_bn_channels} BN channels "
                          f"are held fixed in skipped groups (see 'skipped' in {paths.prune_report(arch, goal)})")
         lines.append(gamma_warning(name, report, safe_ratio_hint(arch, params.prune.max_drop)))
+        from rich.markup import escape
+
         for line in lines:
             if line:
                 console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
-
-
-def escape(text: str) -> str:
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
 
 
 def short_of_request(ratio_all_bn: float, requested: float, tolerance: float = 0.01) -> bool:
