@@ -51,6 +51,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/prune_speed.py
+	$(BIN)/python bench/targets.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/train_speed.py
 

@@ -36,6 +36,7 @@ from slimcore.archs import (
     uses_stem_and_width,
 )
 from slimcore.errors import ParamsError
+from slimcore.targets import Target, parse_targets
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -44,7 +45,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-Ratio = Annotated[float, Field(ge=0, lt=1)]
 
 
 class _Section(BaseModel):
@@ -196,9 +196,13 @@ class TrainConfig(_Section):
 
 
 class PruneConfig(_Section):
-    """The slimming policy (see :func:`slimcore.prune.slim`)."""
+    """The slimming policy (see :func:`slimcore.prune.slim`) and what each prune stage aims at.
 
-    ratios: Annotated[list[Ratio], Field(min_length=1)] = Field(
+    ``targets``: channel ratios (``0.2``), ``flopsF`` / ``paramsF`` (keep the fraction F of the
+    unpruned model's FLOPs / parameters) or ``safe`` (see :mod:`slimcore.targets`).
+    """
+
+    targets: Annotated[list[float | str], Field(min_length=1)] = Field(
         default_factory=lambda: [0.2, 0.4, 0.6]
     )
     round_to: PositiveInt = 1
@@ -208,21 +212,33 @@ class PruneConfig(_Section):
     group_score: Literal["max", "mean", "l2"] = "max"
     on_untraceable: Literal["error", "warn"] = "error"  # warn: keep such a model whole, with a warning
     max_drop: NonNegFloat = 2.0  # pt of validation top-1 a safe ratio may lose before fine-tuning
+    warn_gamma: NonNegFloat = 1e-2  # warn when slimming removes channels whose |gamma| score exceeds this
 
-    @field_validator("ratios", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _decimals(cls, v: object) -> object:
-        if isinstance(v, list) and any(isinstance(r, int) and not isinstance(r, bool) for r in v):
-            raise ValueError(f"write every ratio as a decimal (0.0, not 0): DVC names the prune outputs by "
-                             f"the value as written, got {v}")
+    def _renamed(cls, v: object) -> object:
+        if isinstance(v, dict) and "ratios" in v:
+            raise ValueError("prune.ratios was renamed to prune.targets (same values: ratios as decimals; "
+                             "also flopsF, paramsF or safe)")
         return v
 
-    @field_validator("ratios")
+    @field_validator("targets", mode="before")
     @classmethod
-    def _unique(cls, v: list[float]) -> list[float]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"ratios must be unique, got {v}")
-        return v
+    def _parse(cls, v: object) -> object:
+        if not isinstance(v, list):
+            return v
+        try:
+            return [t.yaml_value for t in parse_targets(v)]
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+
+    def parsed_targets(self) -> list[Target]:
+        """``targets`` as :class:`slimcore.targets.Target` objects, in the order written."""
+        return parse_targets(list(self.targets))
+
+    def policy(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`slimcore.prune.slim` (the slimming policy)."""
+        return self.model_dump(exclude={"targets", "max_drop"})
 
 
 class PenaltyConfig(_Section):

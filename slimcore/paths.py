@@ -1,6 +1,7 @@
 """Every artifact path of the pipeline, from one place (dvc.yaml spells the same paths).
 
-Ratios appear in names as DVC renders them (``0.2`` -> ``pruned-0.2.pt``).
+Prune targets appear in names as DVC renders them (``0.2`` -> ``pruned-0.2.pt``,
+``flops0.5`` -> ``pruned-flops0.5.pt``, ``safe`` -> ``pruned-safe.pt``; see :mod:`slimcore.targets`).
 """
 
 from __future__ import annotations
@@ -9,14 +10,21 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from slimcore.targets import Target, parse_target
+
 MODELS = Path("models")
 METRICS = Path("metrics")
 STATE = Path(".slimcore")  # resumable training state: not a DVC output, not in git
 
 
-def ratio_tag(ratio: float) -> str:
-    """How a ratio appears in file and stage names (``0.2``, ``0.25``, ``0.0``): as DVC prints it."""
-    return str(float(ratio))
+TargetLike = Target | float | str
+
+
+def target_tag(target: TargetLike) -> str:
+    """How a prune target appears in file and stage names, as DVC prints it: ``0.2``, ``0.25``,
+    ``0.0`` (a ratio), ``flops0.5``, ``params0.3``, ``safe``."""
+    return parse_target(float(target) if isinstance(target, int) and not isinstance(target, bool)
+                        else target).tag
 
 
 def checkpoint(arch: str, run: str) -> Path:
@@ -24,26 +32,26 @@ def checkpoint(arch: str, run: str) -> Path:
     return MODELS / arch / f"{run}.pt"
 
 
-def pruned(arch: str, ratio: float, fold: bool = True) -> Path:
-    """``models/ARCH/pruned-R.pt``; the ablation without constant folding: ``pruned-R-nofold.pt``."""
-    return MODELS / arch / f"pruned-{ratio_tag(ratio)}{'' if fold else '-nofold'}.pt"
+def pruned(arch: str, target: TargetLike, fold: bool = True) -> Path:
+    """``models/ARCH/pruned-T.pt``; the ablation without constant folding: ``pruned-T-nofold.pt``."""
+    return MODELS / arch / f"pruned-{target_tag(target)}{'' if fold else '-nofold'}.pt"
 
 
-def finetuned(arch: str, ratio: float) -> Path:
-    return MODELS / arch / f"finetuned-{ratio_tag(ratio)}.pt"
+def finetuned(arch: str, target: TargetLike) -> Path:
+    return MODELS / arch / f"finetuned-{target_tag(target)}.pt"
 
 
 def curves(arch: str, run: str) -> Path:
-    """dvclive folder of a training run: ``metrics/ARCH/RUN`` (RUN: baseline-train, finetune-R...)."""
+    """dvclive folder of a training run: ``metrics/ARCH/RUN`` (RUN: baseline-train, finetune-T...)."""
     return METRICS / arch / run
 
 
-def finetune_run(ratio: float) -> str:
-    return f"finetune-{ratio_tag(ratio)}"
+def finetune_run(target: TargetLike) -> str:
+    return f"finetune-{target_tag(target)}"
 
 
-def prune_run(ratio: float) -> str:
-    return f"prune-{ratio_tag(ratio)}"
+def prune_run(target: TargetLike) -> str:
+    return f"prune-{target_tag(target)}"
 
 
 def prune_reports() -> Path:
@@ -51,8 +59,8 @@ def prune_reports() -> Path:
     return METRICS / "prune"
 
 
-def prune_report(arch: str, ratio: float) -> Path:
-    return prune_reports() / f"{arch}-{ratio_tag(ratio)}.json"
+def prune_report(arch: str, target: TargetLike) -> Path:
+    return prune_reports() / f"{arch}-{target_tag(target)}.json"
 
 
 def sensitivity_dir() -> Path:
@@ -115,29 +123,30 @@ def resume_state(arch: str, run: str) -> Path:
     return STATE / "resume" / arch / f"{run}.pt"
 
 
-def model_files(arch: str, ratios: list[float]) -> dict[str, Path]:
-    """Every checkpoint of one arch, by the label used in metrics (``pruned-0.2`` ...)."""
+def model_files(arch: str, targets: Iterable[TargetLike]) -> dict[str, Path]:
+    """Every checkpoint of one arch, by the label used in metrics (``pruned-0.2``, ``finetuned-flops0.5`` ...)."""
     files = {"baseline": checkpoint(arch, "baseline"), "sparse": checkpoint(arch, "sparse")}
-    for r in ratios:
-        tag = ratio_tag(r)
-        files[f"pruned-{tag}"] = pruned(arch, r)
-        files[f"pruned-{tag}-nofold"] = pruned(arch, r, fold=False)
-        files[f"finetuned-{tag}"] = finetuned(arch, r)
+    for t in targets:
+        tag = target_tag(t)
+        files[f"pruned-{tag}"] = pruned(arch, t)
+        files[f"pruned-{tag}-nofold"] = pruned(arch, t, fold=False)
+        files[f"finetuned-{tag}"] = finetuned(arch, t)
     return files
 
 
-def ratio_outputs(arch: str, ratio: float) -> list[Path]:
-    """Everything the prune and finetune stages of one (arch, ratio) write."""
-    return [pruned(arch, ratio), pruned(arch, ratio, fold=False), finetuned(arch, ratio),
-            prune_report(arch, ratio), timings(arch, prune_run(ratio)),
-            curves(arch, finetune_run(ratio)), timings(arch, finetune_run(ratio))]
+def target_outputs(arch: str, target: TargetLike) -> list[Path]:
+    """Everything the prune and finetune stages of one (arch, target) write."""
+    return [pruned(arch, target), pruned(arch, target, fold=False), finetuned(arch, target),
+            prune_report(arch, target), timings(arch, prune_run(target)),
+            curves(arch, finetune_run(target)), timings(arch, finetune_run(target))]
 
 
-_TAG = r"(?P<tag>\d+(?:\.\d+)?(?:e-?\d+)?)"
+_NUMBER = r"\d+(?:\.\d+)?(?:e-?\d+)?"
+_TAG = rf"(?P<tag>(?:flops|params)?{_NUMBER}|safe)"
 
 
-def _per_ratio_patterns(arch: str) -> list[tuple[Path, re.Pattern[str]]]:
-    """Where per-ratio outputs of ``arch`` live, and the names they have there."""
+def _per_target_patterns(arch: str) -> list[tuple[Path, re.Pattern[str]]]:
+    """Where per-target outputs of ``arch`` live, and the names they have there."""
     return [
         (MODELS / arch, re.compile(rf"(?:pruned|finetuned)-{_TAG}(?:-nofold)?\.pt")),
         (prune_reports(), re.compile(rf"{re.escape(arch)}-{_TAG}\.json")),
@@ -146,17 +155,17 @@ def _per_ratio_patterns(arch: str) -> list[tuple[Path, re.Pattern[str]]]:
     ]
 
 
-def stale_ratio_outputs(archs: Iterable[str], ratios: Iterable[float]) -> list[Path]:
-    """Per-ratio outputs left by ratios that are no longer in ``prune.ratios``.
+def stale_target_outputs(archs: Iterable[str], targets: Iterable[TargetLike]) -> list[Path]:
+    """Per-target outputs left by targets that are no longer in ``prune.targets``.
 
     DVC never deletes the outputs of a stage that left ``dvc.yaml`` (a matrix entry of an old
-    ratio); they would feed the hashes of the stages that read whole folders and linger in
+    target); they would feed the hashes of the stages that read whole folders and linger in
     experiments, so the ``profile`` stage removes them.
     """
-    current = {ratio_tag(r) for r in ratios}
+    current = {target_tag(t) for t in targets}
     stale = []
     for arch in archs:
-        for folder, pattern in _per_ratio_patterns(arch):
+        for folder, pattern in _per_target_patterns(arch):
             if not folder.is_dir():
                 continue
             for path in sorted(folder.iterdir()):

@@ -10,10 +10,11 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
     arch, series, ratio, label, true_ratio, mflops, top1, top5
 
   ``series`` is one of :data:`TRADEOFF_SERIES`: the dense baseline and the sparse-trained model
-  (``ratio`` 0, ``label`` empty, ``true_ratio`` empty), then per ratio the pruned model before
-  fine-tuning and after it. ``ratio``/``true_ratio``: requested and measured share of BN channels
-  removed (%); ``label``: the requested ratio as the chart prints it (``20%``); ``mflops``: thop's
-  count / 10^6; ``top1``, ``top5``: test accuracy (%).
+  (``ratio`` 0, ``label`` empty, ``true_ratio`` empty), then per prune target the pruned model
+  before fine-tuning and after it. ``ratio``/``true_ratio``: the channel ratio the target resolved
+  to and the measured share of BN channels removed (%); ``label``: the target as the chart prints
+  it (``20%``, ``FLOPs 50%``, ``params 30%``, ``safe (45%)``); ``mflops``: thop's count / 10^6;
+  ``top1``, ``top5``: test accuracy (%).
 
 ``curves.csv`` -- training curves (template ``slimcore_curves``)::
 
@@ -23,7 +24,8 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
   ``test_top1`` (%) and ``lr``. ``run_epoch`` counts from 1 within the run; ``epoch`` is the
   position on the shared axis: baseline and sparse training both start at 1, fine-tuning starts
   from the pruned sparse model, so its epochs follow the last sparse-training epoch. ``order``
-  sorts the runs (baseline, sparse, then fine-tunings by ratio) for the legend.
+  sorts the runs (baseline, sparse, then fine-tunings: by ratio, then FLOPs, params and safe
+  targets) for the legend.
 
 ``gamma_hist.csv`` -- |gamma| histograms and pruning thresholds (template ``slimcore_gamma``)::
 
@@ -35,8 +37,8 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
   from the last edge at or below the smallest non-zero |gamma| (at most :data:`MAX_DECADES`
   decades below the largest) to the first edge at or above the largest; smaller values (exact
   zeros included) are counted in the first bin. ``kind=threshold`` rows:
-  the |gamma| threshold (``gamma``) at which the sparse model was pruned for ratio ``label``
-  (``20%``); channels whose (group) score is at most this were removed.
+  the |gamma| threshold (``gamma``) at which the sparse model was pruned for the target ``label``
+  (``20%``, ``FLOPs 50%``); channels whose (group) score is at most this were removed.
 
 Numbers are written with 6 significant digits and files are replaced atomically, so the same
 inputs give the same bytes.
@@ -54,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from slimcore.checkpoint import atomic_write_bytes
-from slimcore.paths import ratio_tag
+from slimcore.targets import Target, parse_target, target_label
 
 TRADEOFF_CSV, CURVES_CSV, GAMMA_CSV = "tradeoff.csv", "curves.csv", "gamma_hist.csv"
 
@@ -113,22 +115,30 @@ def _pct(fraction: float | None) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def tradeoff_rows(arch: str, ratios: Sequence[float], evals: Mapping[str, Mapping[str, float]],
-                  profile: Mapping[str, Mapping[str, Any]],
-                  prunes: Mapping[float, Mapping[str, Any]]) -> list[Row]:
-    """One arch's rows of ``tradeoff.csv``: the dense baseline, the sparse model, two rows per ratio."""
+def _resolved_ratio(target: Target, prune_report: Mapping[str, Any]) -> float | None:
+    ratio = prune_report.get("requested_ratio")
+    return float(ratio) if ratio is not None else target.value if target.kind == "ratio" else None
 
-    def row(series: str, label: str, ratio: float | None = None, true_ratio: float | None = None) -> Row:
-        return {"arch": arch, "series": series, "ratio": _pct(ratio) if ratio is not None else 0.0,
-                "label": "" if ratio is None else percent_label(ratio), "true_ratio": _pct(true_ratio),
+
+def tradeoff_rows(arch: str, targets: Sequence[Target | float | str], evals: Mapping[str, Mapping[str, float]],
+                  profile: Mapping[str, Mapping[str, Any]],
+                  prunes: Mapping[str, Mapping[str, Any]]) -> list[Row]:
+    """One arch's rows of ``tradeoff.csv``: the dense baseline, the sparse model, two rows per target
+    (``prunes`` is keyed by the target's tag)."""
+
+    def row(series: str, label: str, target: Target | None = None) -> Row:
+        pr = prunes[target.tag] if target is not None else {}
+        return {"arch": arch, "series": series,
+                "ratio": _pct(_resolved_ratio(target, pr)) if target is not None else 0.0,
+                "label": "" if target is None else target_label(target, pr),
+                "true_ratio": _pct(pr.get("true_ratio")),
                 "mflops": profile[label]["flops"] / 1e6, "top1": _pct(evals[label]["top1"]),
                 "top5": _pct(evals[label]["top5"])}
 
     rows = [row(BASELINE, "baseline"), row(SPARSE, "sparse")]
-    for ratio in ratios:
-        tag, true_ratio = ratio_tag(ratio), prunes[ratio].get("true_ratio")
-        rows.append(row(PRUNED, f"pruned-{tag}", ratio, true_ratio))
-        rows.append(row(FINETUNED, f"finetuned-{tag}", ratio, true_ratio))
+    for target in map(parse_target, targets):
+        rows.append(row(PRUNED, f"pruned-{target.tag}", target))
+        rows.append(row(FINETUNED, f"finetuned-{target.tag}", target))
     return rows
 
 
@@ -137,23 +147,24 @@ def tradeoff_rows(arch: str, ratios: Sequence[float], evals: Mapping[str, Mappin
 # --------------------------------------------------------------------------------------------
 
 
-def _finetune_ratio(run: str) -> float | None:
-    """``finetune-0.2`` -> 0.2; None for any other run name."""
+def _finetune_target(run: str) -> Target | None:
+    """``finetune-0.2`` -> the ratio 0.2, ``finetune-flops0.5`` -> flops0.5; None for any other run."""
     prefix = "finetune-"
     if not run.startswith(prefix):
         return None
     try:
-        return float(run[len(prefix):])
+        return parse_target(run[len(prefix):])
     except ValueError:
         return None
 
 
-def _run_sort_key(run: str) -> tuple[int, float, str]:
-    """Baseline, sparse, then fine-tunings by ratio, then anything else by name."""
+def _run_sort_key(run: str) -> tuple[int, tuple[int, float], str]:
+    """Baseline, sparse, then fine-tunings (by ratio, then FLOPs, params and safe targets), then the rest."""
     if run in TRAINING_RUNS:
-        return (TRAINING_RUNS.index(run), 0.0, run)
-    ratio = _finetune_ratio(run)
-    return (len(TRAINING_RUNS), ratio, run) if ratio is not None else (len(TRAINING_RUNS) + 1, 0.0, run)
+        return (TRAINING_RUNS.index(run), (0, 0.0), run)
+    target = _finetune_target(run)
+    return (len(TRAINING_RUNS), target.sort_key(), run) if target is not None \
+        else (len(TRAINING_RUNS) + 1, (0, 0.0), run)
 
 
 def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[Row]:
@@ -162,7 +173,7 @@ def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]]) 
     offset = max((int(e["epoch"]) for e in sparse), default=0)
     rows: list[Row] = []
     for order, run in enumerate(sorted(histories, key=_run_sort_key)):
-        shift = offset if _finetune_ratio(run) is not None else 0
+        shift = offset if _finetune_target(run) is not None else 0
         for epoch in sorted(histories[run], key=lambda e: int(e["epoch"])):
             values = {"train_loss": epoch["train_loss"], "test_top1": _pct(epoch["test_top1"]), "lr": epoch["lr"]}
             for metric in CURVE_METRICS:
@@ -189,8 +200,9 @@ def log_bin_edges(values: Sequence[np.ndarray]) -> np.ndarray:
     return 10.0 ** (np.arange(bottom, top + 1) / BINS_PER_DECADE)
 
 
-def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[float, float]) -> list[Row]:
-    """One arch's rows of ``gamma_hist.csv``: shared log bins for each model, then one row per threshold."""
+def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[str, float]) -> list[Row]:
+    """One arch's rows of ``gamma_hist.csv``: shared log bins for each model, then one row per
+    threshold (``thresholds``: the target's label, e.g. ``20%`` or ``FLOPs 50%`` -> threshold)."""
     arrays = {model: np.abs(np.asarray(g, dtype=np.float64).ravel()) for model, g in gammas.items()}
     edges = log_bin_edges(list(arrays.values()))
     rows: list[Row] = []
@@ -200,8 +212,8 @@ def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[float, 
         for lo, hi, count in zip(edges[:-1], edges[1:], counts):
             rows.append({"arch": arch, "kind": "bin", "model": model, "label": "", "bin_lo": float(lo),
                          "bin_hi": float(hi), "gamma": math.sqrt(lo * hi), "pct": 100 * int(count) / total})
-    for ratio, threshold in thresholds.items():
-        rows.append({"arch": arch, "kind": "threshold", "model": "sparse", "label": percent_label(ratio),
+    for label, threshold in thresholds.items():
+        rows.append({"arch": arch, "kind": "threshold", "model": "sparse", "label": label,
                      "gamma": float(threshold)})
     return rows
 
@@ -211,43 +223,47 @@ def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[float, 
 # --------------------------------------------------------------------------------------------
 
 
-def plot_tables(*, archs: list[str], ratios: list[float], evals: dict, profile: dict, prunes: dict,
-                histories: dict, gammas: dict) -> dict[str, bytes]:
+def plot_tables(*, archs: list[str], targets: Sequence[Target | float | str], evals: dict, profile: dict,
+                prunes: dict, histories: dict, gammas: dict) -> dict[str, bytes]:
     """The contents of every plot file, by file name (see :func:`write_plot_data`)."""
     tradeoff, curves, hist = [], [], []
+    parsed = [parse_target(t) for t in targets]
     for arch in archs:
-        tradeoff += tradeoff_rows(arch, ratios, evals[arch], profile[arch], prunes[arch])
+        tradeoff += tradeoff_rows(arch, parsed, evals[arch], profile[arch], prunes[arch])
         curves += curve_rows(arch, histories.get(arch, {}))
         models = {m: gammas[arch][m] for m in GAMMA_MODELS if m in gammas[arch]}
-        hist += gamma_rows(arch, models, {r: prunes[arch][r]["threshold"] for r in ratios})
+        thresholds = {target_label(t, prunes[arch][t.tag]): prunes[arch][t.tag]["threshold"] for t in parsed}
+        hist += gamma_rows(arch, models, thresholds)
     return {TRADEOFF_CSV: render_csv(TRADEOFF_FIELDS, tradeoff), CURVES_CSV: render_csv(CURVE_FIELDS, curves),
             GAMMA_CSV: render_csv(GAMMA_FIELDS, hist)}
 
 
-def write_plot_data(directory: Path, *, archs: list[str], ratios: list[float],
+def write_plot_data(directory: Path, *, archs: list[str], targets: Sequence[Target | float | str],
                     evals: dict, profile: dict, prunes: dict, histories: dict, gammas: dict) -> None:
     """Write ``tradeoff.csv``, ``curves.csv`` and ``gamma_hist.csv`` under ``directory``.
 
     Args:
         directory: where the files go (the pipeline passes ``metrics/plots``).
-        archs, ratios: what to draw, in this order (``params.archs``, ``params.prune.ratios``).
+        archs, targets: what to draw, in this order (``params.archs``, ``params.prune.targets``:
+            :class:`slimcore.targets.Target` objects or their spellings, ``0.2``, ``"flops0.5"``).
         evals: ``evals[arch][label] = {"top1": fraction, "top5": fraction, ...}`` for the labels
-            ``baseline``, ``sparse``, ``pruned-R``, ``finetuned-R`` (``R = ratio_tag(ratio)``;
-            ``pruned-R-nofold`` may be present and is not drawn).
+            ``baseline``, ``sparse``, ``pruned-T``, ``finetuned-T`` (``T`` the target's tag;
+            ``pruned-T-nofold`` may be present and is not drawn).
         profile: ``profile[arch][label] = {"flops": float, ...}`` for the same labels.
-        prunes: ``prunes[arch][ratio]``, the prune report (``threshold``, ``true_ratio``, ...).
+        prunes: ``prunes[arch][T]``, the prune report (``threshold``, ``true_ratio``,
+            ``requested_ratio``: the ratio the target resolved to, ...).
         histories: ``histories[arch][run] = [{"epoch", "lr", "train_loss", "test_top1", ...}, ...]``
-            for runs ``baseline-train``, ``sparse-train``, ``finetune-R``; a missing run is not drawn.
+            for runs ``baseline-train``, ``sparse-train``, ``finetune-T``; a missing run is not drawn.
         gammas: ``gammas[arch] = {"baseline": |gamma| values, "sparse": ...}``, any 1-D array-like
             (a CPU tensor works).
 
     The same inputs always give the same bytes; each file is replaced atomically.
     """
-    tables = plot_tables(archs=archs, ratios=ratios, evals=evals, profile=profile, prunes=prunes,
+    tables = plot_tables(archs=archs, targets=targets, evals=evals, profile=profile, prunes=prunes,
                          histories=histories, gammas=gammas)
     for name, content in tables.items():
         atomic_write_bytes(Path(directory) / name, content)
 
 
 __all__ = ["CURVE_METRICS", "GAMMA_MODELS", "TRADEOFF_SERIES", "curve_rows", "gamma_rows", "log_bin_edges",
-           "percent_label", "plot_tables", "render_csv", "tradeoff_rows", "write_plot_data"]
+           "percent_label", "plot_tables", "render_csv", "target_label", "tradeoff_rows", "write_plot_data"]

@@ -44,11 +44,13 @@ from slimcore.fold import fold_constants as _fold_constants
 from slimcore.fold import tap_means as _tap_means
 from slimcore.models import PLAN_ATTR
 from slimcore.plan import build_graph, plain_plan, replay_plan
+from slimcore.profile import count_flops, count_params
 from slimcore.surgery import Snapshot as _Snapshot
 from slimcore.surgery import apply_groups as _apply
 from slimcore.surgery import breaking_groups as _breaking_groups
 from slimcore.surgery import check_runs as _check_runs
 from slimcore.surgery import probe_input as _probe_input
+from slimcore.targets import Target, parse_target
 
 GroupScore = Literal["max", "mean", "l2"]
 
@@ -75,6 +77,9 @@ class SlimPolicy:
         on_untraceable: when the model cannot be traced or no channel of it can be pruned:
             ``"error"`` raises :class:`SlimError` naming the cause, ``"warn"`` warns and returns
             the model untouched (its report says why).
+        warn_gamma: report how many removed channels score above this (|gamma|, or the group
+            score of coupled channels): channels that were not negligible
+            (``SlimReport.nonnegligible_removed``).  It changes nothing that is removed.
     """
 
     round_to: int = 1
@@ -84,6 +89,7 @@ class SlimPolicy:
     group_score: GroupScore = "max"
     inplace: bool = False
     on_untraceable: Literal["error", "warn"] = "error"
+    warn_gamma: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.round_to < 1 or self.min_channels < 1:
@@ -94,6 +100,8 @@ class SlimPolicy:
             raise ValueError(f"group_score must be max, mean or l2, got {self.group_score!r}")
         if self.on_untraceable not in ("error", "warn"):
             raise ValueError(f"on_untraceable must be error or warn, got {self.on_untraceable!r}")
+        if not self.warn_gamma >= 0:
+            raise ValueError(f"warn_gamma must be >= 0, got {self.warn_gamma}")
 
     @classmethod
     def from_kwargs(cls, **policy: Any) -> SlimPolicy:
@@ -127,6 +135,14 @@ class SlimReport:
     ``reason`` and ``channels`` (the BN channels it holds fixed).  ``exact`` is True only when
     the requested ratio was met over *all* BN channels (within one rounding unit of the target
     and nothing held fixed); ``bound_by`` says what stopped it otherwise.
+
+    ``nonnegligible_removed`` counts the removed channels (of the groups' root layers) whose
+    score exceeds ``warn_gamma``.  :func:`slim_to` also fills ``target`` (its name, e.g.
+    ``flops0.5``), ``requested_ratio`` (the ratio it resolved to), the FLOPs (thop's count, as
+    :func:`slimcore.profile.count_flops`) and parameters before and after, and
+    ``flops_fraction`` / ``params_fraction`` (after / before); for a FLOPs or parameters target,
+    ``exact`` means the kept fraction is within 1% (relative) of the target, and
+    ``search_steps`` counts the pruned candidates measured to find the ratio.
     """
 
     requested_ratio: float
@@ -142,6 +158,16 @@ class SlimReport:
     policy: dict[str, Any]
     ratio_all_bn: float = 0.0
     seconds: float = 0.0
+    warn_gamma: float = 1e-2
+    nonnegligible_removed: int = 0
+    target: str = ""
+    flops_before: float | None = None
+    flops_after: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    flops_fraction: float | None = None
+    params_fraction: float | None = None
+    search_steps: int = 0
 
     @property
     def skipped_bn_channels(self) -> int:
@@ -702,13 +728,119 @@ def _skip_summary(skipped: list[dict[str, Any]]) -> str:
 
 
 _MAX_TRIES = 4
+TARGET_TOLERANCE = 0.01  # a FLOPs/params target is met when |kept - F| <= TARGET_TOLERANCE * F
+_MAX_SEARCH_STEPS = 40
 
 
-def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy) -> SlimReport:
-    """Slim ``model`` in place (one trace; failed surgery undone from a snapshot)."""
+@dataclass
+class _Goal:
+    """Keep ``fraction`` of the model's ``measure`` (``flops`` at ``input_shape``, or ``params``)."""
+
+    measure: Literal["flops", "params"]
+    fraction: float
+    input_shape: tuple[int, ...]
+    before: float = 0.0
+    steps: int = 0
+
+    def count(self, model: nn.Module) -> float:
+        if self.measure == "flops":
+            return count_flops(model, self.input_shape)
+        return float(count_params(model))
+
+
+def _search_ratio(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group],
+                  tap_means: dict[nn.Module, torch.Tensor], pol: SlimPolicy, goal: _Goal,
+                  snapshot: _Snapshot, skipped: list[dict[str, Any]]) -> tuple[float, list[str]]:
+    """The ratio whose pruned model keeps ``goal.fraction`` of the FLOPs/params, and why not when
+    no ratio does (``bound_by``).
+
+    Each candidate is pruned for real on the one traced graph (select, fold, surgery), measured
+    as the profile stage measures it, and undone from ``snapshot``: no retrace, and no copy of
+    the model to undo (``count_flops`` counts on a copy, as the profile stage does).
+    The search runs over the number of BN channels removed (integers), by interpolation
+    between a bracket that always holds the target, with a bisection step whenever
+    interpolation stalls.
+    """
+    goal.before = goal.before or goal.count(model)
+    prunable = int(sum(int(g.weights.sum()) for g in groups))
+    available = int(_unit_table(groups, pol)[1].sum())
+    target, tol = goal.fraction, TARGET_TOLERANCE * goal.fraction
+    cache: dict[int, float] = {0: 1.0}
+
+    def kept(k: int) -> float:
+        if k not in cache:
+            _select(groups, k / prunable, pol)
+            try:
+                if pol.fold_constants:
+                    _fold_constants(dg, groups, tap_means)
+                _apply(dg, groups)
+                cache[k] = goal.count(model) / goal.before
+            except Exception as err:
+                raise SlimError(f"cannot measure a pruned candidate while searching for "
+                                f"{goal.measure} {target:g}: {type(err).__name__}: {err}") from err
+            finally:
+                snapshot.restore(dg)
+                goal.steps += 1
+        return cache[k]
+
+    what = "FLOPs" if goal.measure == "flops" else "parameters"
+    lo, hi, f_lo, f_hi = 0, available, 1.0, 1.0
+    # A first guess: a layer's FLOPs and weights scale with its input and output widths, so
+    # removing a share s of the channels keeps about (1 - s)^2.  When the guess overshoots, the
+    # bracket [0, guess] holds the target and the costliest candidate (all removable) is skipped.
+    guess = min(available, max(1, round(prunable * (1 - math.sqrt(target))))) if available else 0
+    if guess:
+        f_guess = kept(guess)
+        if f_guess <= target or guess == available:
+            hi, f_hi = guess, f_guess
+        else:
+            lo, f_lo = guess, f_guess
+            f_hi = kept(available)
+    if f_hi > target + tol:
+        held = sum(int(x.get("channels", 0)) for x in skipped)
+        floors = [g.root_name for g in groups if g.max_removable < g.channels]
+        return available / prunable, [
+            f"floor: at most {available} of {prunable} prunable BN channels are removable with "
+            f"min_channels={pol.min_channels}, min_keep_fraction={pol.min_keep_fraction}, "
+            f"round_to={pol.round_to}, which keeps {f_hi:.2%} of the {what} for a target of {target:.2%}; "
+            f"groups at their floor: {', '.join(floors)}"
+            + (f"; {held} BN channels are held fixed in skipped groups (see skipped)" if held else "")]
+    best = min(cache, key=lambda k: abs(cache[k] - target))
+    last, same = "", 0  # which end moved last, and how many times in a row
+    while abs(cache[best] - target) > tol and hi - lo > 1 and goal.steps < _MAX_SEARCH_STEPS:
+        # the bracket: kept(lo) > target >= kept(hi); interpolate, or bisect when one end is stuck
+        if same >= 2 or f_lo <= f_hi:
+            k = (lo + hi) // 2
+        else:
+            k = lo + round((hi - lo) * (f_lo - target) / (f_lo - f_hi))
+        k = min(max(k, lo + 1), hi - 1)
+        f = kept(k)
+        if abs(f - target) < abs(cache[best] - target):
+            best = k
+        moved = "lo" if f > target else "hi"
+        if moved == "lo":
+            lo, f_lo = k, f
+        else:
+            hi, f_hi = k, f
+        same = same + 1 if moved == last else 1
+        last = moved
+    bound: list[str] = []
+    if abs(cache[best] - target) > tol:
+        bound.append(f"granularity: removing {lo} BN channels keeps {cache[lo]:.2%} of the {what} and "
+                     f"removing {hi} keeps {cache[hi]:.2%}; no ratio lands within "
+                     f"{TARGET_TOLERANCE:.0%} of the target {target:.2%} (round_to={pol.round_to}, grouped "
+                     f"channels go together)")
+    return best / prunable, bound
+
+
+def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy,
+               goal: _Goal | None = None) -> SlimReport:
+    """Slim ``model`` in place (one trace; failed surgery undone from a snapshot).  With ``goal``
+    the ratio is searched first (on the same trace) so the model keeps ``goal.fraction`` of its
+    FLOPs or parameters."""
     total_bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     try:
-        traced = _trace(model, example_inputs, fold=pol.fold_constants and ratio > 0)
+        traced = _trace(model, example_inputs, fold=pol.fold_constants and (ratio > 0 or goal is not None))
         groups, skipped = _collect_groups(model, traced.graph, traced.classifier, pol.group_score)
     except Exception as err:  # torch-pruning cannot model this graph at all
         with torch.no_grad():
@@ -721,6 +853,12 @@ def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
     dg, expected = traced.graph, traced.output_shape
     probe = _probe_input(model, example_inputs, expected)
     snapshot = _Snapshot(model, dg)
+    search_bound: list[str] = []
+    if goal is not None:
+        if not groups:
+            why = _skip_summary(skipped) if skipped else "it has no BatchNorm2d layer"
+            return _untraceable(0.0, total_bn, pol, f"no channel group can be pruned ({why})", skipped)
+        ratio, search_bound = _search_ratio(model, dg, groups, traced.tap_means, pol, goal, snapshot, skipped)
     by_name = {g.root_name: g for g in groups}
     excluded: dict[str, str] = {}
     for _ in range(_MAX_TRIES):
@@ -747,6 +885,8 @@ def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
         raise SlimError(f"pruned model still fails to run after excluding {len(excluded)} groups ({problem})")
     skipped += [{"group": name, "reason": why, "channels": int(by_name[name].weights.sum())}
                 for name, why in excluded.items()]
+    nonnegligible = sum(int((g.scores[g.prune_idxs] > pol.warn_gamma).sum()) for g in groups
+                        if g.root_name not in excluded)
     history = plain_plan(dg.pruning_history())
     setattr(model, PLAN_ATTR, list(getattr(model, PLAN_ATTR, [])) + history)
     held = sum(int(s["channels"]) for s in skipped)
@@ -764,11 +904,14 @@ def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
         removed_bn_channels=removed,
         total_bn_channels=total_bn,
         exact=removed == round(ratio * prunable) and not (held and ratio),
-        bound_by=bound_by,
+        bound_by=bound_by if goal is None else search_bound,
         groups=[_group_report(g) for g in groups if g.root_name not in excluded],
         skipped=skipped,
         policy=asdict(pol),
         ratio_all_bn=ratio_all,
+        warn_gamma=pol.warn_gamma,
+        nonnegligible_removed=nonnegligible,
+        search_steps=goal.steps if goal is not None else 0,
     )
 
 
@@ -793,13 +936,17 @@ def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    pol = SlimPolicy.from_kwargs(**policy)
+    return _slim(model, ratio, example_inputs, SlimPolicy.from_kwargs(**policy), None)
+
+
+def _slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy,
+          goal: _Goal | None) -> tuple[nn.Module, SlimReport]:
     start = time.perf_counter()
     was_training = model.training
     work = model if pol.inplace else copy.deepcopy(model)
     work.eval()
     try:
-        report = _slim_work(work, ratio, example_inputs, pol)
+        report = _slim_work(work, ratio, example_inputs, pol, goal)
     finally:
         work.train(was_training)
         model.train(was_training)
@@ -838,6 +985,65 @@ def coupled_units(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[
     return list(units.items())
 
 
+def slim_to(model: nn.Module, target: Target | float | str, example_inputs: torch.Tensor, *,
+            safe_ratio: float | None = None, input_size: int | tuple[int, ...] | None = None,
+            **policy: Any) -> tuple[nn.Module, SlimReport]:
+    """Slim ``model`` to a target: a channel ratio, a kept fraction of FLOPs or of parameters.
+
+    Args:
+        model, example_inputs, **policy: as :func:`slim`.
+        target: a :class:`slimcore.targets.Target` or its spelling: ``0.2`` (a ratio, exactly
+            :func:`slim`), ``"flops0.5"`` (keep half the FLOPs), ``"params0.3"`` (keep 30% of
+            the parameters) or ``"safe"`` (the ratio ``safe_ratio``, which the caller reads from
+            the sensitivity report).
+        safe_ratio: the ratio a ``safe`` target stands for.
+        input_size: the input FLOPs are counted at (as :func:`slimcore.profile.count_flops`);
+            default: ``example_inputs`` at batch 1.
+
+    A FLOPs or parameters target is met when the kept fraction is within 1% of it (relative);
+    the ratio is searched on one traced graph (each candidate pruned, measured and undone).
+    When no ratio meets it (group floors, ``round_to``, groups held fixed) the nearest one is
+    used and ``report.bound_by`` says what bounds it.  The report always records the target,
+    the resolved ratio (``requested_ratio``) and the FLOPs and parameters before and after.
+    """
+    goal_target = parse_target(target)
+    pol = SlimPolicy.from_kwargs(**policy)
+    shape = tuple(example_inputs.shape[1:]) if input_size is None else input_size
+    if isinstance(shape, tuple) and len(shape) == 3:
+        shape = (1, *shape)
+    goal = None
+    if goal_target.kind == "safe":
+        if safe_ratio is None:
+            raise ValueError("a 'safe' target needs safe_ratio= (the sensitivity report's safe_ratio)")
+        ratio = parse_target(float(safe_ratio)).value
+    elif goal_target.kind == "ratio":
+        ratio = goal_target.value
+    else:
+        ratio = 0.0
+        goal = _Goal(goal_target.kind, float(goal_target.value), shape)  # type: ignore[arg-type]
+    start = time.perf_counter()
+    flops_before = count_flops(model, shape)
+    params_before = count_params(model)
+    if goal is not None:
+        goal.before = flops_before if goal.measure == "flops" else float(params_before)
+    pruned, report = _slim(model, float(ratio), example_inputs, pol, goal)  # type: ignore[arg-type]
+    report.target = goal_target.tag
+    report.flops_before, report.params_before = flops_before, params_before
+    report.flops_after, report.params_after = count_flops(pruned, shape), count_params(pruned)
+    report.flops_fraction = report.flops_after / flops_before if flops_before else 1.0
+    report.params_fraction = report.params_after / params_before if params_before else 1.0
+    if goal is not None:
+        achieved = report.flops_fraction if goal.measure == "flops" else report.params_fraction
+        report.exact = abs(achieved - goal.fraction) <= TARGET_TOLERANCE * goal.fraction
+        if not report.exact and not report.bound_by:
+            report.bound_by.append(
+                f"skipped groups: the pruned model keeps {achieved:.2%} of the "
+                f"{'FLOPs' if goal.measure == 'flops' else 'parameters'} for a target of {goal.fraction:.2%} "
+                "after groups whose surgery broke the model were held fixed (see skipped)")
+    report.seconds = time.perf_counter() - start
+    return pruned, report
+
+
 def _group_report(g: _Group) -> GroupReport:
     removed = torch.zeros(g.channels, dtype=torch.bool)
     removed[g.prune_idxs] = True
@@ -852,4 +1058,5 @@ def _group_report(g: _Group) -> GroupReport:
     )
 
 
-__all__: list[str] = ["GroupReport", "SlimError", "SlimPolicy", "SlimReport", "coupled_units", "replay_plan", "slim"]
+__all__: list[str] = ["TARGET_TOLERANCE", "GroupReport", "SlimError", "SlimPolicy", "SlimReport", "coupled_units",
+                      "replay_plan", "slim", "slim_to"]

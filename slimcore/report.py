@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from slimcore.config import Params
-from slimcore.paths import ratio_tag
+from slimcore.targets import target_label
 
-SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested ratio", "true ratio", "FLOPs after",
+SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested", "true ratio", "FLOPs after",
                 "params after/M", "top1", "top5"]
 EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB", "removed of all BN"]
 
@@ -65,7 +65,7 @@ def _all_bn(prune_report: Mapping[str, Any]) -> float:
 
 
 def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
-              prunes: Mapping[float, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+              prunes: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of one arch's pruning table (seed columns, then ours)."""
     base = profile["baseline"]
     f_scale, f_unit = _flops_unit(base["flops"])
@@ -74,13 +74,13 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
     header[6] = f"FLOPs after/{f_unit}"
     header += EXTRA_COLUMNS
     rows = []
-    for ratio in params.prune.ratios:
-        tag = ratio_tag(ratio)
-        fin, pr = profile[f"finetuned-{tag}"], prunes[ratio]
+    for target in params.prune.parsed_targets():
+        tag = target.tag
+        fin, pr = profile[f"finetuned-{tag}"], prunes[tag]
         nofold = evals.get(f"pruned-{tag}-nofold", {}).get("top1")
         rows.append([
             arch, _fmt(base["flops"], f_scale), f"{base['params'] / 1e6:.3f}",
-            format_strength(params.sparsity[arch]), f"{100 * ratio:g}%", f"{100 * pr['true_ratio']:.2f}%",
+            format_strength(params.sparsity[arch]), target_label(target, pr), f"{100 * pr['true_ratio']:.2f}%",
             _fmt(fin["flops"], f_scale), f"{fin['params'] / 1e6:.3f}",
             _pct(evals[f"finetuned-{tag}"]["top1"]), _pct(evals[f"finetuned-{tag}"]["top5"]),
             _pct(evals[f"pruned-{tag}"]["top1"]), _pct(nofold),
@@ -90,7 +90,7 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
 
 
 def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
-                     prunes: Mapping[str, Mapping[float, Mapping[str, Any]]]) -> str:
+                     prunes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     """The whole ``metrics/results.md``: per arch, the training summary and the pruning table."""
     d, m, t, f = params.data, params.model, params.train, params.finetune
     lines = [
@@ -102,6 +102,8 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         f"training {t.epochs} epochs (baseline and sparse), fine-tuning {f.epochs} epochs; "
         f"seed {params.seed}. Accuracies in %, on the test split. FLOPs: thop's count (MACs, see README); "
         "params/M: millions of parameters; size/MB: checkpoint bytes on disk / 10^6. "
+        "Requested: a share of BN channels to remove (20%), of FLOPs or parameters to keep (FLOPs 50%, "
+        "params 30%), or the safe ratio (safe (45%): the largest within prune.max_drop). "
         "Ratios count BN channels; the true ratio is measured on the pruned model, over the prunable "
         "BN channels; 'removed of all BN' counts every BN channel (lower when groups were held fixed). "
         "CPU latency and speedups are wall-clock figures: see [timings/latency.md](timings/latency.md).",
@@ -119,10 +121,11 @@ def _pct2(x: float) -> float:
 
 
 def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
-            prunes: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
+            prunes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``metrics/summary/ARCH.json``, the pipeline's declared DVC metrics: accuracy (%), FLOPs and
-    parameters of the dense models, and per ratio, keyed by its position in ``prune.ratios``
-    (``r1``, ``r2``, ...) so that runs with different ratio lists share metric names."""
+    parameters of the dense models, and per target, keyed by its position in ``prune.targets``
+    (``r1``, ``r2``, ...) so that runs with different target lists share metric names; ``ratio``
+    is the channel ratio the target resolved to."""
     def cost(label: str) -> dict[str, Any]:
         return {"mflops": round(profile[label]["flops"] / 1e6, 4), "params": int(profile[label]["params"])}
 
@@ -131,12 +134,13 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
                      **cost("baseline")},
         "sparse": {"top1": _pct2(evals["sparse"]["top1"]), "top5": _pct2(evals["sparse"]["top5"])},
     }
-    for i, ratio in enumerate(params.prune.ratios, start=1):
-        tag = ratio_tag(ratio)
+    for i, target in enumerate(params.prune.parsed_targets(), start=1):
+        tag, pr = target.tag, prunes[target.tag]
         out[f"r{i}"] = {
-            "ratio": ratio,
-            "removed_pct": _pct2(prunes[ratio]["true_ratio"]),
-            "removed_all_bn_pct": _pct2(_all_bn(prunes[ratio])),
+            "target": tag,
+            "ratio": float(pr.get("requested_ratio", target.value or 0.0)),
+            "removed_pct": _pct2(pr["true_ratio"]),
+            "removed_all_bn_pct": _pct2(_all_bn(pr)),
             "top1_pruned": _pct2(evals[f"pruned-{tag}"]["top1"]),
             "top1": _pct2(evals[f"finetuned-{tag}"]["top1"]),
             "top5": _pct2(evals[f"finetuned-{tag}"]["top5"]),
@@ -145,4 +149,4 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
     return {arch: out}
 
 
-__all__ = ["format_strength", "results_markdown", "summary"]
+__all__ = ["format_strength", "results_markdown", "summary", "target_label"]

@@ -37,12 +37,13 @@ from slimcore.config import Params, load_params, with_overrides
 from slimcore.console import console
 from slimcore.errors import ParamsError, SlimcoreError
 from slimcore.preset import EXIT_REFUSED, SEED_PRESET, check_device, parse_sets
+from slimcore.targets import parse_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = 5  # training batches per stage when --train-images is not given
 DEFAULT_TEST_IMAGES = 256
 CPU_WHY = ("the smoke at the preset's size takes hours on CPU; run it on a GPU machine, or shrink it "
-           "(--image-size 32 --width 0.125 --archs vgg16_bn --ratios 0.5) and")
+           "(--image-size 32 --width 0.125 --archs vgg16_bn --targets 0.5) and")
 
 
 class StageFailed(SlimcoreError):
@@ -57,7 +58,7 @@ class SmokeOptions:
     image_size: int | None = None
     width: float | None = None
     archs: list[str] | None = None
-    ratios: list[float] | None = None
+    targets: list[float | str] | None = None  # prune.targets entries (0.5, flops0.5, ...)
     train_images: int | None = None  # default: DEFAULT_STEPS batches per process
     test_images: int = DEFAULT_TEST_IMAGES
     batch_size: int | None = None
@@ -113,7 +114,7 @@ def smoke_params(opts: SmokeOptions, data_root: Path, nproc: int) -> Params:
     changes: dict[str, object] = {
         "data.root": str(data_root), "data.download": False,
         "data.image_size": opts.image_size, "model.width": opts.width,
-        "archs": opts.archs, "prune.ratios": opts.ratios,
+        "archs": opts.archs, "prune.targets": opts.targets,
         "profile.latency_runs": 3, "profile.warmup_runs": 1, "runtime.nproc": nproc,
         # A few batches of in-memory data: worker processes cost more than they save. On an H200
         # (gVisor), 8 workers per loader made a 640-image training stage take ~106 s, 0 took ~25 s.
@@ -154,18 +155,19 @@ def stage_plan(params: Params, train_images: int, test_images: int) -> list[Plan
                 * params.runtime.nproc * cfg.epochs
             plan.append(PlannedStage(f"{run}@{arch}", [f"stages.{module}", "--arch", arch], seen,
                                      paths.timings(arch, run)))
-        for ratio in params.prune.ratios:
-            tag = paths.ratio_tag(ratio)
-            plan.append(PlannedStage(f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--ratio", tag], None,
-                                     paths.timings(arch, paths.prune_run(ratio))))
-        for ratio in params.prune.ratios:
-            tag, cfg = paths.ratio_tag(ratio), params.finetune
+        targets = params.prune.parsed_targets()
+        for target in targets:
+            tag = target.tag
+            plan.append(PlannedStage(f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--target", tag], None,
+                                     paths.timings(arch, paths.prune_run(target))))
+        for target in targets:
+            tag, cfg = target.tag, params.finetune
             seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
                 * params.runtime.nproc * cfg.epochs
-            plan.append(PlannedStage(f"finetune@{arch}-{tag}", ["stages.finetune", "--arch", arch, "--ratio", tag],
-                                     seen, paths.timings(arch, paths.finetune_run(ratio))))
+            plan.append(PlannedStage(f"finetune@{arch}-{tag}", ["stages.finetune", "--arch", arch, "--target", tag],
+                                     seen, paths.timings(arch, paths.finetune_run(target))))
     plan.append(PlannedStage("profile", ["stages.profile"], None, None))
-    checkpoints = sum(len(paths.model_files(arch, params.prune.ratios)) for arch in params.archs)
+    checkpoints = sum(len(paths.model_files(arch, params.prune.parsed_targets())) for arch in params.archs)
     plan.append(PlannedStage("evaluate", ["stages.evaluate"], test_images * checkpoints, None))
     return plan
 
@@ -299,7 +301,7 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
                     f"(CUDA {machine['cuda']}), AMP {machine['amp']}, channels_last {machine['channels_last']}, "
                     f"nproc {machine['nproc']}")
         console.log(f"{', '.join(params.archs)} at {params.data.image_size}px, width {params.model.width:g}, "
-                    f"ratios {', '.join(map(paths.ratio_tag, params.prune.ratios))}; synthetic {params.data.name}: "
+                    f"targets {', '.join(t.tag for t in params.prune.parsed_targets())}; synthetic {params.data.name}: "
                     f"{train_images} train / {opts.test_images} test images, batch {params.train.batch_size} "
                     f"per process, {params.train.epochs} + {params.finetune.epochs} epochs (train, finetune)")
         results = []
@@ -377,7 +379,8 @@ def main(
     image_size: Annotated[int | None, typer.Option(help="pixels (default: the preset's)")] = None,
     width: Annotated[float | None, typer.Option(help="model width multiplier (default: the preset's)")] = None,
     archs: Annotated[str | None, typer.Option(help="comma-separated archs (default: the preset's)")] = None,
-    ratios: Annotated[str | None, typer.Option(help="comma-separated prune ratios (default: the preset's)")] = None,
+    targets: Annotated[str | None, typer.Option(
+        help="comma-separated prune targets: ratios, flopsF, paramsF (default: the preset's)")] = None,
     train_images: Annotated[int | None, typer.Option(
         help=f"synthetic train images (default: {DEFAULT_STEPS} batches per process)")] = None,
     test_images: Annotated[int, typer.Option(help="synthetic test images")] = DEFAULT_TEST_IMAGES,
@@ -396,11 +399,11 @@ def main(
 ) -> None:
     """Run the preset's whole pipeline on synthetic data for a few steps and print images/s per stage."""
     try:
-        ratio_values = [float(r) for r in _split_list(ratios) or []] or None
-    except ValueError:
-        _fail(f"--ratios {ratios!r}: expected comma-separated decimals, e.g. 0.2,0.4")
+        target_values = [parse_target(t).yaml_value for t in _split_list(targets) or []] or None
+    except ValueError as err:
+        _fail(f"--targets {targets!r}: {err}; e.g. 0.2,0.4 or flops0.5")
     try:
-        opts = SmokeOptions(preset, image_size, width, _split_list(archs), ratio_values, train_images, test_images,
+        opts = SmokeOptions(preset, image_size, width, _split_list(archs), target_values, train_images, test_images,
                             batch_size, nproc, parse_sets(sets or []), workdir, keep, allow_cpu,
                             one_process_each=one_process_each)
         results, machine, workspace = run_smoke(opts)

@@ -18,6 +18,7 @@ import typer
 from slimcore.config import Params, load_params, with_overrides
 from slimcore.console import console
 from slimcore.errors import ParamsError, SlimcoreError
+from slimcore.targets import Target
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params file (the pipeline reads params.yaml)")
 
@@ -98,10 +99,14 @@ def params_for(path: Path, arch: str | None = None, **overrides: Any) -> Params:
     return params
 
 
-def check_ratio(params: Params, ratio: float) -> None:
-    """A ratio given by hand must be a valid ratio (and is usually one of prune.ratios)."""
-    if not 0 <= ratio < 1:
-        raise ParamsError(f"--ratio {ratio}: must be in [0, 1) (a fraction of BN channels)")
+def check_target(params: Params, target: str) -> Target:
+    """A prune target given by hand (``--target``): a valid one (usually one of prune.targets)."""
+    from slimcore.targets import parse_target
+
+    try:
+        return parse_target(target)
+    except ValueError as err:
+        raise ParamsError(f"--target {target}: {err}") from None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -133,4 +138,4 @@ def run_app(app: typer.Typer) -> None:
         raise
 
 
-__all__ = ["PARAMS_OPTION", "check_ratio", "console", "fail", "params_for", "run_app", "stage", "write_json"]
+__all__ = ["PARAMS_OPTION", "check_target", "console", "fail", "params_for", "run_app", "stage", "write_json"]

@@ -49,12 +49,13 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                              device=ctx.device.type)
         profile = json.loads(paths.profile_report().read_text())
         evals: dict[str, dict[str, dict[str, float]]] = {}
-        prunes: dict[str, dict[float, dict[str, object]]] = {}
+        prunes: dict[str, dict[str, dict[str, object]]] = {}  # arch -> target tag -> prune report
+        targets = params.prune.parsed_targets()
         histories: dict[str, dict[str, list[dict[str, float]]]] = {}
         gammas: dict[str, dict[str, torch.Tensor]] = {}
         for arch in params.archs:
             evals[arch], gammas[arch], histories[arch] = {}, {}, {}
-            for label, path in paths.model_files(arch, params.prune.ratios).items():
+            for label, path in paths.model_files(arch, targets).items():
                 model, meta = load_model_and_meta(path, expected_arch=params.model_for(arch).arch)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
                 model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last
@@ -64,20 +65,20 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                     gammas[arch][label] = gamma_magnitudes(model).cpu()
                 if meta.get("history"):  # trained checkpoints: baseline-train, sparse-train, finetune-R
                     histories[arch][meta["run"]] = meta["history"]
-            prunes[arch] = {r: json.loads(paths.prune_report(arch, r).read_text()) for r in params.prune.ratios}
+            prunes[arch] = {t.tag: json.loads(paths.prune_report(arch, t).read_text()) for t in targets}
         write_json(paths.eval_report(), evals)
         write_summaries(params, evals, profile, prunes)
-        write_plot_data(paths.plots_dir(), archs=params.archs, ratios=params.prune.ratios, evals=evals,
+        write_plot_data(paths.plots_dir(), archs=params.archs, targets=targets, evals=evals,
                         profile=profile, prunes=prunes, histories=histories, gammas=gammas)
         markdown = report.results_markdown(params, evals, profile, prunes)
         atomic_write_bytes(paths.results_table(), markdown.encode())
 
         table = Table(title="slimcore results (test top-1 %)")
-        for col in ("arch", "baseline", "sparse", *[f"{r:g}: pruned / FT" for r in params.prune.ratios]):
+        for col in ("arch", "baseline", "sparse", *[f"{t.tag}: pruned / FT" for t in targets]):
             table.add_column(col, justify="right")
         for arch, ev in evals.items():
-            cells = [f"{100 * ev[f'pruned-{paths.ratio_tag(r)}']['top1']:.2f} / "
-                     f"{100 * ev[f'finetuned-{paths.ratio_tag(r)}']['top1']:.2f}" for r in params.prune.ratios]
+            cells = [f"{100 * ev[f'pruned-{t.tag}']['top1']:.2f} / "
+                     f"{100 * ev[f'finetuned-{t.tag}']['top1']:.2f}" for t in targets]
             table.add_row(arch, f"{100 * ev['baseline']['top1']:.2f}", f"{100 * ev['sparse']['top1']:.2f}", *cells)
         console.print(table)
         console.log(f"evaluate: wrote {paths.results_table()}")

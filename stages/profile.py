@@ -3,7 +3,7 @@
 Deterministic figures go to ``metrics/profile.json``; wall-clock latency (PyTorch's, and
 onnxruntime's on the model exported as ONNX with BatchNorm folded, see ``slimcore/export.py``)
 goes to ``metrics/timings/latency.json`` and ``latency.md`` only.  The stage first removes the outputs
-of ratios no longer in ``prune.ratios`` (DVC never deletes what a removed matrix stage wrote).
+of targets no longer in ``prune.targets`` (DVC never deletes what a removed matrix stage wrote).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def same_architecture(label: str) -> str:
     return label
 
 
-def remove_stale_outputs(archs: list[str], ratios: list[float]) -> list[Path]:
-    """Delete the checkpoints, reports, curves and timings of ratios no longer configured (their
+def remove_stale_outputs(archs: list[str], targets: list[Any]) -> list[Path]:
+    """Delete the checkpoints, reports, curves and timings of targets no longer configured (their
     lines in DVC's ``.gitignore`` files stay: DVC owns those); returns what was removed."""
     from slimcore import paths
 
-    stale = paths.stale_ratio_outputs(archs, ratios)
+    stale = paths.stale_target_outputs(archs, targets)
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)
@@ -100,13 +100,14 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         from slimcore.checkpoint import atomic_write_bytes, load_model
         from slimcore.profile import count_flops, count_params, file_bytes, measure_latencies
 
-        for path in remove_stale_outputs(params.archs, params.prune.ratios):
-            console.log(f"profile: removed {path} (its ratio is no longer in prune.ratios)")
+        targets = params.prune.parsed_targets()
+        for path in remove_stale_outputs(params.archs, targets):
+            console.log(f"profile: removed {path} (its target is no longer in prune.targets)")
         size, cfg = params.data.image_size, params.profile
         result: dict[str, dict[str, object]] = {}
         latency: dict[str, dict[str, dict[str, Any]]] = {}
         for arch in params.archs:
-            files = paths.model_files(arch, params.prune.ratios)
+            files = paths.model_files(arch, targets)
             expected = params.model_for(arch).arch
             models = {label: load_model(path, expected_arch=expected) for label, path in files.items()}
             timed = {label: models[label] for label in files if same_architecture(label) == label}

@@ -1,47 +1,102 @@
-"""Stage ``prune@ARCH-RATIO``: slim the sparse-trained model by a global |gamma| threshold."""
+"""Stage ``prune@ARCH-TARGET``: slim the sparse-trained model to a target (a channel ratio, a kept
+fraction of FLOPs or parameters, or the ``safe`` ratio; see slimcore/targets.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from stages._common import PARAMS_OPTION, check_ratio, console, params_for, run_app, stage, write_json
+from stages._common import PARAMS_OPTION, check_target, console, params_for, run_app, stage, write_json
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def read_safe_ratio(arch: str) -> float:
+    """``safe_ratio`` of ``metrics/sensitivity/ARCH.json`` (the ``sensitivity@ARCH`` stage's)."""
+    from slimcore import paths
+    from slimcore.errors import SlimcoreError
+
+    path = paths.sensitivity_report(arch)
+    if not path.is_file():
+        raise SlimcoreError(f"{path} not found: run the sensitivity stage first (dvc repro sensitivity@{arch})")
+    try:
+        ratio = json.loads(path.read_text())["safe_ratio"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise SlimcoreError(f"{path}: no safe_ratio ({type(err).__name__}: {err}): run the sensitivity stage "
+                            f"again (dvc repro sensitivity@{arch})") from None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise SlimcoreError(f"{path}: safe_ratio must be a ratio in [0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+def safe_ratio_hint(arch: str, max_drop: float) -> str:
+    """Where the warning points: the safe ratio when the sensitivity report exists."""
+    from slimcore import paths
+
+    try:
+        return (f"the safe ratio (top-1 drop within prune.max_drop={max_drop:g} pt) is "
+                f"{100 * read_safe_ratio(arch):.4g}% ({paths.sensitivity_report(arch)})")
+    except ValueError:
+        return f"run the sensitivity stage (dvc repro sensitivity@{arch}) for the safe ratio"
+
+
+def gamma_warning(name: str, report: Any, hint: str) -> str | None:
+    """The one line that says slimming removed channels whose |gamma| was not negligible."""
+    if not report.nonnegligible_removed:
+        return None
+    return (f"warning: {name}: removes {report.nonnegligible_removed} channels whose |gamma| score exceeds "
+            f"prune.warn_gamma={report.warn_gamma:g} (threshold {report.threshold:.3g}): they were not "
+            f"negligible and accuracy may drop; {hint}")
+
+
+def target_warning(name: str, report: Any, target: Any) -> str | None:
+    """The line that says a FLOPs/params target was not met, and what bounds it."""
+    if target.kind not in ("flops", "params") or report.exact:
+        return None
+    achieved = report.flops_fraction if target.kind == "flops" else report.params_fraction
+    what = "FLOPs" if target.kind == "flops" else "parameters"
+    return (f"warning: {name}: keeps {achieved:.2%} of the {what} for a target of {target.value:.2%} "
+            f"(ratio {report.requested_ratio:.2%}): bound by {'; '.join(report.bound_by)}")
 
 
 @app.command()
 def main(
     arch: str = typer.Option(..., help="architecture, one of params.yaml's archs"),
-    ratio: float = typer.Option(..., help="fraction of prunable BN channels to remove, in [0, 1)"),
+    target: str = typer.Option(..., help="a prune target: a ratio (0.2), flopsF or paramsF (keep the fraction F "
+                                         "of FLOPs or parameters, e.g. flops0.5) or safe"),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
-    """Write models/ARCH/pruned-RATIO.pt (+ -nofold ablation), metrics/prune/ARCH-RATIO.json and
-    the slimming time to metrics/timings/ARCH/prune-RATIO.json."""
-    with stage(f"prune@{arch}-{ratio}"):
+    """Write models/ARCH/pruned-TARGET.pt (+ -nofold ablation), metrics/prune/ARCH-TARGET.json and
+    the slimming time to metrics/timings/ARCH/prune-TARGET.json."""
+    with stage(f"prune@{arch}-{target}"):
         params = params_for(params_file, arch)
-        check_ratio(params, ratio)
+        goal = check_target(params, target)
+        name = f"prune@{arch}-{goal.tag}"
+        safe = read_safe_ratio(arch) if goal.kind == "safe" else None
         import torch
 
         from slimcore import paths
         from slimcore.checkpoint import load_model, save_model
         from slimcore.models import spec_of
-        from slimcore.profile import count_params
-        from slimcore.prune import slim
+        from slimcore.prune import slim, slim_to
 
         sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=params.model_for(arch).arch)
         generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
         example = torch.randn(2, 3, size, size, generator=generator)
-        policy = params.prune.model_dump(exclude={"ratios", "max_drop"})
-        pruned, report = slim(sparse, ratio, example, **policy)
-        save_model(paths.pruned(arch, ratio), pruned, run="prune", ratio=ratio,
+        policy = params.prune.policy()
+        pruned, report = slim_to(sparse, goal, example, safe_ratio=safe, input_size=size, **policy)
+        ratio = report.requested_ratio
+        save_model(paths.pruned(arch, goal), pruned, run="prune", target=goal.tag, ratio=ratio,
                    true_ratio=report.true_ratio, threshold=report.threshold)
         nofold, _ = slim(sparse, ratio, example, **{**policy, "fold_constants": False})
-        save_model(paths.pruned(arch, ratio, fold=False), nofold, run="prune-nofold", ratio=ratio)
+        save_model(paths.pruned(arch, goal, fold=False), nofold, run="prune-nofold", target=goal.tag, ratio=ratio)
         summary = {
-            "requested_ratio": report.requested_ratio,
+            "target": goal.tag,
+            "requested_ratio": ratio,
             "true_ratio": report.true_ratio,
             "ratio_all_bn": report.ratio_all_bn,
             "threshold": report.threshold,
@@ -50,24 +105,41 @@ def main(
             "prunable_bn_channels": report.prunable_bn_channels,
             "total_bn_channels": report.total_bn_channels,
             "skipped_bn_channels": report.skipped_bn_channels,
-            "params_before": count_params(sparse),
-            "params_after": count_params(pruned),
+            "flops_before": report.flops_before,
+            "flops_after": report.flops_after,
+            "flops_fraction": report.flops_fraction,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+            "params_fraction": report.params_fraction,
+            "search_steps": report.search_steps,
+            "warn_gamma": report.warn_gamma,
+            "nonnegligible_removed": report.nonnegligible_removed,
             "bound_by": report.bound_by,
             "skipped": report.skipped,
             "policy": report.policy,
             "spec": spec_of(pruned).to_dict(),
             "channels": report.channels_per_layer,
         }
-        write_json(paths.prune_report(arch, ratio), summary)
-        write_json(paths.timings(arch, paths.prune_run(ratio)), {"seconds": round(report.seconds, 3)})
-        console.log(f"prune@{arch}-{ratio}: removed {report.true_ratio:.2%} of {report.prunable_bn_channels} "
-                    f"BN channels (threshold |gamma| <= {report.threshold:.3g}), params "
-                    f"{summary['params_before'] / 1e6:.3f}M -> {summary['params_after'] / 1e6:.3f}M")
-        if short_of_request(report.ratio_all_bn, ratio):
-            console.print(f"[yellow]warning: prune@{arch}-{ratio}: only {report.ratio_all_bn:.2%} of all "
-                          f"{report.total_bn_channels} BN channels removed for a requested {ratio:.0%}: "
-                          f"{report.skipped_bn_channels} BN channels are held fixed in skipped groups "
-                          f"(see 'skipped' in {paths.prune_report(arch, ratio)})[/]")
+        if safe is not None:
+            summary["safe_ratio_from"] = paths.sensitivity_report(arch).as_posix()
+        write_json(paths.prune_report(arch, goal), summary)
+        write_json(paths.timings(arch, paths.prune_run(goal)),
+                   {"seconds": round(report.seconds, 3), "search_steps": report.search_steps})
+        console.log(f"{name}: removed {report.true_ratio:.2%} of {report.prunable_bn_channels} BN channels "
+                    f"(ratio {ratio:.4g}, threshold |gamma| <= {report.threshold:.3g})")
+        console.log(f"{name}: kept {report.flops_fraction:.2%} of the FLOPs and {report.params_fraction:.2%} of the "
+                    f"params ({report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M)")
+        lines = [target_warning(name, report, goal)]
+        if goal.kind in ("ratio", "safe") and short_of_request(report.ratio_all_bn, ratio):
+            lines.append(f"warning: {name}: only {report.ratio_all_bn:.2%} of all {report.total_bn_channels} BN "
+                         f"channels removed for a requested {ratio:.0%}: {report.skipped_bn_channels} BN channels "
+                         f"are held fixed in skipped groups (see 'skipped' in {paths.prune_report(arch, goal)})")
+        lines.append(gamma_warning(name, report, safe_ratio_hint(arch, params.prune.max_drop)))
+        from rich.markup import escape
+
+        for line in lines:
+            if line:
+                console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
 
 
 def short_of_request(ratio_all_bn: float, requested: float, tolerance: float = 0.01) -> bool:

@@ -69,8 +69,9 @@ def test_repo_params_yaml_validates_as_the_cpu_default() -> None:
     assert params.model.stem == "cifar"
     assert 0 < params.model.width < 1
     assert set(params.sparsity) == set(params.archs)
-    assert params.prune.ratios == sorted(params.prune.ratios)
-    assert all(0 <= r < 1 for r in params.prune.ratios)
+    assert params.prune.targets == sorted(params.prune.targets)  # the default: ratios only
+    assert all(t.kind == "ratio" and 0 <= t.value < 1 for t in params.prune.parsed_targets())
+    assert params.prune.warn_gamma == pytest.approx(1e-2)
     for arch in params.archs:
         assert params.data.image_size >= min_image_size(arch, params.model.stem)
 
@@ -84,7 +85,7 @@ def test_seed_config_validates_as_the_seed_setup() -> None:
     assert params.train.milestones == [40, 60, 80]
     assert params.train.weight_decay == pytest.approx(1e-4)
     assert params.sparsity == pytest.approx({"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5})
-    assert params.prune.ratios == [0.2, 0.4, 0.6]
+    assert params.prune.targets == [0.2, 0.4, 0.6]
     assert params.runtime.amp == "bf16"
 
 
@@ -183,11 +184,23 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "string for a bool": (_set("data.download", "maybe"), ["data.download", "boolean", "'maybe'"]),
     "string for a list": (_set("archs", "vgg16_bn"), ["archs", "list"]),
     "string for a float": (_set("train.lr", "fast"), ["train.lr", "'fast'"]),
-    "ratio of 1": (_set("prune.ratios", [0.2, 1.0]), ["prune.ratios.1", "less than 1", "1.0"]),
-    "negative ratio": (_set("prune.ratios", [-0.1]), ["prune.ratios.0", "greater than or equal to 0", "-0.1"]),
-    "empty ratio list": (_set("prune.ratios", []), ["prune.ratios", "at least 1"]),
-    "integer ratio": (_set("prune.ratios", [0, 0.2]), ["prune.ratios", "decimal"]),
-    "duplicate ratio": (_set("prune.ratios", [0.2, 0.2]), ["prune.ratios", "unique"]),
+    "ratio of 1": (_set("prune.targets", [0.2, 1.0]), ["prune.targets", "entry 1", "[0, 1)", "1.0"]),
+    "negative ratio": (_set("prune.targets", [-0.1]), ["prune.targets", "entry 0", "[0, 1)", "-0.1"]),
+    "empty target list": (_set("prune.targets", []), ["prune.targets", "at least 1"]),
+    "integer ratio": (_set("prune.targets", [0, 0.2]), ["prune.targets", "decimal", "0.0, not 0"]),
+    "duplicate ratio": (_set("prune.targets", [0.2, 0.2]), ["prune.targets", "unique", "0.2"]),
+    "duplicate safe": (_set("prune.targets", ["safe", 0.2, "safe"]), ["prune.targets", "unique", "safe"]),
+    "unknown target": (_set("prune.targets", [0.2, "latency0.5"]), ["prune.targets", "entry 1", "unknown target",
+                                                                      "flopsF", "paramsF", "safe"]),
+    "misspelt target": (_set("prune.targets", ["flop0.5"]), ["prune.targets", "unknown target"]),
+    "FLOPs fraction of 1": (_set("prune.targets", ["flops1.0"]), ["prune.targets", "flops1.0", "0 < F < 1"]),
+    "zero params fraction": (_set("prune.targets", ["params0.0"]), ["prune.targets", "0 < F < 1"]),
+    "padded fraction": (_set("prune.targets", ["flops0.50"]), ["prune.targets", "write it 'flops0.5'"]),
+    "quoted ratio": (_set("prune.targets", ["0.20"]), ["prune.targets", "write it '0.2'"]),
+    "integer fraction": (_set("prune.targets", ["flops1"]), ["prune.targets", "0 < F < 1"]),
+    "renamed ratios": (lambda raw: raw["prune"].update(ratios=raw["prune"].pop("targets")),
+                       ["prune", "prune.ratios was renamed to prune.targets"]),
+    "negative warn_gamma": (_set("prune.warn_gamma", -1.0), ["prune.warn_gamma", "greater than or equal to 0"]),
     "negative lr": (_set("train.lr", -0.1), ["train.lr", "greater than 0", "-0.1"]),
     "zero lr in finetune": (_set("finetune.lr", 0.0), ["finetune.lr", "greater than 0"]),
     "zero epochs": (_set("train.epochs", 0), ["train.epochs", "greater than 0", "(got 0)"]),
@@ -258,13 +271,13 @@ def test_every_problem_gets_its_own_line() -> None:
     def mutate(raw: dict[str, Any]) -> None:
         raw["train"]["bogus"] = 1
         raw["data"]["name"] = "mnist"
-        raw["prune"]["ratios"] = [1.5]
+        raw["prune"]["targets"] = [1.5]
 
     lines = _error(mutate).splitlines()
     assert len(lines) == 3
     assert any(line.startswith("params.yaml: train.bogus: ") for line in lines)
     assert any(line.startswith("params.yaml: data.name: ") for line in lines)
-    assert any(line.startswith("params.yaml: prune.ratios.0: ") for line in lines)
+    assert any(line.startswith("params.yaml: prune.targets: entry 0: ") for line in lines)
 
 
 def test_top_level_must_be_a_mapping() -> None:
@@ -374,3 +387,33 @@ def test_overrides_are_validated_and_blamed_on_options() -> None:
     # an epoch override that the schedule cannot hold is refused, naming the schedule
     with pytest.raises(ParamsError, match=r"options: train: milestones must be < epochs \(3\)"):
         with_overrides(params, {"train.epochs": 3})
+
+
+@pytest.mark.parametrize("written,kind,value,tag,label", [
+    (0.2, "ratio", 0.2, "0.2", "20%"),
+    (0.0, "ratio", 0.0, "0.0", "0%"),
+    ("flops0.5", "flops", 0.5, "flops0.5", "FLOPs 50%"),
+    ("params0.3", "params", 0.3, "params0.3", "params 30%"),
+    ("safe", "safe", None, "safe", "safe"),
+])
+def test_targets_parse_to_their_names_and_labels(written: object, kind: str, value: float | None, tag: str,
+                                                 label: str) -> None:
+    from slimcore.targets import parse_target
+
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["prune"]["targets"] = [written]
+    params = parse_params(raw)
+    (target,) = params.prune.parsed_targets()
+    assert (target.kind, target.value, target.tag, target.label()) == (kind, value, tag, label)
+    assert params.prune.targets == [written]  # held as written: DVC's matrix reads the same values
+    assert parse_target(tag) == target  # a stage's --target TAG is the same target
+    if kind == "safe":
+        assert target.label(0.45) == "safe (45%)"
+
+
+def test_prune_policy_is_what_slim_accepts() -> None:
+    from slimcore.prune import SlimPolicy
+
+    policy = load_params(PARAMS_FILE).prune.policy()
+    assert "targets" not in policy and "max_drop" not in policy and policy["warn_gamma"] == pytest.approx(1e-2)
+    SlimPolicy.from_kwargs(**policy)  # no unknown key

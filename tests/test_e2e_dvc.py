@@ -1,8 +1,8 @@
 """End to end: the real pipeline under DVC, in a scratch copy of the project with tiny params.
 
 ``dvc repro`` runs once (module fixture); the tests then check its artifacts, that a second
-``dvc repro`` does nothing, and that ``dvc exp run -S prune.ratios=[0.3]`` re-runs only the
-prune side of the pipeline.  About a minute and a half on 2 CPU cores.
+``dvc repro`` does nothing, and that ``dvc exp run -S prune.targets=[flops0.5]`` (a FLOPs target
+instead of the ratios) re-runs only the prune side of the pipeline.  About a minute and a half on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv running the tests: python, dvc
 ARCH = "vgg16_bn"
 RATIOS = (0.2, 0.5)
-EXP_RATIO = 0.3
+EXP_TARGET = "flops0.5"  # keep half the FLOPs: the ratio is searched
 TIMEOUT = 420  # seconds per DVC command: generous for a loaded 2-core machine
 # pipeline outputs are produced by the test, never copied from the developer's workspace
 OUTPUTS = ("dvc.lock", "metrics/", "models/", "dvc_plots/", ".slimcore/")
@@ -96,7 +96,7 @@ def _copy_project(dest: Path) -> None:
 def _tiny_params(proj: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["archs"] = [ARCH]
-    params["prune"]["ratios"] = list(RATIOS)
+    params["prune"]["targets"] = list(RATIOS)
     params["train"].update(epochs=1, warmup_epochs=0, milestones=[])
     params["finetune"].update(epochs=1, milestones=[])
     params["profile"].update(latency_runs=3, warmup_runs=1)
@@ -166,7 +166,7 @@ def experiment(pipeline: Pipeline, rerun: tuple[Result, Result]) -> Experiment:
     proj = pipeline.proj
     _commit(proj, "slimcore e2e: first repro (dvc.lock, metrics/)")
     tracked = ok(["git", "ls-files", "models"], proj).output.split()
-    run_ = dvc("exp", "run", "-S", f"prune.ratios=[{EXP_RATIO}]", cwd=proj)
+    run_ = dvc("exp", "run", "-S", f"prune.targets=[{EXP_TARGET}]", cwd=proj)
     assert run_.returncode == 0, run_.tail()
     plots_dir = proj.parent / "plots"
     return Experiment(run_, dvc("metrics", "diff", cwd=proj), dvc("plots", "show", "-o", str(plots_dir), cwd=proj),
@@ -283,7 +283,7 @@ def test_checkpoints_stay_out_of_git(experiment: Experiment) -> None:
 
 def test_exp_run_reruns_only_the_prune_side(experiment: Experiment) -> None:
     out = experiment.run.output
-    for stage in (f"prune@{ARCH}-{EXP_RATIO}", f"finetune@{ARCH}-{EXP_RATIO}", "profile", "evaluate"):
+    for stage in (f"prune@{ARCH}-{EXP_TARGET}", f"finetune@{ARCH}-{EXP_TARGET}", "profile", "evaluate"):
         assert f"Running stage '{stage}'" in out, experiment.run.tail()
     for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}"):
         assert f"Running stage '{stage}'" not in out, experiment.run.tail()
@@ -295,7 +295,7 @@ def test_exp_run_warns_only_of_the_new_ratios_outputs(experiment: Experiment) ->
     output of a stage that has never run (here: the new ratio's), when `exp run` checks out the
     workspace before reproducing; nothing else may warn (no stale output, no old ratio)."""
     warnings = [line for line in experiment.run.output.splitlines() if "WARNING" in line]
-    expected = {f"models/{ARCH}/{name}-{EXP_RATIO}{suffix}.pt"
+    expected = {f"models/{ARCH}/{name}-{EXP_TARGET}{suffix}.pt"
                 for name, suffix in (("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))}
     named = {w.split("'")[1].split("/proj/")[-1] for w in warnings if "No file hash info found" in w}
     assert len(warnings) == len(named) and named <= expected, experiment.run.tail()
@@ -305,15 +305,15 @@ def test_exp_leaves_no_stale_output_of_the_old_ratios(experiment: Experiment, pi
     from slimcore import paths
 
     proj = pipeline.proj
-    stale = [p.as_posix() for r in RATIOS for p in paths.ratio_outputs(ARCH, r) if (proj / p).exists()]
+    stale = [p.as_posix() for r in RATIOS for p in paths.target_outputs(ARCH, r) if (proj / p).exists()]
     assert not stale, f"outputs of dropped ratios left in the workspace: {stale}"
-    fresh = [p.as_posix() for p in paths.ratio_outputs(ARCH, EXP_RATIO) if not (proj / p).exists()]
+    fresh = [p.as_posix() for p in paths.target_outputs(ARCH, EXP_TARGET) if not (proj / p).exists()]
     assert not fresh, f"missing outputs of the new ratio: {fresh}"
     listed = ok(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], proj).output.split("\n")
     refs = [line.split()[0] for line in listed if line and "/exec/" not in line]  # exec/: DVC's own bookkeeping
     assert len(refs) == 1, listed
     committed = set(ok(["git", "ls-tree", "-r", "--name-only", refs[0]], proj).output.split())
-    old = {p.as_posix() for r in RATIOS for p in paths.ratio_outputs(ARCH, r)}
+    old = {p.as_posix() for r in RATIOS for p in paths.target_outputs(ARCH, r)}
     assert not {f for f in committed if any(f == o or f.startswith(o + "/") for o in old)}, "stale files in the exp"
 
 
@@ -326,10 +326,21 @@ def test_metrics_diff_shows_accuracy_and_no_timing(experiment: Experiment) -> No
         assert noise not in diff.output, diff.tail()
 
 
+def test_exp_flops_target_lands_within_one_percent(experiment: Experiment, pipeline: Pipeline) -> None:
+    report = json.loads((pipeline.proj / "metrics" / "prune" / f"{ARCH}-{EXP_TARGET}.json").read_text())
+    assert report["target"] == EXP_TARGET and 0 < report["requested_ratio"] < 1
+    assert report["exact"] or report["bound_by"], report
+    if report["exact"]:
+        assert abs(report["flops_fraction"] - 0.5) <= 0.005, report
+    profile = json.loads((pipeline.proj / "metrics" / "profile.json").read_text())[ARCH]
+    assert profile[f"pruned-{EXP_TARGET}"]["flops"] == report["flops_after"]
+    assert profile["sparse"]["flops"] == report["flops_before"]
+
+
 def test_exp_results_in_workspace_and_metrics_diff(experiment: Experiment, pipeline: Pipeline) -> None:
-    assert (pipeline.proj / "models" / ARCH / f"finetuned-{EXP_RATIO}.pt").is_file(), experiment.run.tail()
+    assert (pipeline.proj / "models" / ARCH / f"finetuned-{EXP_TARGET}.pt").is_file(), experiment.run.tail()
     evals = json.loads((pipeline.proj / "metrics" / "eval.json").read_text())
-    assert f"finetuned-{EXP_RATIO}" in evals[ARCH]
+    assert f"finetuned-{EXP_TARGET}" in evals[ARCH]
 
 
 def test_plots_show_renders_html(experiment: Experiment) -> None:

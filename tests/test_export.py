@@ -250,7 +250,7 @@ def test_profile_stage_reports_onnxruntime_latency_in_timings_only(tmp_path: Pat
     arch, ratio = "vgg16_bn", 0.5
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["archs"] = [arch]
-    params["prune"]["ratios"] = [ratio]
+    params["prune"]["targets"] = [ratio]
     params["data"]["image_size"] = 8
     params["model"]["width"] = 0.0625
     params["profile"].update(latency_runs=3, warmup_runs=1)

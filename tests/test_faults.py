@@ -85,8 +85,9 @@ BAD_PARAMS = [
     ({"train.lr": "fast"}, ["train.lr"]),
     ({"train.lr": -0.1}, ["train.lr"]),
     ({"train.epochs": 0}, ["train.epochs"]),
-    ({"prune.ratios": [0.2, 1.0]}, ["prune.ratios"]),
-    ({"prune.ratios": []}, ["prune.ratios"]),
+    ({"prune.targets": [0.2, 1.0]}, ["prune.targets"]),
+    ({"prune.targets": []}, ["prune.targets"]),
+    ({"prune.targets": ["flops2.0"]}, ["prune.targets", "0 < F < 1"]),
     ({"archs": ["vgg16_bn", "resnet5O"]}, ["archs", "resnet5O", "did you mean resnet50", "vgg16_bn, resnet50"]),
     ({"data.name": "mnist"}, ["data.name", "digits", "cifar10", "cifar100", "imagefolder"]),
     ({"data.image_size": 4}, ["data.image_size", ">= 8"]),
@@ -116,7 +117,9 @@ def test_bad_params_fail_fast_naming_the_key_and_write_nothing(tmp_path: Path, c
     ("baseline_train", ["--arch", ARCH, "--epochs", "-1"], ["train.epochs"]),
     ("baseline_train", ["--arch", ARCH, "--lr", "0"], ["train.lr"]),
     ("baseline_train", ["--arch", "resnet50"], ["resnet50", "archs"]),
-    ("prune", ["--arch", ARCH, "--ratio", "1.5"], ["--ratio", "[0, 1)"]),
+    ("prune", ["--arch", ARCH, "--target", "1.5"], ["--target", "[0, 1)"]),
+    ("prune", ["--arch", ARCH, "--target", "flops"], ["--target", "unknown target", "flopsF"]),
+    ("prune", ["--arch", ARCH, "--target", "safe"], ["metrics/sensitivity/vgg16_bn.json", "sensitivity@vgg16_bn"]),
 ])
 def test_bad_options_by_hand_fail_the_same_way(tmp_path: Path, module: str, args: list[str], named: list[str]) -> None:
     project = _project(tmp_path)
@@ -230,7 +233,7 @@ def test_prune_stage_twice_gives_byte_identical_outputs(tmp_path: Path) -> None:
     save_model(project / "models" / ARCH / "sparse.pt", randomize_bn(build_model(ARCH, 10, "cifar", 0.125)))
     runs = []
     for _ in range(2):
-        proc = _stage(project, "prune", "--arch", ARCH, "--ratio", "0.5")
+        proc = _stage(project, "prune", "--arch", ARCH, "--target", "0.5")
         assert proc.returncode == 0, _said(proc)[-3000:]
         runs.append(_digests(project))
         assert json.loads((project / "metrics" / "timings" / ARCH / "prune-0.5.json").read_text())["seconds"] > 0

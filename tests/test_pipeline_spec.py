@@ -222,16 +222,16 @@ def _expected_outs(params) -> dict[str, set[str]]:
                                  ("sparse-train", "sparse-train", "sparse")):
             expected[f"{stage}@{arch}"] = posix(paths.checkpoint(arch, ckpt), paths.curves(arch, run),
                                                 paths.timings(arch, run))
-        for ratio in params.prune.ratios:
-            tag = paths.ratio_tag(ratio)
+        for target in params.prune.parsed_targets():
+            tag = paths.target_tag(target)
             prune, finetune = f"prune@{arch}-{tag}", f"finetune@{arch}-{tag}"
-            expected[prune] = posix(paths.pruned(arch, ratio), paths.pruned(arch, ratio, fold=False),
-                                    paths.prune_report(arch, ratio), paths.timings(arch, paths.prune_run(ratio)))
-            run = paths.finetune_run(ratio)
-            expected[finetune] = posix(paths.finetuned(arch, ratio), paths.curves(arch, run),
+            expected[prune] = posix(paths.pruned(arch, target), paths.pruned(arch, target, fold=False),
+                                    paths.prune_report(arch, target), paths.timings(arch, paths.prune_run(target)))
+            run = paths.finetune_run(target)
+            expected[finetune] = posix(paths.finetuned(arch, target), paths.curves(arch, run),
                                        paths.timings(arch, run))
-            # together the two stages write exactly what the profile stage removes for a dropped ratio
-            assert expected[prune] | expected[finetune] == posix(*paths.ratio_outputs(arch, ratio))
+            # together the two stages write exactly what the profile stage removes for a dropped target
+            assert expected[prune] | expected[finetune] == posix(*paths.target_outputs(arch, target))
     expected["profile"] = posix(paths.profile_report(), paths.latency_report(), paths.latency_table())
     expected["evaluate"] = posix(paths.results_table(), paths.plots_dir(), paths.eval_report(), paths.summaries())
     return expected
@@ -242,11 +242,11 @@ def test_rendered_stage_names(rendered, params) -> None:
     for arch in params.archs:
         assert f"baseline-train@{arch}" in names
         assert f"sparse-train@{arch}" in names
-        for ratio in params.prune.ratios:
-            assert f"prune@{arch}-{paths.ratio_tag(ratio)}" in names, sorted(names)
-            assert f"finetune@{arch}-{paths.ratio_tag(ratio)}" in names, sorted(names)
+        for target in params.prune.parsed_targets():
+            assert f"prune@{arch}-{paths.target_tag(target)}" in names, sorted(names)
+            assert f"finetune@{arch}-{paths.target_tag(target)}" in names, sorted(names)
     assert {"profile", "evaluate"} <= names
-    assert names == set(_expected_outs(params)), "stages beyond (or short of) the archs x ratios grid"
+    assert names == set(_expected_outs(params)), "stages beyond (or short of) the archs x targets grid"
 
 
 def test_rendered_outs_match_slimcore_paths(rendered, params) -> None:
@@ -267,35 +267,49 @@ def test_declared_metrics_are_the_summaries_only() -> None:
     assert timing_outs, "wall-clock figures must be outputs under metrics/timings/"
 
 
-def test_stale_ratio_outputs_are_found_and_only_those(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a dropped ratio left behind is found; current ratios and other archs are untouched."""
+def test_stale_target_outputs_are_found_and_only_those(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a dropped target left behind is found; current targets and other archs are untouched."""
     monkeypatch.chdir(tmp_path)
-    for arch, ratio in (("vgg16_bn", 0.2), ("vgg16_bn", 0.6), ("resnet50", 0.6)):
-        for path in paths.ratio_outputs(arch, ratio):
+    dropped = [0.6, "flops0.5", "params0.3", "safe", 1e-05]
+    for arch, target in [("vgg16_bn", 0.2), ("vgg16_bn", "flops0.25"), *[("vgg16_bn", t) for t in dropped],
+                         ("resnet50", 0.6), ("resnet50", "safe")]:
+        for path in paths.target_outputs(arch, target):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("x")
     paths.checkpoint("vgg16_bn", "sparse").write_text("x")
-    stale = paths.stale_ratio_outputs(["vgg16_bn"], [0.2])
-    assert sorted(stale) == sorted(paths.ratio_outputs("vgg16_bn", 0.6))
+    stale = paths.stale_target_outputs(["vgg16_bn"], [0.2, "flops0.25"])
+    assert sorted(stale) == sorted(p for t in dropped for p in paths.target_outputs("vgg16_bn", t))
+
+
+@pytest.mark.parametrize("target,files", [
+    (0.2, ["models/A/pruned-0.2.pt", "models/A/finetuned-0.2.pt", "metrics/prune/A-0.2.json"]),
+    ("flops0.5", ["models/A/pruned-flops0.5.pt", "models/A/pruned-flops0.5-nofold.pt",
+                  "metrics/prune/A-flops0.5.json", "metrics/timings/A/prune-flops0.5.json"]),
+    ("params0.3", ["models/A/finetuned-params0.3.pt", "metrics/A/finetune-params0.3"]),
+    ("safe", ["models/A/finetuned-safe.pt", "metrics/prune/A-safe.json", "metrics/timings/A/finetune-safe.json"]),
+])
+def test_target_names_in_paths(target: object, files: list[str]) -> None:
+    outs = {p.as_posix() for p in paths.target_outputs("A", target)}
+    assert set(files) <= outs and len(outs) == 7
 
 
 def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
     """Each stage reads what the previous one writes, at the path the code reads it from."""
     for arch in params.archs:
-        for ratio in params.prune.ratios:
-            tag = paths.ratio_tag(ratio)
+        for target in params.prune.parsed_targets():
+            tag = paths.target_tag(target)
             assert paths.checkpoint(arch, "sparse").as_posix() in rendered[f"prune@{arch}-{tag}"]["deps"]
-            assert paths.pruned(arch, ratio).as_posix() in rendered[f"finetune@{arch}-{tag}"]["deps"]
+            assert paths.pruned(arch, target).as_posix() in rendered[f"finetune@{arch}-{tag}"]["deps"]
             prune_cmd = rendered[f"prune@{arch}-{tag}"]["cmd"]
-            assert f"--arch {arch}" in prune_cmd and f"--ratio {tag}" in prune_cmd
+            assert f"--arch {arch}" in prune_cmd and f"--target {tag}" in prune_cmd
         # starting weights (model.weights) for both training stages; sparse-train may start from the baseline
         for stage in ("baseline-train", "sparse-train"):
             assert params.model.weights in rendered[f"{stage}@{arch}"]["deps"], stage
         assert paths.checkpoint(arch, "baseline").as_posix() in rendered[f"sparse-train@{arch}"]["deps"]
     for name in ("profile", "evaluate"):
-        assert _covered(paths.finetuned(params.archs[0], params.prune.ratios[0]).as_posix(),
+        assert _covered(paths.finetuned(params.archs[0], params.prune.targets[0]).as_posix(),
                         rendered[name]["deps"]), name
-    report = paths.prune_report(params.archs[0], params.prune.ratios[0]).as_posix()
+    report = paths.prune_report(params.archs[0], params.prune.targets[0]).as_posix()
     assert _covered(report, rendered["evaluate"]["deps"])
     assert paths.profile_report().as_posix() in rendered["evaluate"]["deps"]
 
@@ -330,28 +344,36 @@ def test_rendered_data_root_dep_relative_or_absolute(rendered, params, tmp_path:
     assert not [n for n in absolute if n not in readers and str(outside) in absolute[n]["deps"]]
 
 
-def _render_with_ratios(tmp_path: Path, ratios: str) -> dict[str, dict[str, list[str]]]:
-    """Render dvc.yaml in a scratch repo whose params.yaml spells ``prune.ratios`` as given."""
+def _render_with_targets(tmp_path: Path, targets: str) -> dict[str, dict[str, list[str]]]:
+    """Render dvc.yaml in a scratch repo whose params.yaml spells ``prune.targets`` as given."""
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     text = (ROOT / "params.yaml").read_text()
     data = yaml.safe_load(text)
-    data["prune"]["ratios"] = "__RATIOS__"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False).replace("__RATIOS__", ratios))
+    data["prune"]["targets"] = "__TARGETS__"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False).replace("__TARGETS__", targets))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
     return _render(tmp_path)
 
 
-@pytest.mark.parametrize("ratios", ["[0.0, 0.25, 0.50]", "[0.2, 0.4, 0.6]"])
-def test_ratio_spelling_in_names_matches_paths(tmp_path: Path, ratios: str) -> None:
-    """However params.yaml spells a ratio, DVC's names and slimcore.paths' names agree."""
-    rendered = _render_with_ratios(tmp_path, ratios)
+@pytest.mark.parametrize("targets", ["[0.0, 0.25, 0.50]", "[0.2, 0.4, 0.6]",
+                                     "[0.2, flops0.5, 'params0.3', safe]"])
+def test_target_spelling_in_names_matches_paths(tmp_path: Path, targets: str) -> None:
+    """However params.yaml spells a target, DVC's names and slimcore.paths' names agree."""
+    rendered = _render_with_targets(tmp_path, targets)
     params = load_params(tmp_path / "params.yaml")
     expected = _expected_outs(params)
     assert set(rendered) == set(expected)
     for name, outs in expected.items():
         assert set(rendered[name]["outs"]) == outs, name
+    if "flops" in targets:  # readable stage names, as DVC renders the matrix values
+        for name in ("prune@resnet50-0.2", "prune@resnet50-flops0.5", "prune@resnet50-params0.3",
+                     "prune@resnet50-safe", "finetune@vgg16_bn-flops0.5"):
+            assert name in rendered, sorted(rendered)
+        assert rendered["prune@resnet50-flops0.5"]["cmd"].endswith("--arch resnet50 --target flops0.5")
+        assert "models/resnet50/pruned-flops0.5.pt" in rendered["prune@resnet50-flops0.5"]["outs"]
+        assert "models/mobilenet_v2/finetuned-safe.pt" in rendered["finetune@mobilenet_v2-safe"]["outs"]
 
 
 def test_integer_ratio_is_refused_before_dvc_misnames_it(tmp_path: Path) -> None:
@@ -359,9 +381,9 @@ def test_integer_ratio_is_refused_before_dvc_misnames_it(tmp_path: Path) -> None
     from slimcore.config import ParamsError
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["prune"]["ratios"] = [0, 0.5]
+    params["prune"]["targets"] = [0, 0.5]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match=r"prune\.ratios.*0\.0, not 0"):
+    with pytest.raises(ParamsError, match=r"prune\.targets.*0\.0, not 0"):
         load_params(tmp_path / "params.yaml")
 
 

@@ -32,7 +32,7 @@ from slimcore.plotdata import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHS, RATIOS = ["vgg16_bn", "resnet50"], [0.2, 0.5]
+ARCHS, TARGETS = ["vgg16_bn", "resnet50"], [0.2, 0.5]
 TRAIN_EPOCHS, FT_EPOCHS = 4, 2
 
 
@@ -58,8 +58,8 @@ def _inputs() -> dict[str, Any]:
                  "finetuned-0.2": 64e6, "pruned-0.5": 25e6, "pruned-0.5-nofold": 25e6, "finetuned-0.5": 25e6}
         profile[arch] = {"image_size": 16, **{k: {"flops": f, "params": int(f / 100), "bytes": int(f / 25)}
                                               for k, f in flops.items()}}
-        prunes[arch] = {0.2: {"requested_ratio": 0.2, "true_ratio": 0.2015, "threshold": 3.2e-5},
-                        0.5: {"requested_ratio": 0.5, "true_ratio": 0.5, "threshold": 0.0123}}
+        prunes[arch] = {"0.2": {"requested_ratio": 0.2, "true_ratio": 0.2015, "threshold": 3.2e-5},
+                        "0.5": {"requested_ratio": 0.5, "true_ratio": 0.5, "threshold": 0.0123}}
         histories[arch] = {"finetune-0.5": _history(FT_EPOCHS, 0.87, 0.01),  # any order in, fixed order out
                            "sparse-train": _history(TRAIN_EPOCHS, 0.88, 0.1),
                            "baseline-train": _history(TRAIN_EPOCHS, 0.9, 0.1),
@@ -67,7 +67,7 @@ def _inputs() -> dict[str, Any]:
         sparse = torch.cat([10 ** (torch.rand(300, generator=gen) * 3 - 6), torch.rand(200, generator=gen) + 0.05,
                             torch.zeros(3)])
         gammas[arch] = {"baseline": torch.rand(500, generator=gen) * 0.9 + 0.1, "sparse": sparse}
-    return {"archs": ARCHS, "ratios": RATIOS, "evals": evals, "profile": profile, "prunes": prunes,
+    return {"archs": ARCHS, "targets": TARGETS, "evals": evals, "profile": profile, "prunes": prunes,
             "histories": histories, "gammas": gammas}
 
 
@@ -366,3 +366,28 @@ def test_a_bundle_that_cannot_be_inlined_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="cannot inline"):
         vega_vendor.build_page({vega_vendor.BUNDLES[0]: f"var a = '{bad}';"})
 
+
+
+def test_targets_beyond_the_ratio_are_labelled_and_ordered() -> None:
+    """FLOPs/params/safe targets: the label names the target, ``ratio`` is the ratio it resolved to,
+    and their fine-tuning curves follow the ratios' in the legend."""
+    inputs = _inputs()
+    targets = [0.2, "flops0.5", "safe"]
+    for arch in ARCHS:
+        for tag, ratio, threshold in (("flops0.5", 0.31, 0.002), ("safe", 0.45, 0.02)):
+            for label in (f"pruned-{tag}", f"finetuned-{tag}"):
+                inputs["evals"][arch][label] = _ev(0.8)
+                inputs["profile"][arch][label] = {"flops": 50e6, "params": 1, "bytes": 1}
+            inputs["prunes"][arch][tag] = {"requested_ratio": ratio, "true_ratio": ratio, "threshold": threshold}
+        inputs["histories"][arch] = {"finetune-safe": _history(FT_EPOCHS, 0.8, 0.01),
+                                     "finetune-flops0.5": _history(FT_EPOCHS, 0.8, 0.01),
+                                     "finetune-0.2": _history(FT_EPOCHS, 0.8, 0.01),
+                                     "sparse-train": _history(TRAIN_EPOCHS, 0.88, 0.1)}
+    tables = {name: _rows(content) for name, content in plotdata.plot_tables(**{**inputs, "targets": targets}).items()}
+    tuned = [r for r in tables["tradeoff.csv"] if r["arch"] == "vgg16_bn" and r["series"] == plotdata.FINETUNED]
+    assert [(r["label"], r["ratio"]) for r in tuned] == [("20%", "20"), ("FLOPs 50%", "31"), ("safe (45%)", "45")]
+    runs = list(dict.fromkeys(r["run"] for r in tables["curves.csv"] if r["arch"] == "vgg16_bn"))
+    assert runs == ["sparse-train", "finetune-0.2", "finetune-flops0.5", "finetune-safe"]
+    marks = [(r["label"], r["gamma"]) for r in tables["gamma_hist.csv"]
+             if r["arch"] == "vgg16_bn" and r["kind"] == "threshold"]
+    assert marks == [("20%", "3.2e-05"), ("FLOPs 50%", "0.002"), ("safe (45%)", "0.02")]

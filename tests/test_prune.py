@@ -222,3 +222,104 @@ def test_tap_means_give_the_mean_output_of_any_input_subset(kernel: int, stride:
     taps = _tap_means(conv, x)
     got = (conv.weight[:, idxs] * taps[idxs]).reshape(4, -1).sum(1)
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# targets beyond the channel ratio (issue 10): FLOPs, parameters, safe; the gamma warning
+
+
+def _half_tiny_gammas(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Bimodal gammas: a random half of each BN layer's channels ~1e-3, the rest ~1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                v = 1 + 0.1 * torch.randn(m.num_features, generator=g).abs()
+                tiny = torch.randperm(m.num_features, generator=g)[: m.num_features // 2]
+                v[tiny] = 1e-3 * (1 + torch.rand(len(tiny), generator=g))
+                m.weight.copy_(v)
+    return model
+
+
+@pytest.fixture(scope="module", params=REFERENCE)
+def full_size(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
+    """A full-size (width 1.0) reference arch at 32px with the cifar stem: the channel structure
+    of the real model, cheap to trace."""
+    torch.manual_seed(0)
+    model = _half_tiny_gammas(build_model(request.param, 100, "cifar", 1.0).eval())
+    return request.param, model, torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("target", ["flops0.25", "params0.3"])
+def test_flops_and_params_targets_land_within_one_percent_on_full_size_models(full_size, target: str) -> None:
+    from slimcore.prune import slim_to
+
+    arch, model, x = full_size
+    pruned, report = slim_to(model, target, x)
+    fraction = float(target.removeprefix("flops").removeprefix("params"))
+    measure = "flops" if target.startswith("flops") else "params"
+    # what the report says is what the profile stage measures on the pruned model
+    flops_before, flops_after = count_flops(model, 32), count_flops(pruned, 32)
+    params_before, params_after = count_params(model), count_params(pruned)
+    assert (report.flops_before, report.flops_after) == (flops_before, flops_after)
+    assert (report.params_before, report.params_after) == (params_before, params_after)
+    achieved = flops_after / flops_before if measure == "flops" else params_after / params_before
+    assert achieved == pytest.approx(report.flops_fraction if measure == "flops" else report.params_fraction)
+    assert abs(achieved - fraction) <= 0.01 * fraction, (arch, target, achieved, report.bound_by)
+    assert report.exact and not report.bound_by
+    assert report.target == target and 0 < report.requested_ratio < 1
+    assert report.search_steps >= 1
+    assert _run(pruned, x).shape == (2, 100)
+    # the resolved ratio, given to slim, gives the same model
+    again, plain = slim(model, report.requested_ratio, x)
+    assert plain.removed_bn_channels == report.removed_bn_channels
+    assert count_flops(again, 32) == flops_after
+
+
+def test_ratio_and_safe_targets_are_plain_slim_and_safe_needs_its_ratio() -> None:
+    from slimcore.prune import slim_to
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = coupled_bimodal(build_model("resnet50", 10, "cifar", 0.25).eval(), x[:1], zero_fraction=0.5)
+    _, plain = slim(model, 0.3, x)
+    for target, kwargs in ((0.3, {}), ("0.3", {}), ("safe", {"safe_ratio": 0.3})):
+        _, report = slim_to(model, target, x, **kwargs)
+        assert report.removed_bn_channels == plain.removed_bn_channels
+        assert report.requested_ratio == 0.3 and report.search_steps == 0
+        assert report.target == ("safe" if target == "safe" else "0.3")
+        assert report.flops_fraction < 1 and report.params_fraction < 1
+    with pytest.raises(ValueError, match="safe_ratio"):
+        slim_to(model, "safe", x)
+    with pytest.raises(ValueError, match="unknown target"):
+        slim_to(model, "latency0.5", x)
+
+
+def test_unreachable_flops_target_names_the_floor_groups() -> None:
+    from slimcore.prune import slim_to
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = coupled_bimodal(build_model("vgg16_bn", 10, "cifar", 0.25).eval(), x[:1], zero_fraction=0.5)
+    pruned, report = slim_to(model, "flops0.1", x, min_keep_fraction=0.6)
+    assert not report.exact
+    assert report.flops_fraction > 0.1 * 1.01
+    assert len(report.bound_by) == 1 and report.bound_by[0].startswith("floor:"), report.bound_by
+    assert "features.0" in report.bound_by[0] and "min_keep_fraction=0.6" in report.bound_by[0]
+    assert _run(pruned, x).shape == (2, 10)
+
+
+def test_nonnegligible_removed_counts_channels_scoring_above_warn_gamma() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    bimodal = coupled_bimodal(build_model("resnet50", 10, "cifar", 0.25).eval(), x[:1], zero_fraction=0.5)
+    _, quiet = slim(bimodal, 0.3, x)  # only near-zero gammas go
+    assert quiet.nonnegligible_removed == 0 and quiet.warn_gamma == 1e-2 and quiet.threshold < 1e-2
+    _, loud = slim(bimodal, 0.7, x)  # past the tiny half: channels with gamma ~1 go too
+    removed_channels = sum(g.channels_before - g.channels_after for g in loud.groups)
+    assert 0 < loud.nonnegligible_removed < removed_channels and loud.threshold > 1e-2
+    dense = randomize_bn(build_model("vgg16_bn", 10, "cifar", 0.25).eval())  # every gamma in [0.5, 1]
+    _, report = slim(dense, 0.3, x)
+    assert report.nonnegligible_removed == sum(g.channels_before - g.channels_after for g in report.groups)
+    _, lenient = slim(dense, 0.3, x, warn_gamma=1.0)
+    assert lenient.nonnegligible_removed == 0 and lenient.policy["warn_gamma"] == 1.0

@@ -79,7 +79,7 @@ def clones(tmp_path_factory: pytest.TempPathFactory) -> Clones:
     _copy_project(origin)
     _tiny_params(origin)
     params = yaml.safe_load((origin / "params.yaml").read_text())
-    params["prune"]["ratios"] = [RATIO]
+    params["prune"]["targets"] = [RATIO]
     (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     init_repo(origin, "slimcore remote test: tiny params")
     _dvc_ok("repro", cwd=origin)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED_HEADER = ["arch", "flops/G", "model size/MB", "slim", "predict pruning ratio", "true pruning ratio",
                "Flops after pruning", "Model size after pruning", "top1", "top5"]
 OURS_FOR_SEED = {"arch": "arch", "flops/G": "FLOPs/G", "model size/MB": "params/M", "slim": "slim",
-                 "predict pruning ratio": "requested ratio", "true pruning ratio": "true ratio",
+                 "predict pruning ratio": "requested", "true pruning ratio": "true ratio",
                  "Flops after pruning": "FLOPs after/G", "Model size after pruning": "params after/M",
                  "top1": "top1", "top5": "top5"}
 
@@ -28,7 +28,7 @@ def _params(**changes: Any) -> Params:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["archs"] = ["vgg16_bn", "resnet50"]
     raw["sparsity"] = {"vgg16_bn": 1e-4, "resnet50": 0.01}
-    raw["prune"]["ratios"] = [0.2, 0.5]
+    raw["prune"]["targets"] = [0.2, 0.5]
     raw.update(changes)
     return parse_params(raw)
 
@@ -70,11 +70,11 @@ PROFILE: dict[str, dict[str, Any]] = {
         "finetuned-0.5": _prof(833_000, 40_000, 263_000),
     },
 }
-PRUNES: dict[str, dict[float, dict[str, Any]]] = {
-    "vgg16_bn": {0.2: {"requested_ratio": 0.2, "true_ratio": 0.1875}, 0.5: {"requested_ratio": 0.5,
-                                                                             "true_ratio": 0.5}},
-    "resnet50": {0.2: {"requested_ratio": 0.2, "true_ratio": 0.2}, 0.5: {"requested_ratio": 0.5,
-                                                                          "true_ratio": 0.49996}},
+PRUNES: dict[str, dict[str, dict[str, Any]]] = {  # arch -> target tag -> prune report
+    "vgg16_bn": {"0.2": {"requested_ratio": 0.2, "true_ratio": 0.1875}, "0.5": {"requested_ratio": 0.5,
+                                                                                 "true_ratio": 0.5}},
+    "resnet50": {"0.2": {"requested_ratio": 0.2, "true_ratio": 0.2}, "0.5": {"requested_ratio": 0.5,
+                                                                              "true_ratio": 0.49996}},
 }
 
 
@@ -156,7 +156,7 @@ def test_preamble_describes_the_run(markdown: str) -> None:
 
 
 def test_only_the_configured_archs_and_ratios_are_reported() -> None:
-    params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(), "ratios": [0.5]})
+    params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(), "targets": [0.5]})
     tables = _tables(results_markdown(params, EVALS, PROFILE, PRUNES))
     assert list(tables) == ["resnet50"]
     assert [row[4] for row in tables["resnet50"][1:]] == ["50%"]
@@ -178,8 +178,29 @@ def test_summary_keys_ratios_by_position_with_percent_accuracy() -> None:
     got = out["vgg16_bn"]
     assert list(got) == ["baseline", "sparse", "r1", "r2"]
     assert got["baseline"] == {"top1": 81.06, "top5": 95.77, "mflops": 150000.0, "params": 134_678_692}
-    assert got["r1"] == {"ratio": 0.2, "removed_pct": 18.75, "removed_all_bn_pct": 18.75, "top1_pruned": 50.0,
-                         "top1": 80.67, "top5": 95.16, "mflops": 15500.0, "params": 130_310_000}
+    assert got["r1"] == {"target": "0.2", "ratio": 0.2, "removed_pct": 18.75, "removed_all_bn_pct": 18.75,
+                         "top1_pruned": 50.0, "top1": 80.67, "top5": 95.16, "mflops": 15500.0, "params": 130_310_000}
     assert got["r2"]["ratio"] == 0.5 and got["r2"]["top1"] == 77.62
     flat = json.dumps(out)
     assert "latency" not in flat and "seconds" not in flat
+
+
+def test_targets_beyond_the_ratio_show_what_was_requested() -> None:
+    """The requested column names the target: FLOPs 50%, params 30%, safe (the ratio it resolved to)."""
+    from slimcore.report import summary
+
+    params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(),
+                                                "targets": [0.2, "flops0.5", "params0.3", "safe"]})
+    evals = {"baseline": _ev(0.9), "sparse": _ev(0.9)}
+    profile = {"baseline": _prof(5_551_000, 375_762, 1_520_000)}
+    prunes = {}
+    for tag, ratio in (("0.2", 0.2), ("flops0.5", 0.31), ("params0.3", 0.52), ("safe", 0.45)):
+        evals[f"pruned-{tag}"], evals[f"finetuned-{tag}"] = _ev(0.5), _ev(0.8)
+        profile[f"finetuned-{tag}"] = _prof(2_000_000, 100_000, 400_000)
+        prunes[tag] = {"target": tag, "requested_ratio": ratio, "true_ratio": ratio}
+    rows = _tables(results_markdown(params, {"resnet50": evals}, {"resnet50": profile}, {"resnet50": prunes}))
+    assert [row[4] for row in rows["resnet50"][1:]] == ["20%", "FLOPs 50%", "params 30%", "safe (45%)"]
+    assert [row[5] for row in rows["resnet50"][1:]] == ["20.00%", "31.00%", "52.00%", "45.00%"]
+    got = summary("resnet50", params, evals, profile, prunes)["resnet50"]
+    assert [(got[f"r{i}"]["target"], got[f"r{i}"]["ratio"]) for i in range(1, 5)] == [
+        ("0.2", 0.2), ("flops0.5", 0.31), ("params0.3", 0.52), ("safe", 0.45)]

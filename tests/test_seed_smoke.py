@@ -1,7 +1,7 @@
 """``make seed-smoke``: the preset end to end on synthetic CIFAR-100, timed per stage.
 
 The unit tests are fast; the last test runs the whole smoke on CPU at a tiny size (32px,
-width 0.125, one arch, one ratio): six stage subprocesses, about 45 s on 2 shared cores.
+width 0.125, one arch, one prune target): six stage subprocesses, about 45 s on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ def test_smoke_params_keep_the_preset_but_the_schedule(tmp_path: Path) -> None:
         assert cfg.model_dump(exclude={"epochs", "warmup_epochs", "milestones"}) == \
             getattr(preset, run).model_dump(exclude={"epochs", "warmup_epochs", "milestones"})
     assert params.profile.latency_runs < preset.profile.latency_runs
-    small = smoke_params(SmokeOptions(preset=PRESET, image_size=32, width=0.125, archs=["resnet50"], ratios=[0.5],
+    small = smoke_params(SmokeOptions(preset=PRESET, image_size=32, width=0.125, archs=["resnet50"], targets=[0.5],
                                       batch_size=8, sets={"runtime.num_workers": 1}), tmp_path, nproc=1)
-    assert (small.data.image_size, small.model.width, small.archs, small.prune.ratios) == (32, 0.125, ["resnet50"],
+    assert (small.data.image_size, small.model.width, small.archs, small.prune.targets) == (32, 0.125, ["resnet50"],
                                                                                            [0.5])
     assert (small.train.batch_size, small.finetune.batch_size, small.runtime.num_workers) == (8, 8, 1)
 
 
 def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
-    params = smoke_params(SmokeOptions(preset=PRESET, archs=["vgg16_bn", "resnet50"], ratios=[0.2, 0.5],
+    params = smoke_params(SmokeOptions(preset=PRESET, archs=["vgg16_bn", "resnet50"], targets=[0.2, 0.5],
                                        batch_size=16), tmp_path, nproc=2)
     plan = stage_plan(params, train_images=100, test_images=30)
     names = [stage.name for stage in plan]
@@ -67,7 +67,7 @@ def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
     assert timing["prune@resnet50-0.5"] == Path("metrics/timings/resnet50/prune-0.5.json")
     assert timing["finetune@resnet50-0.2"] == Path("metrics/timings/resnet50/finetune-0.2.json")
     assert timing["profile"] is None and timing["evaluate"] is None
-    assert by_name["prune@resnet50-0.5"] == (["stages.prune", "--arch", "resnet50", "--ratio", "0.5"], None)
+    assert by_name["prune@resnet50-0.5"] == (["stages.prune", "--arch", "resnet50", "--target", "0.5"], None)
     # 100 images over 2 processes: 50 each, 3 full batches of 16 -> 3 x 16 x 2 images a step
     assert train_steps(100, 16, 2) == 3
     assert by_name["sparse-train@vgg16_bn"] == (["stages.sparse_train", "--arch", "vgg16_bn"], 96)
@@ -105,12 +105,12 @@ def test_smoke_refuses_a_machine_without_cuda_unless_asked(tmp_path: Path, monke
 
 def test_a_failing_stage_stops_the_smoke_and_keeps_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """prune with no sparse checkpoint fails: exit 1, the log's end is shown and the workspace stays."""
-    prune = seed_smoke.PlannedStage("prune@vgg16_bn-0.5", ["stages.prune", "--arch", "vgg16_bn", "--ratio", "0.5"],
+    prune = seed_smoke.PlannedStage("prune@vgg16_bn-0.5", ["stages.prune", "--arch", "vgg16_bn", "--target", "0.5"],
                                     None, None)
     monkeypatch.setattr(seed_smoke, "stage_plan", lambda *_: [prune])
     workspace = tmp_path / "ws"
     result = CliRunner().invoke(app, [str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125",
-                                      "--archs", "vgg16_bn", "--ratios", "0.5", "--batch-size", "4",
+                                      "--archs", "vgg16_bn", "--targets", "0.5", "--batch-size", "4",
                                       "--train-images", "8", "--test-images", "4", "--workdir", str(workspace)])
     assert result.exit_code == 1, result.output
     log = workspace / "logs" / "01-prune-vgg16_bn-0.5.log"
@@ -137,7 +137,7 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
         workspace, report = tmp_path / mode.strip("-"), tmp_path / f"{mode.strip('-')}.json"
         result = CliRunner().invoke(app, [
             str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125", "--archs", "vgg16_bn",
-            "--ratios", "0.5", "--batch-size", "16", "--train-images", "64", "--test-images", "32",
+            "--targets", "0.5", "--batch-size", "16", "--train-images", "64", "--test-images", "32",
             "--set", "runtime.num_workers=2", "--set", "runtime.threads=1",  # the same threads in both modes
             "--workdir", str(workspace), "--keep", "--json", str(report),
             *([mode] if mode.startswith("--") else [])])
