@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    PrivateAttr,
     model_validator,
 )
 
@@ -85,6 +86,14 @@ class DataConfig(_Section):
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, held out of training
     augment: Literal["auto", "none", "flip", "crop+flip", "imagenet"] = "auto"
+    # Seed of the validation split (val_fraction of the training split): params.seed, set by
+    # Params when it validates (not a key of params.yaml); 0 for a DataConfig built on its own.
+    _split_seed: int = PrivateAttr(default=0)
+
+    @property
+    def split_seed(self) -> int:
+        """The seed :func:`slimcore.data.load_splits` draws the validation split with (``params.seed``)."""
+        return self._split_seed
 
     def augmentation(self) -> str:
         """The augmentation actually applied: ``augment`` with ``auto`` resolved (never ``auto``)."""
@@ -300,6 +309,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
+        # every stage that loads data holds out the same validation split: seeded by params.seed
+        self.data._split_seed = self.seed
         for arch in self.archs:
             choice = self.model_for(arch)
             if arch not in self.sparsity:
