@@ -17,10 +17,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
-    PrivateAttr,
     model_validator,
 )
 
@@ -216,6 +216,8 @@ class PruneConfig(_Section):
     group_score: Literal["max", "mean", "l2"] = "max"
     on_untraceable: Literal["error", "warn"] = "error"  # warn: keep such a model whole, with a warning
     max_drop: NonNegFloat = 2.0  # pt of validation top-1 a safe ratio may lose before fine-tuning
+    # the sensitivity stage's grid of ratios: step, 2*step, ... up to 1 - step (0.05: 0.05 ... 0.95)
+    sensitivity_step: Annotated[float, Field(gt=0, le=0.5)] = 0.05
 
     @field_validator("ratios", mode="before")
     @classmethod

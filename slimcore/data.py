@@ -138,9 +138,10 @@ def _random_transforms(augment: str, image_size: int, fill: float = 0.0) -> list
 def _digits(cfg: DataConfig, seed: int | None = None) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels.
 
-    Images are normalised once, in memory (with the statistics of ``train``); with ``augment: none`` (what ``auto`` gives digits)
-    the splits are plain tensors, otherwise the training split draws its random transform per
-    sample (padding with the background's value) and ``imagenet``'s test split is zoomed like
+    Images are normalised once, in memory (with the statistics of ``train``); with ``augment:
+    none`` (what ``auto`` gives digits) the splits are plain tensors, otherwise the training split
+    draws its random transform per sample (padding with the background's value) and
+    ``imagenet``'s evaluation splits (val, test) are zoomed like
     its center crop.
     """
     raw_images, raw_labels = _digits_arrays()
