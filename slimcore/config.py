@@ -59,10 +59,14 @@ SMALL_IMAGE_MAX = 64  # pixels: ``augment: auto`` picks crop+flip up to this siz
 class DataConfig(_Section):
     """Which dataset, where it lives, how it is shaped and how training images are augmented.
 
-    ``root`` is a DVC dependency of every stage that reads data (baseline-train, sparse-train,
+    ``root`` is a DVC dependency of every stage that reads data (baseline-train, sparse-train, sensitivity,
     finetune, evaluate): a relative path is relative to the project root (the default ``data``
     folder is committed with a README and keeps its contents out of git); an absolute path
     outside the project works too.
+
+    ``val_fraction`` of each class's *training* images (never its last one) is held out of
+    training as the validation split, drawn with ``params.seed`` (:attr:`split_seed`) and read
+    with the evaluation transform by the sensitivity stage only; the test split is unaffected.
 
     ``augment`` (training images only; evaluation never randomises):
 

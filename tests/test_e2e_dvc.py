@@ -100,6 +100,7 @@ def _tiny_params(proj: Path) -> None:
     params["train"].update(epochs=1, warmup_epochs=0, milestones=[])
     params["finetune"].update(epochs=1, milestones=[])
     params["profile"].update(latency_runs=3, warmup_runs=1)
+    params["prune"]["sensitivity_step"] = 0.25  # for time: a 3-ratio sensitivity grid
     params["data"]["image_size"] = 8  # vgg16_bn's cifar stem accepts 8px
     assert ARCH in params["sparsity"]
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -185,7 +186,8 @@ def test_repro_writes_every_checkpoint(pipeline: Pipeline) -> None:
     missing = [n for n in names if not (models / f"{n}.pt").is_file()]
     assert not missing, f"missing checkpoints {missing}\n{pipeline.repro.tail()}"
     per_ratio = [f"{kind}@{ARCH}-{r}" for r in RATIOS for kind in ("prune", "finetune")]
-    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", *per_ratio, "profile", "evaluate"):
+    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", f"sensitivity@{ARCH}", *per_ratio, "profile",
+                  "evaluate"):
         assert f"Running stage '{stage}'" in pipeline.repro.output, pipeline.repro.tail()
 
 
@@ -285,7 +287,7 @@ def test_exp_run_reruns_only_the_prune_side(experiment: Experiment) -> None:
     out = experiment.run.output
     for stage in (f"prune@{ARCH}-{EXP_RATIO}", f"finetune@{ARCH}-{EXP_RATIO}", "profile", "evaluate"):
         assert f"Running stage '{stage}'" in out, experiment.run.tail()
-    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}"):
+    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", f"sensitivity@{ARCH}"):  # no ratio in them
         assert f"Running stage '{stage}'" not in out, experiment.run.tail()
         assert re.search(rf"Stage '{re.escape(stage)}' didn't change", out), experiment.run.tail()
 
