@@ -230,6 +230,9 @@ def test_declared_metrics_are_one_small_summary_per_arch(pipeline: Pipeline) -> 
     summary = files[f"metrics/summary/{ARCH}.json"]["data"][ARCH]
     assert [summary[f"r{i + 1}"]["ratio"] for i in range(len(RATIOS))] == list(RATIOS)
     assert 0 < summary["r1"]["top1"] <= 100 and summary["r1"]["params"] < summary["baseline"]["params"]
+    sensitivity = json.loads((pipeline.proj / "metrics" / "sensitivity" / f"{ARCH}.json").read_text())
+    assert summary["safe_ratio"] == sensitivity["safe_ratio"] and [p["ratio"] for p in sensitivity["points"]] == [
+        0.25, 0.5, 0.75]
 
 
 def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
@@ -240,7 +243,7 @@ def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
 
 
 def test_plot_data_written(pipeline: Pipeline) -> None:
-    for name in ("tradeoff", "gamma_hist", "curves"):
+    for name in ("tradeoff", "gamma_hist", "curves", "sensitivity"):
         csv = pipeline.proj / "metrics" / "plots" / f"{name}.csv"
         assert csv.is_file(), pipeline.repro.tail()
         assert len(csv.read_text().splitlines()) > 1, f"{csv} has no rows"
