@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -58,10 +59,14 @@ SMALL_IMAGE_MAX = 64  # pixels: ``augment: auto`` picks crop+flip up to this siz
 class DataConfig(_Section):
     """Which dataset, where it lives, how it is shaped and how training images are augmented.
 
-    ``root`` is a DVC dependency of every stage that reads data (baseline-train, sparse-train,
+    ``root`` is a DVC dependency of every stage that reads data (baseline-train, sparse-train, sensitivity,
     finetune, evaluate): a relative path is relative to the project root (the default ``data``
     folder is committed with a README and keeps its contents out of git); an absolute path
     outside the project works too.
+
+    ``val_fraction`` of each class's *training* images (never its last one) is held out of
+    training as the validation split, drawn with ``params.seed`` (:attr:`split_seed`) and read
+    with the evaluation transform by the sensitivity stage only; the test split is unaffected.
 
     ``augment`` (training images only; evaluation never randomises):
 
@@ -85,6 +90,14 @@ class DataConfig(_Section):
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, held out of training
     augment: Literal["auto", "none", "flip", "crop+flip", "imagenet"] = "auto"
+    # Seed of the validation split (val_fraction of the training split): params.seed, set by
+    # Params when it validates (not a key of params.yaml); 0 for a DataConfig built on its own.
+    _split_seed: int = PrivateAttr(default=0)
+
+    @property
+    def split_seed(self) -> int:
+        """The seed :func:`slimcore.data.load_splits` draws the validation split with (``params.seed``)."""
+        return self._split_seed
 
     def augmentation(self) -> str:
         """The augmentation actually applied: ``augment`` with ``auto`` resolved (never ``auto``)."""
@@ -213,6 +226,8 @@ class PruneConfig(_Section):
     on_untraceable: Literal["error", "warn"] = "error"  # warn: keep such a model whole, with a warning
     max_drop: NonNegFloat = 2.0  # pt of validation top-1 a safe ratio may lose before fine-tuning
     warn_gamma: NonNegFloat = 1e-2  # warn when slimming removes channels whose |gamma| score exceeds this
+    # the sensitivity stage's grid of ratios: step, 2*step, ... up to 1 - step (0.05: 0.05 ... 0.95)
+    sensitivity_step: Annotated[float, Field(gt=0, le=0.5)] = 0.05
 
     @model_validator(mode="before")
     @classmethod
@@ -237,8 +252,9 @@ class PruneConfig(_Section):
         return parse_targets(list(self.targets))
 
     def policy(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`slimcore.prune.slim` (the slimming policy)."""
-        return self.model_dump(exclude={"targets", "max_drop"})
+        """The keyword arguments of :func:`slimcore.prune.slim` (the slimming policy): every key
+        but what the stages read themselves (targets, the safe ratio's budget, the sensitivity grid)."""
+        return self.model_dump(exclude={"targets", "max_drop", "sensitivity_step"})
 
 
 class PenaltyConfig(_Section):
@@ -333,6 +349,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
+        # every stage that loads data holds out the same validation split: seeded by params.seed
+        self.data._split_seed = self.seed
         for arch in self.archs:
             choice = self.model_for(arch)
             if arch not in self.sparsity:

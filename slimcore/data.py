@@ -1,5 +1,9 @@
 """Datasets: the embedded ``digits`` default, torchvision's CIFAR on-disk format, ImageFolder.
 
+Every format gives three splits (:class:`Splits`): ``train``, ``val`` and ``test``.  ``val`` is a
+fixed stratified ``data.val_fraction`` of the format's training images, seeded by ``params.seed``
+(:attr:`slimcore.config.DataConfig.split_seed`), held out of ``train`` and always read with the
+evaluation transform; only the sensitivity stage reads it.  ``test`` is never touched by it.
 Training images are augmented per ``data.augment`` (see :class:`slimcore.config.DataConfig`).
 All loaders are deterministic for a given seed and epoch (``set_epoch``), shard across
 ``world_size`` ranks like ``DistributedSampler``, and never download unless asked.
@@ -7,6 +11,7 @@ All loaders are deterministic for a given seed and epoch (``set_epoch``), shard 
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import pickle
@@ -29,25 +34,62 @@ CIFAR_STD = (0.2673, 0.2564, 0.2762)
 
 @dataclass
 class Splits:
-    """Train and test datasets plus what a model needs to know about them."""
+    """Train, validation and test datasets plus what a model needs to know about them.
+
+    ``val`` is held out of ``train`` (a stratified ``data.val_fraction`` of the format's
+    training images) and read with the evaluation transform; ``test`` is the format's own test
+    split (digits: a fixed ``data.test_fraction``; cifar: the test batch; imagefolder: ``root/val``).
+    """
 
     train: Dataset
+    val: Dataset
     test: Dataset
     num_classes: int
     name: str
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a fixed stratified train/test split (same seed, same split)."""
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
+                     min_left: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a fixed stratified train/test split (same seed, same split).
+
+    Each class gives ``round(n * test_fraction)`` of its ``n`` samples, at least one, but never
+    so many that fewer than ``min_left`` stay on the train side.
+    """
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for cls in np.unique(labels):
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
-        n_test = max(1, round(len(idx) * test_fraction))
+        n_test = max(0, min(max(1, round(len(idx) * test_fraction)), len(idx) - min_left))
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
+
+
+def validation_split(labels: np.ndarray, cfg: DataConfig, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions in a training split with these ``labels``: ``cfg.val_fraction`` of each
+    class, drawn with ``seed`` (default ``cfg.split_seed``, i.e. ``params.seed``); a class never
+    gives away its last training sample."""
+    return stratified_split(np.asarray(labels), cfg.val_fraction, cfg.split_seed if seed is None else seed,
+                            min_left=1)
+
+
+def _select(dataset: Dataset, positions: np.ndarray, transform: object) -> Dataset:
+    """A copy of a CifarFolder / ImageFolder holding only the samples at ``positions``, read with
+    ``transform`` (its class list and everything else shared; the original is not modified)."""
+    part = copy.copy(dataset)
+    keep = [int(i) for i in positions]
+    if isinstance(dataset, CifarFolder):
+        part.data = dataset.data[keep]
+    else:  # torchvision's DatasetFolder: samples (and its alias imgs) are (path, class) pairs
+        part.samples = [dataset.samples[i] for i in keep]
+        part.imgs = part.samples
+        from torchvision.datasets.vision import StandardTransform
+
+        part.transforms = StandardTransform(transform, getattr(dataset, "target_transform", None))
+    part.targets = [dataset.targets[i] for i in keep]
+    part.transform = transform
+    return part
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -93,12 +135,13 @@ def _random_transforms(augment: str, image_size: int, fill: float = 0.0) -> list
     return [*crop, *flip]
 
 
-def _digits(cfg: DataConfig) -> Splits:
+def _digits(cfg: DataConfig, seed: int | None = None) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels.
 
-    Images are normalised once, in memory; with ``augment: none`` (what ``auto`` gives digits)
-    the splits are plain tensors, otherwise the training split draws its random transform per
-    sample (padding with the background's value) and ``imagenet``'s test split is zoomed like
+    Images are normalised once, in memory (with the statistics of ``train``); with ``augment:
+    none`` (what ``auto`` gives digits) the splits are plain tensors, otherwise the training split
+    draws its random transform per sample (padding with the background's value) and
+    ``imagenet``'s evaluation splits (val, test) are zoomed like
     its center crop.
     """
     raw_images, raw_labels = _digits_arrays()
@@ -111,8 +154,10 @@ def _digits(cfg: DataConfig) -> Splits:
         return F.interpolate(images, size=(to, to), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
 
     train_images = upsample(size)
-    # The split is a property of the data, not of the training seed: fixed at 0.
-    train_idx, test_idx = stratified_split(raw_labels, cfg.test_fraction, seed=0)
+    # The test split is a property of the data, not of the training seed: fixed at 0.
+    train_part, test_idx = stratified_split(raw_labels, cfg.test_fraction, seed=0)
+    fit, held = validation_split(raw_labels[train_part], cfg, seed)
+    train_idx, val_idx = train_part[fit], train_part[held]
     mean, std = train_images[train_idx].mean(), train_images[train_idx].std()
     train_images = ((train_images - mean) / std).contiguous()
     test_images = train_images
@@ -121,6 +166,7 @@ def _digits(cfg: DataConfig) -> Splits:
 
         test_images = ((center_crop(upsample(round(size * 1.14)), [size, size]) - mean) / std).contiguous()
     test = TensorDataset(test_images[test_idx], labels[test_idx])
+    val = TensorDataset(test_images[val_idx], labels[val_idx])  # evaluation images, as test
     if augment == "none":
         train: Dataset = TensorDataset(train_images[train_idx], labels[train_idx])
     else:
@@ -129,7 +175,7 @@ def _digits(cfg: DataConfig) -> Splits:
         background = float(-mean / std)  # a raw 0 (the digits' background), normalised
         train = AugmentedTensors(train_images[train_idx], labels[train_idx],
                                  T.Compose(_random_transforms(augment, size, fill=background)))
-    return Splits(train=train, test=test, num_classes=10, name="digits")
+    return Splits(train=train, val=val, test=test, num_classes=10, name="digits")
 
 
 def image_transforms(augment: str, image_size: int, train: bool, mean: tuple[float, ...],
@@ -227,22 +273,27 @@ class CifarFolder(Dataset):
         return image, self.targets[index]
 
 
-def _cifar(cfg: DataConfig) -> Splits:
-    """CIFAR-10/100 in torchvision's on-disk format under ``root`` (downloads only if asked)."""
+def _cifar(cfg: DataConfig, seed: int | None = None) -> Splits:
+    """CIFAR-10/100 in torchvision's on-disk format under ``root`` (downloads only if asked);
+    ``val`` is held out of the training batches."""
     root = Path(cfg.root)
     if cfg.download:
         from torchvision import datasets
 
         cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
         cls(str(root), train=True, download=True)  # torchvision verifies the official checksums
-    parts = [CifarFolder(root, cfg.name, train,
-                         image_transforms(cfg.augmentation(), cfg.image_size, train, CIFAR_MEAN, CIFAR_STD))
-             for train in (True, False)]
-    return Splits(parts[0], parts[1], num_classes=len(parts[0].classes), name=cfg.name)
+    augment, size = cfg.augmentation(), cfg.image_size
+    evaluation = image_transforms(augment, size, False, CIFAR_MEAN, CIFAR_STD)
+    full = CifarFolder(root, cfg.name, True)
+    test = CifarFolder(root, cfg.name, False, evaluation)
+    fit, held = validation_split(np.asarray(full.targets), cfg, seed)
+    train = _select(full, fit, image_transforms(augment, size, True, CIFAR_MEAN, CIFAR_STD))
+    return Splits(train, _select(full, held, evaluation), test, num_classes=len(full.classes), name=cfg.name)
 
 
-def _imagefolder(cfg: DataConfig) -> Splits:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` image folders."""
+def _imagefolder(cfg: DataConfig, seed: int | None = None) -> Splits:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` image folders: ``root/val`` is the test
+    split; the validation split is held out of ``root/train``."""
     from torchvision import datasets
 
     root = Path(cfg.root)
@@ -269,16 +320,24 @@ def _imagefolder(cfg: DataConfig) -> Splits:
             f"data.root: class folders differ between {root}/train ({len(parts['train'].classes)}) "
             f"and {root}/val ({len(parts['val'].classes)}): only in train {only_train}, only in val {only_val}"
         )
-    return Splits(parts["train"], parts["val"], num_classes=len(parts["train"].classes), name="imagefolder")
+    full = parts["train"]
+    fit, held = validation_split(np.asarray(full.targets), cfg, seed)
+    evaluation = image_transforms(cfg.augmentation(), cfg.image_size, False, IMAGENET_MEAN, IMAGENET_STD)
+    return Splits(_select(full, fit, full.transform), _select(full, held, evaluation), parts["val"],
+                  num_classes=len(full.classes), name="imagefolder")
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """The train and test splits of the configured dataset."""
+def load_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
+    """The train, validation and test splits of the configured dataset.
+
+    ``seed`` draws the validation split; by default ``cfg.split_seed``, which is ``params.seed``
+    for the ``data`` section of validated params, so that every stage holds out the same images.
+    """
     if cfg.name == "digits":
-        return _digits(cfg)
+        return _digits(cfg, seed)
     if cfg.name in ("cifar10", "cifar100"):
-        return _cifar(cfg)
-    return _imagefolder(cfg)
+        return _cifar(cfg, seed)
+    return _imagefolder(cfg, seed)
 
 
 def check_num_classes(splits: Splits, expected: int, source: str) -> None:
@@ -309,4 +368,4 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ru
 
 
 __all__ = ["AugmentedTensors", "DataError", "Splits", "check_num_classes", "image_transforms", "load_splits",
-           "make_loader", "stratified_split"]
+           "make_loader", "stratified_split", "validation_split"]

@@ -1,4 +1,4 @@
-"""The data behind ``dvc plots``: three tidy CSV files under ``metrics/plots``.
+"""The data behind ``dvc plots``: four tidy CSV files under ``metrics/plots``.
 
 The ``evaluate`` stage calls :func:`write_plot_data` with what it measured; the vega-lite templates
 in ``.dvc/plots/`` draw the files (``dvc plots show``, ``make plots``). Every file is long
@@ -40,6 +40,20 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
   the |gamma| threshold (``gamma``) at which the sparse model was pruned for the target ``label``
   (``20%``, ``FLOPs 50%``); channels whose (group) score is at most this were removed.
 
+``sensitivity.csv`` -- validation top-1 before fine-tuning at each ratio of the sensitivity grid
+(template ``slimcore_sensitivity``, drawn against ``ratio`` and against ``mflops``)::
+
+    arch, ratio, label, true_ratio, ratio_all_bn, mflops, params, top1, top5, drop, within_budget,
+    safe_ratio, budget_top1
+
+  One row per (arch, grid ratio), after one ``ratio`` 0 row for the unpruned (sparse-trained)
+  model (``label`` ``unpruned``). ``ratio``, ``true_ratio``, ``ratio_all_bn``: requested and
+  measured share of BN channels removed (%); ``mflops``, ``params``: cost of the pruned model;
+  ``top1``, ``top5``: validation accuracy (%), empty where slimming failed; ``drop``: points lost
+  against the unpruned model; ``within_budget``: 1 or 0; ``safe_ratio`` (%) and ``budget_top1``
+  (the unpruned top-1 minus ``prune.max_drop``) repeat the arch's figures on every row, so the
+  template can mark the safe point and the budget line. Data: ``metrics/sensitivity/ARCH.json``.
+
 Numbers are written with 6 significant digits and files are replaced atomically, so the same
 inputs give the same bytes.
 """
@@ -59,6 +73,7 @@ from slimcore.checkpoint import atomic_write_bytes
 from slimcore.targets import Target, parse_target, target_label
 
 TRADEOFF_CSV, CURVES_CSV, GAMMA_CSV = "tradeoff.csv", "curves.csv", "gamma_hist.csv"
+SENSITIVITY_CSV = "sensitivity.csv"
 
 BASELINE, SPARSE = "dense baseline", "sparse-trained"
 PRUNED, FINETUNED = "pruned, before fine-tune", "pruned + fine-tuned"
@@ -71,6 +86,10 @@ TRAINING_RUNS = ("baseline-train", "sparse-train")
 
 GAMMA_MODELS = ("baseline", "sparse")
 GAMMA_FIELDS = ("arch", "kind", "model", "label", "bin_lo", "bin_hi", "gamma", "pct")
+SENSITIVITY_FIELDS = ("arch", "ratio", "label", "true_ratio", "ratio_all_bn", "mflops", "params", "top1", "top5",
+                      "drop", "within_budget", "safe_ratio", "budget_top1")
+UNPRUNED = "unpruned"
+
 BINS_PER_DECADE = 5
 MAX_DECADES = 8
 
@@ -219,12 +238,34 @@ def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[str, fl
 
 
 # --------------------------------------------------------------------------------------------
+# sensitivity
+# --------------------------------------------------------------------------------------------
+
+
+def sensitivity_rows(arch: str, report: Mapping[str, Any]) -> list[Row]:
+    """One arch's rows of ``sensitivity.csv`` from its ``metrics/sensitivity/ARCH.json``."""
+    reference = float(report["reference_top1"])
+    shared = {"arch": arch, "safe_ratio": _pct(report["safe_ratio"]),
+              "budget_top1": reference - float(report["max_drop"])}
+    rows: list[Row] = [{**shared, "ratio": 0.0, "label": UNPRUNED, "true_ratio": 0.0, "ratio_all_bn": 0.0,
+                        "mflops": float(report["reference_mflops"]), "params": int(report["reference_params"]),
+                        "top1": reference, "top5": float(report["reference_top5"]), "drop": 0.0,
+                        "within_budget": 1}]
+    for point in sorted(report["points"], key=lambda p: p["ratio"]):
+        rows.append({**shared, "ratio": _pct(point["ratio"]), "label": percent_label(point["ratio"]),
+                     "true_ratio": _pct(point["true_ratio"]), "ratio_all_bn": _pct(point["ratio_all_bn"]),
+                     "mflops": point["mflops"], "params": point["params"], "top1": point["top1"],
+                     "top5": point["top5"], "drop": point["drop"], "within_budget": int(bool(point["within_budget"]))})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # all of it
 # --------------------------------------------------------------------------------------------
 
 
 def plot_tables(*, archs: list[str], targets: Sequence[Target | float | str], evals: dict, profile: dict,
-                prunes: dict, histories: dict, gammas: dict) -> dict[str, bytes]:
+                prunes: dict, histories: dict, gammas: dict, sensitivity: dict | None = None) -> dict[str, bytes]:
     """The contents of every plot file, by file name (see :func:`write_plot_data`)."""
     tradeoff, curves, hist = [], [], []
     parsed = [parse_target(t) for t in targets]
@@ -234,13 +275,18 @@ def plot_tables(*, archs: list[str], targets: Sequence[Target | float | str], ev
         models = {m: gammas[arch][m] for m in GAMMA_MODELS if m in gammas[arch]}
         thresholds = {target_label(t, prunes[arch][t.tag]): prunes[arch][t.tag]["threshold"] for t in parsed}
         hist += gamma_rows(arch, models, thresholds)
-    return {TRADEOFF_CSV: render_csv(TRADEOFF_FIELDS, tradeoff), CURVES_CSV: render_csv(CURVE_FIELDS, curves),
-            GAMMA_CSV: render_csv(GAMMA_FIELDS, hist)}
+    tables = {TRADEOFF_CSV: render_csv(TRADEOFF_FIELDS, tradeoff), CURVES_CSV: render_csv(CURVE_FIELDS, curves),
+              GAMMA_CSV: render_csv(GAMMA_FIELDS, hist)}
+    if sensitivity is not None:
+        rows = [row for arch in archs if arch in sensitivity for row in sensitivity_rows(arch, sensitivity[arch])]
+        tables[SENSITIVITY_CSV] = render_csv(SENSITIVITY_FIELDS, rows)
+    return tables
 
 
 def write_plot_data(directory: Path, *, archs: list[str], targets: Sequence[Target | float | str],
-                    evals: dict, profile: dict, prunes: dict, histories: dict, gammas: dict) -> None:
-    """Write ``tradeoff.csv``, ``curves.csv`` and ``gamma_hist.csv`` under ``directory``.
+                    evals: dict, profile: dict, prunes: dict, histories: dict, gammas: dict,
+                    sensitivity: dict | None = None) -> None:
+    """Write ``tradeoff.csv``, ``curves.csv``, ``gamma_hist.csv`` (and ``sensitivity.csv``) under ``directory``.
 
     Args:
         directory: where the files go (the pipeline passes ``metrics/plots``).
@@ -256,14 +302,17 @@ def write_plot_data(directory: Path, *, archs: list[str], targets: Sequence[Targ
             for runs ``baseline-train``, ``sparse-train``, ``finetune-T``; a missing run is not drawn.
         gammas: ``gammas[arch] = {"baseline": |gamma| values, "sparse": ...}``, any 1-D array-like
             (a CPU tensor works).
+        sensitivity: ``sensitivity[arch]``, the sensitivity stage's ``metrics/sensitivity/ARCH.json``;
+            given, ``sensitivity.csv`` is written too.
 
     The same inputs always give the same bytes; each file is replaced atomically.
     """
     tables = plot_tables(archs=archs, targets=targets, evals=evals, profile=profile, prunes=prunes,
-                         histories=histories, gammas=gammas)
+                         histories=histories, gammas=gammas, sensitivity=sensitivity)
     for name, content in tables.items():
         atomic_write_bytes(Path(directory) / name, content)
 
 
-__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "TRADEOFF_SERIES", "curve_rows", "gamma_rows", "log_bin_edges",
-           "percent_label", "plot_tables", "render_csv", "target_label", "tradeoff_rows", "write_plot_data"]
+__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "SENSITIVITY_FIELDS", "TRADEOFF_SERIES", "curve_rows", "gamma_rows",
+           "log_bin_edges", "percent_label", "plot_tables", "render_csv", "sensitivity_rows", "target_label",
+           "tradeoff_rows", "write_plot_data"]

@@ -201,7 +201,8 @@ def check_data(params: Params) -> str:
     from slimcore.data import load_splits
 
     splits = load_splits(params.data)
-    return (f"{splits.name} at {params.data.root}: {len(splits.train)} train / {len(splits.test)} test images, "
+    return (f"{splits.name} at {params.data.root}: {len(splits.train)} train / {len(splits.val)} val / "
+            f"{len(splits.test)} test images, "
             f"{splits.num_classes} classes")
 
 

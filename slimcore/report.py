@@ -89,9 +89,22 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
     return header, rows
 
 
+def safe_ratio_line(arch: str, sensitivity: Mapping[str, Any]) -> str:
+    """One arch's safe ratio, as results.md prints it under the pruning table (from
+    ``metrics/sensitivity/ARCH.json``: see :mod:`slimcore.sensitivity`)."""
+    safe = float(sensitivity["safe_ratio"])
+    reference = float(sensitivity["reference_top1"])
+    at_safe = next((p["top1"] for p in sensitivity.get("points", []) if p["ratio"] == safe), reference)
+    return (f"Safe ratio (validation top-1 drop <= {float(sensitivity['max_drop']):g} pt before fine-tuning): "
+            f"{100 * safe:.4g}% (validation top-1 {reference:.2f} -> {float(at_safe):.2f}; "
+            f"[metrics/sensitivity/{arch}.json](sensitivity/{arch}.json))")
+
+
 def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
-                     prunes: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """The whole ``metrics/results.md``: per arch, the training summary and the pruning table."""
+                     prunes: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                     sensitivity: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """The whole ``metrics/results.md``: per arch, the training summary, the pruning table and
+    (given ``sensitivity[arch]``, the sensitivity stage's JSON) the safe ratio."""
     d, m, t, f = params.data, params.model, params.train, params.finetune
     lines = [
         "# Training Results",
@@ -113,6 +126,8 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         header, rows = arch_rows(arch, params, evals[arch], profile[arch], prunes[arch])
         lines += [f"## {arch}", "", *_summary_lines(arch, params.sparsity[arch], evals[arch]), "",
                   f"## {arch} pruning", "", *_md_table(header, rows), ""]
+        if sensitivity is not None and arch in sensitivity:
+            lines += [safe_ratio_line(arch, sensitivity[arch]), ""]
     return "\n".join(lines)
 
 
@@ -121,11 +136,12 @@ def _pct2(x: float) -> float:
 
 
 def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
-            prunes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+            prunes: Mapping[str, Mapping[str, Any]], sensitivity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``metrics/summary/ARCH.json``, the pipeline's declared DVC metrics: accuracy (%), FLOPs and
     parameters of the dense models, and per target, keyed by its position in ``prune.targets``
     (``r1``, ``r2``, ...) so that runs with different target lists share metric names; ``ratio``
-    is the channel ratio the target resolved to."""
+    is the channel ratio the target resolved to; and (given the sensitivity stage's JSON)
+    ``safe_ratio``."""
     def cost(label: str) -> dict[str, Any]:
         return {"mflops": round(profile[label]["flops"] / 1e6, 4), "params": int(profile[label]["params"])}
 
@@ -146,7 +162,9 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
             "top5": _pct2(evals[f"finetuned-{tag}"]["top5"]),
             **cost(f"finetuned-{tag}"),
         }
+    if sensitivity is not None:
+        out["safe_ratio"] = float(sensitivity["safe_ratio"])
     return {arch: out}
 
 
-__all__ = ["format_strength", "results_markdown", "summary", "target_label"]
+__all__ = ["format_strength", "results_markdown", "safe_ratio_line", "summary", "target_label"]

@@ -145,8 +145,15 @@ class PlannedStage(NamedTuple):
     timing: Path | None  # the metrics/timings/ file the stage writes (relative to the workspace)
 
 
-def stage_plan(params: Params, train_images: int, test_images: int) -> list[PlannedStage]:
-    """Every stage of the pipeline in order, with the images it handles and its timing file."""
+def stage_plan(params: Params, train_images: int, test_images: int, val_images: int = 0) -> list[PlannedStage]:
+    """Every stage of the pipeline in order, with the images it handles and its timing file.
+
+    ``train_images``: the training split (what training stages see: the validation split is held
+    out of it); ``val_images``: the validation split, read by the sensitivity stage once for the
+    unpruned model and once per ratio of its grid."""
+    from slimcore.sensitivity import ratio_grid
+
+    passes = len(ratio_grid(params.prune.sensitivity_step)) + 1
     plan: list[PlannedStage] = []
     for arch in params.archs:
         for run, module, cfg in (("baseline-train", "baseline_train", params.train),
@@ -155,6 +162,8 @@ def stage_plan(params: Params, train_images: int, test_images: int) -> list[Plan
                 * params.runtime.nproc * cfg.epochs
             plan.append(PlannedStage(f"{run}@{arch}", [f"stages.{module}", "--arch", arch], seen,
                                      paths.timings(arch, run)))
+        plan.append(PlannedStage(f"sensitivity@{arch}", ["stages.sensitivity", "--arch", arch],
+                                 val_images * passes or None, paths.timings(arch, "sensitivity")))
         targets = params.prune.parsed_targets()
         for target in targets:
             tag = target.tag
@@ -295,6 +304,16 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
             raise ParamsError(f"--train-images {train_images}: fewer than one batch of {params.train.batch_size} "
                               f"per process ({nproc} processes)")
         write_cifar(workspace / "data", params.data.name, train_images, opts.test_images)
+        from slimcore.data import load_splits
+
+        splits = load_splits(params.data)  # the validation split is held out of the training images
+        if len(splits.val) == 0:
+            raise ParamsError(f"--train-images {train_images}: no validation split (data.val_fraction keeps each "
+                              f"class's only image for training): give each of the {splits.num_classes} classes at "
+                              "least 2 training images")
+        if train_steps(len(splits.train), params.train.batch_size, nproc) == 0:
+            raise ParamsError(f"--train-images {train_images}: after holding out {len(splits.val)} validation "
+                              f"images, fewer than one batch of {params.train.batch_size} per process")
         (workspace / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         machine = describe_machine(params)
         console.log(f"seed smoke in {workspace}: {machine['device']}, torch {machine['torch']} "
@@ -302,10 +321,11 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
                     f"nproc {machine['nproc']}")
         console.log(f"{', '.join(params.archs)} at {params.data.image_size}px, width {params.model.width:g}, "
                     f"targets {', '.join(t.tag for t in params.prune.parsed_targets())}; synthetic {params.data.name}: "
-                    f"{train_images} train / {opts.test_images} test images, batch {params.train.batch_size} "
+                    f"{len(splits.train)} train / {len(splits.val)} val / {opts.test_images} test images, "
+                    f"batch {params.train.batch_size} "
                     f"per process, {params.train.epochs} + {params.finetune.epochs} epochs (train, finetune)")
         results = []
-        plan = stage_plan(params, train_images, opts.test_images)
+        plan = stage_plan(params, len(splits.train), opts.test_images, len(splits.val))
         in_process = not opts.one_process_each and nproc == 1  # nproc > 1: training stages re-exec under torchrun
         console.log("stages run " + ("in this process (one Python and torch start-up for all; --subprocess: one "
                                      "process each, as DVC runs them)" if in_process else "as subprocesses"))

@@ -14,7 +14,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
-                    prunes: dict[str, Any]) -> None:
+                    prunes: dict[str, Any], sensitivity: dict[str, Any] | None = None) -> None:
     """One ``metrics/summary/ARCH.json`` per arch (the declared metrics), and no other file there."""
     from slimcore import paths, report
 
@@ -23,12 +23,14 @@ def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
         if stale.stem not in params.archs:
             stale.unlink()
     for arch in params.archs:
-        write_json(paths.summary(arch), report.summary(arch, params, evals[arch], profile[arch], prunes[arch]))
+        write_json(paths.summary(arch), report.summary(arch, params, evals[arch], profile[arch], prunes[arch],
+                                                       (sensitivity or {}).get(arch)))
 
 
 @app.command()
 def main(params_file: Path = PARAMS_OPTION) -> None:
-    """Write metrics/eval.json, metrics/summary/ARCH.json, metrics/results.md and metrics/plots/*.csv."""
+    """Write metrics/eval.json, metrics/summary/ARCH.json, metrics/results.md and metrics/plots/*.csv
+    (with the sensitivity curves of metrics/sensitivity/ARCH.json)."""
     with stage("evaluate"):
         params = params_for(params_file)
         import torch
@@ -48,6 +50,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         loader = make_loader(splits.test, 256, train=False, seed=params.seed, runtime=params.runtime,
                              device=ctx.device.type)
         profile = json.loads(paths.profile_report().read_text())
+        sensitivity = {arch: json.loads(paths.sensitivity_report(arch).read_text()) for arch in params.archs}
         evals: dict[str, dict[str, dict[str, float]]] = {}
         prunes: dict[str, dict[str, dict[str, object]]] = {}  # arch -> target tag -> prune report
         targets = params.prune.parsed_targets()
@@ -67,19 +70,21 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                     histories[arch][meta["run"]] = meta["history"]
             prunes[arch] = {t.tag: json.loads(paths.prune_report(arch, t).read_text()) for t in targets}
         write_json(paths.eval_report(), evals)
-        write_summaries(params, evals, profile, prunes)
+        write_summaries(params, evals, profile, prunes, sensitivity)
         write_plot_data(paths.plots_dir(), archs=params.archs, targets=targets, evals=evals,
-                        profile=profile, prunes=prunes, histories=histories, gammas=gammas)
-        markdown = report.results_markdown(params, evals, profile, prunes)
+                        profile=profile, prunes=prunes, histories=histories, gammas=gammas, sensitivity=sensitivity)
+        markdown = report.results_markdown(params, evals, profile, prunes, sensitivity)
         atomic_write_bytes(paths.results_table(), markdown.encode())
 
         table = Table(title="slimcore results (test top-1 %)")
-        for col in ("arch", "baseline", "sparse", *[f"{t.tag}: pruned / FT" for t in targets]):
+        for col in ("arch", "baseline", "sparse", *[f"{t.tag}: pruned / FT" for t in targets],
+                    f"safe ratio (val, {params.prune.max_drop:g} pt)"):
             table.add_column(col, justify="right")
         for arch, ev in evals.items():
             cells = [f"{100 * ev[f'pruned-{t.tag}']['top1']:.2f} / "
                      f"{100 * ev[f'finetuned-{t.tag}']['top1']:.2f}" for t in targets]
-            table.add_row(arch, f"{100 * ev['baseline']['top1']:.2f}", f"{100 * ev['sparse']['top1']:.2f}", *cells)
+            table.add_row(arch, f"{100 * ev['baseline']['top1']:.2f}", f"{100 * ev['sparse']['top1']:.2f}", *cells,
+                          f"{sensitivity[arch]['safe_ratio']:g}")
         console.print(table)
         console.log(f"evaluate: wrote {paths.results_table()}")
 

@@ -49,8 +49,9 @@ def test_digits_sizes_and_classes(digits16: Splits) -> None:
     x_test, y_test = digits16.test.tensors
     assert digits16.name == "digits"
     assert digits16.num_classes == 10
-    assert len(digits16.train) + len(digits16.test) == DIGITS_TOTAL
+    assert len(digits16.train) + len(digits16.val) + len(digits16.test) == DIGITS_TOTAL
     assert len(digits16.test) == pytest.approx(0.2 * DIGITS_TOTAL, abs=10)
+    assert len(digits16.val) == pytest.approx(0.1 * 0.8 * DIGITS_TOTAL, abs=10)  # of the training split
     assert x_train.shape == (len(digits16.train), 3, 16, 16)
     assert x_test.shape == (len(digits16.test), 3, 16, 16)
     assert x_train.dtype == torch.float32
@@ -60,7 +61,8 @@ def test_digits_sizes_and_classes(digits16: Splits) -> None:
 
 
 def test_digits_split_is_stratified(digits16: Splits) -> None:
-    train_counts = torch.bincount(digits16.train.tensors[1], minlength=10)
+    train_counts = torch.bincount(digits16.train.tensors[1], minlength=10) + \
+        torch.bincount(digits16.val.tensors[1], minlength=10)
     test_counts = torch.bincount(digits16.test.tensors[1], minlength=10)
     for n_train, n_test in zip(train_counts.tolist(), test_counts.tolist()):
         assert n_test == max(1, round((n_train + n_test) * 0.2))
@@ -132,9 +134,12 @@ def test_cifar10_folder_loads(tmp_path: Path) -> None:
     _fake_cifar10(tmp_path)
     splits = load_splits(DataConfig(name="cifar10", root=str(tmp_path), image_size=16))
     assert (splits.name, splits.num_classes) == ("cifar10", 10)
-    assert (len(splits.train), len(splits.test)) == (10, 3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 4, 3)
     assert splits.train.classes[3] == "cat"
-    assert splits.train.targets == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]  # batches in order 1..5
+    # batches in order 1..5 hold [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]: one of each pair is held out, the
+    # classes with a single image stay in training
+    assert sorted(splits.val.targets) == [2, 3, 4, 5]
+    assert sorted(splits.train.targets) == [1, 2, 3, 4, 5, 6]
     image, label = splits.test[2]
     assert isinstance(image, torch.Tensor) and image.shape == (3, 16, 16)
     assert label == 2
@@ -175,7 +180,7 @@ def test_cifar100_folder_uses_fine_labels(tmp_path: Path) -> None:
     _fake_cifar100(tmp_path)
     splits = load_splits(DataConfig(name="cifar100", root=str(tmp_path), image_size=8))
     assert (splits.name, splits.num_classes) == ("cifar100", 100)
-    assert (len(splits.train), len(splits.test)) == (6, 4)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 0, 4)  # one image per class: none held out
     assert splits.train.targets == [97, 2, 7, 12, 17, 22]
     assert splits.train.classes[:2] == ["class0", "class1"]
     image, label = splits.test[1]
@@ -219,7 +224,7 @@ def test_cifar_reads_python2_pickles_like_the_official_files(tmp_path: Path) -> 
     assert b"numpy.core.multiarray\n_reconstruct" in (folder / "test_batch").read_bytes()
     assert b"U\x04data" in (folder / "test_batch").read_bytes()  # SHORT_BINSTRING key, as Python 2 wrote it
     splits = load_splits(DataConfig(name="cifar10", root=str(tmp_path), image_size=8))
-    assert (len(splits.train), len(splits.test), splits.num_classes) == (10, 3, 10)
+    assert (len(splits.train) + len(splits.val), len(splits.test), splits.num_classes) == (10, 3, 10)
     row = _images(3, 0)[2]
     assert np.array_equal(splits.test.data[2][:, :, 0], row[:1024].reshape(32, 32))
 
@@ -309,8 +314,8 @@ def test_imagefolder_loads_train_and_val(tmp_path: Path) -> None:
     (root / "val" / "emu" / "1.png").unlink()
     splits = load_splits(DataConfig(name="imagefolder", root=str(root), image_size=8))
     assert (splits.name, splits.num_classes) == ("imagefolder", 3)
-    assert (len(splits.train), len(splits.test)) == (6, 5)
-    assert splits.train.classes == ["cat", "dog", "emu"]
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (3, 3, 5)  # val: 1 of 2 per class
+    assert splits.train.classes == splits.val.classes == ["cat", "dog", "emu"]
     image, label = splits.test[4]
     assert image.shape == (3, 8, 8) and label == 2
     assert torch.equal(splits.test[4][0], image)  # evaluation transform: deterministic
@@ -529,3 +534,142 @@ def test_digits_augmentation_keeps_the_test_set_and_pads_with_background(digits1
     assert zoom.test.tensors[0].shape == x_test.shape and not torch.equal(zoom.test.tensors[0], x_test)
     assert torch.equal(zoom.test.tensors[1], digits16.test.tensors[1])
     assert zoom.train[0][0].shape == (3, 16, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# the validation split (data.val_fraction): held out of training, never of the test split
+# --------------------------------------------------------------------------------------------
+
+VAL_CLASSES, VAL_PER_CLASS = 4, 10
+
+
+def _tiny_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """40 distinct 8x8 'digits', 10 per class, in place of scikit-learn's 1,797."""
+    n = VAL_CLASSES * VAL_PER_CLASS
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 17, size=(n, 8, 8)).astype(np.float32)
+    labels = np.arange(n, dtype=np.int64) % VAL_CLASSES
+    monkeypatch.setattr("slimcore.data._digits_arrays", lambda: (images, labels))
+
+
+def _tiny_cifar(root: Path) -> None:
+    write_cifar(root, "cifar10", VAL_CLASSES * VAL_PER_CLASS, 8, labels=lambda _f, j: j % VAL_CLASSES)
+
+
+def _tiny_imagefolder(root: Path) -> None:
+    rng = np.random.default_rng(1)
+    for split, per_class in (("train", VAL_PER_CLASS), ("val", 2)):
+        for c in range(VAL_CLASSES):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def _sample_ids(dataset) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """What identifies each sample of a split: its pixels as stored (tensor, CIFAR row, file bytes)."""
+    if isinstance(dataset, TensorDataset):
+        return [x.numpy().tobytes() for x in dataset.tensors[0]]
+    if hasattr(dataset, "data"):  # CifarFolder: uint8 HWC rows
+        return [row.tobytes() for row in dataset.data]
+    return [Path(path).read_bytes() for path, _ in dataset.samples]
+
+
+def _labels(dataset) -> list[int]:  # type: ignore[no-untyped-def]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    return list(dataset.targets)
+
+
+def _load_tiny(fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int | None = None,
+               **cfg: object) -> Splits:
+    root = tmp_path / fmt
+    if not root.exists():
+        {"digits": lambda _r: _tiny_digits(monkeypatch), "cifar10": _tiny_cifar,
+         "imagefolder": _tiny_imagefolder}[fmt](root)
+    return load_splits(DataConfig(name=fmt, root=str(root), image_size=8, **cfg), seed=seed)
+
+
+FORMATS = ["digits", "cifar10", "imagefolder"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_val_is_held_out_of_train_and_never_taken_from_test(fmt: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = _load_tiny(fmt, tmp_path, monkeypatch, val_fraction=0.2)
+    train, val, test = (_sample_ids(d) for d in (splits.train, splits.val, splits.test))
+    assert len(set(train)) == len(train) and len(set(val)) == len(val)  # the fixtures' images are distinct
+    assert val and not set(val) & set(train)
+    assert not set(val) & set(test) and not set(train) & set(test)
+    if fmt == "digits":  # the test split is the same 20% as with any val_fraction (normalised with the
+        # statistics of train, which do depend on it: compare up to that affine map)
+        other = load_splits(DataConfig(name="digits", image_size=8, val_fraction=0.5)).test.tensors[0]
+        mine = splits.test.tensors[0]
+        assert torch.allclose((mine - mine.mean()) / mine.std(), (other - other.mean()) / other.std(), atol=1e-5)
+        assert len(train) + len(val) + len(test) == VAL_CLASSES * VAL_PER_CLASS
+        return
+    elif fmt == "cifar10":  # every training row is in train or val, the test batch is read whole
+        assert len(train) + len(val) == VAL_CLASSES * VAL_PER_CLASS and len(test) == 8
+        test_before = [r.tobytes() for r in pickle.loads(
+            (tmp_path / fmt / "cifar-10-batches-py" / "test_batch").read_bytes())["data"].reshape(-1, 3, 32, 32)
+            .transpose(0, 2, 3, 1)]
+    else:  # root/train is split, root/val stays the test split
+        assert len(train) + len(val) == VAL_CLASSES * VAL_PER_CLASS
+        test_before = [p.read_bytes() for p in sorted((tmp_path / fmt / "val").rglob("*.png"))]
+    assert test == test_before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_val_is_stratified_and_deterministic(fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = _load_tiny(fmt, tmp_path, monkeypatch, val_fraction=0.3)
+    # per class: 10 training images (digits: 10 images, 2 of them in the test split), 30% of them in val
+    per_class = VAL_PER_CLASS - (round(0.2 * VAL_PER_CLASS) if fmt == "digits" else 0)
+    n_val = round(0.3 * per_class)
+    assert np.bincount(_labels(splits.val)).tolist() == [n_val] * VAL_CLASSES
+    assert np.bincount(_labels(splits.train)).tolist() == [per_class - n_val] * VAL_CLASSES
+    again = _load_tiny(fmt, tmp_path, monkeypatch, val_fraction=0.3)
+    assert _sample_ids(again.val) == _sample_ids(splits.val)
+    assert _sample_ids(again.train) == _sample_ids(splits.train)
+    others = {tuple(_sample_ids(_load_tiny(fmt, tmp_path, monkeypatch, seed=s, val_fraction=0.3).val))
+              for s in range(1, 4)}
+    assert others - {tuple(_sample_ids(splits.val))}  # another seed, another draw
+
+
+def test_the_val_split_is_seeded_by_params_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimcore.config import Params
+
+    _tiny_digits(monkeypatch)
+    params = Params(seed=7)
+    assert params.data.split_seed == 7 and DataConfig().split_seed == 0
+    by_params = load_splits(params.data)
+    assert _sample_ids(by_params.val) == _sample_ids(load_splits(DataConfig(), seed=7).val)
+    assert _sample_ids(by_params.val) != _sample_ids(load_splits(DataConfig(), seed=0).val)
+    seed0 = load_splits(DataConfig(), seed=0).test.tensors
+    assert torch.equal(by_params.test.tensors[1], seed0[1])  # the test split does not depend on the seed
+    x, y = by_params.test.tensors[0], seed0[0]  # (its normalisation, fitted on train, may shift a little)
+    assert torch.allclose((x - x.mean()) / x.std(), (y - y.mean()) / y.std(), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_val_is_read_with_the_evaluation_transform(fmt: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import transforms as T
+
+    from slimcore.data import AugmentedTensors
+
+    splits = _load_tiny(fmt, tmp_path, monkeypatch, augment="crop+flip")
+    torch.manual_seed(0)
+    for i in range(len(splits.val)):
+        first, second = splits.val[i][0], splits.val[i][0]
+        assert torch.equal(first, second)  # nothing random
+    if fmt == "digits":
+        assert isinstance(splits.train, AugmentedTensors) and isinstance(splits.val, TensorDataset)
+        plain = load_splits(DataConfig(name="digits", image_size=8, augment="none"))
+        assert torch.allclose(splits.val.tensors[0], plain.val.tensors[0])
+        return
+    random_ops = (T.RandomCrop, T.RandomHorizontalFlip, T.RandomResizedCrop)
+    assert any(isinstance(t, random_ops) for t in splits.train.transform.transforms)
+    assert not any(isinstance(t, random_ops) for t in splits.val.transform.transforms)
+    assert [type(t) for t in splits.val.transform.transforms] == [type(t) for t in splits.test.transform.transforms]
+    first_val = splits.val[0][0]
+    assert first_val.shape == (3, 8, 8)

@@ -100,6 +100,7 @@ def _tiny_params(proj: Path) -> None:
     params["train"].update(epochs=1, warmup_epochs=0, milestones=[])
     params["finetune"].update(epochs=1, milestones=[])
     params["profile"].update(latency_runs=3, warmup_runs=1)
+    params["prune"]["sensitivity_step"] = 0.25  # for time: a 3-ratio sensitivity grid
     params["data"]["image_size"] = 8  # vgg16_bn's cifar stem accepts 8px
     assert ARCH in params["sparsity"]
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -185,7 +186,8 @@ def test_repro_writes_every_checkpoint(pipeline: Pipeline) -> None:
     missing = [n for n in names if not (models / f"{n}.pt").is_file()]
     assert not missing, f"missing checkpoints {missing}\n{pipeline.repro.tail()}"
     per_ratio = [f"{kind}@{ARCH}-{r}" for r in RATIOS for kind in ("prune", "finetune")]
-    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", *per_ratio, "profile", "evaluate"):
+    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", f"sensitivity@{ARCH}", *per_ratio, "profile",
+                  "evaluate"):
         assert f"Running stage '{stage}'" in pipeline.repro.output, pipeline.repro.tail()
 
 
@@ -228,6 +230,9 @@ def test_declared_metrics_are_one_small_summary_per_arch(pipeline: Pipeline) -> 
     summary = files[f"metrics/summary/{ARCH}.json"]["data"][ARCH]
     assert [summary[f"r{i + 1}"]["ratio"] for i in range(len(RATIOS))] == list(RATIOS)
     assert 0 < summary["r1"]["top1"] <= 100 and summary["r1"]["params"] < summary["baseline"]["params"]
+    sensitivity = json.loads((pipeline.proj / "metrics" / "sensitivity" / f"{ARCH}.json").read_text())
+    assert summary["safe_ratio"] == sensitivity["safe_ratio"] and [p["ratio"] for p in sensitivity["points"]] == [
+        0.25, 0.5, 0.75]
 
 
 def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
@@ -238,7 +243,7 @@ def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
 
 
 def test_plot_data_written(pipeline: Pipeline) -> None:
-    for name in ("tradeoff", "gamma_hist", "curves"):
+    for name in ("tradeoff", "gamma_hist", "curves", "sensitivity"):
         csv = pipeline.proj / "metrics" / "plots" / f"{name}.csv"
         assert csv.is_file(), pipeline.repro.tail()
         assert len(csv.read_text().splitlines()) > 1, f"{csv} has no rows"
@@ -285,7 +290,7 @@ def test_exp_run_reruns_only_the_prune_side(experiment: Experiment) -> None:
     out = experiment.run.output
     for stage in (f"prune@{ARCH}-{EXP_TARGET}", f"finetune@{ARCH}-{EXP_TARGET}", "profile", "evaluate"):
         assert f"Running stage '{stage}'" in out, experiment.run.tail()
-    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}"):
+    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", f"sensitivity@{ARCH}"):  # no ratio in them
         assert f"Running stage '{stage}'" not in out, experiment.run.tail()
         assert re.search(rf"Stage '{re.escape(stage)}' didn't change", out), experiment.run.tail()
 

@@ -95,7 +95,8 @@ def test_digit_folder_loads_as_an_imagefolder(tmp_path: Path) -> None:
 
     write_digit_folder(tmp_path, n_train=3, n_val=2)
     splits = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16))
-    assert (len(splits.train), len(splits.test), splits.num_classes) == (9, 6, 3)
+    # val: data.val_fraction of train/, at least one image per class, held out of training
+    assert (len(splits.train), len(splits.val), len(splits.test), splits.num_classes) == (6, 3, 6, 3)
     assert splits.train.classes == [f"digit{c}" for c in CLASSES]
 
 

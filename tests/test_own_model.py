@@ -100,6 +100,7 @@ def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
     params["train"].update(epochs=3, warmup_epochs=0, milestones=[2])
     params["finetune"].update(epochs=1, milestones=[])
     params["profile"].update(latency_runs=3, warmup_runs=1)
+    params["prune"]["sensitivity_step"] = 0.25  # a 3-ratio sensitivity grid
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     timm_arch = next(a for a, m in extra["models"].items() if m["source"] == "timm")
     pretrained = timm.create_model(extra["models"][timm_arch]["name"], pretrained=False, num_classes=1000)

@@ -20,6 +20,7 @@ from slimcore.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("slimcore", "stages")
+STAGES = ["baseline-train", "sparse-train", "sensitivity", "prune", "finetune", "profile", "evaluate"]
 CMD_MODULE = re.compile(r"(?:^|\s)-m\s+(stages\.[A-Za-z_][\w.]*)")
 
 
@@ -141,10 +142,11 @@ def _stage_module(stage: dict) -> str:
 
 
 def test_dvc_yaml_parses_and_has_the_pipeline_stages() -> None:
-    assert set(_raw_stages()) == {"baseline-train", "sparse-train", "prune", "finetune", "profile", "evaluate"}
+    assert set(_raw_stages()) == {"baseline-train", "sparse-train", "sensitivity", "prune", "finetune", "profile",
+                                  "evaluate"}
 
 
-@pytest.mark.parametrize("name", ["baseline-train", "sparse-train", "prune", "finetune", "profile", "evaluate"])
+@pytest.mark.parametrize("name", STAGES)
 def test_stage_code_deps_cover_every_imported_module(name: str) -> None:
     stage = _raw_stages()[name]
     module = _stage_module(stage)
@@ -159,7 +161,7 @@ def test_stage_code_deps_cover_every_imported_module(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["baseline-train", "sparse-train", "prune", "finetune", "profile", "evaluate"])
+@pytest.mark.parametrize("name", STAGES)
 def test_stage_code_deps_exist(name: str) -> None:
     """A code dep that names no file (typo, renamed module) makes DVC fail or silently track nothing."""
     code = [d for d in _dep_paths(_raw_stages()[name]) if d.split("/")[0] in CODE_PACKAGES]
@@ -222,6 +224,7 @@ def _expected_outs(params) -> dict[str, set[str]]:
                                  ("sparse-train", "sparse-train", "sparse")):
             expected[f"{stage}@{arch}"] = posix(paths.checkpoint(arch, ckpt), paths.curves(arch, run),
                                                 paths.timings(arch, run))
+        expected[f"sensitivity@{arch}"] = posix(paths.sensitivity_report(arch), paths.timings(arch, "sensitivity"))
         for target in params.prune.parsed_targets():
             tag = paths.target_tag(target)
             prune, finetune = f"prune@{arch}-{tag}", f"finetune@{arch}-{tag}"
@@ -242,6 +245,7 @@ def test_rendered_stage_names(rendered, params) -> None:
     for arch in params.archs:
         assert f"baseline-train@{arch}" in names
         assert f"sparse-train@{arch}" in names
+        assert f"sensitivity@{arch}" in names
         for target in params.prune.parsed_targets():
             assert f"prune@{arch}-{paths.target_tag(target)}" in names, sorted(names)
             assert f"finetune@{arch}-{paths.target_tag(target)}" in names, sorted(names)
@@ -306,6 +310,10 @@ def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
         for stage in ("baseline-train", "sparse-train"):
             assert params.model.weights in rendered[f"{stage}@{arch}"]["deps"], stage
         assert paths.checkpoint(arch, "baseline").as_posix() in rendered[f"sparse-train@{arch}"]["deps"]
+        # the sensitivity curve reads the sparse model; evaluate reads the curve
+        assert paths.checkpoint(arch, "sparse").as_posix() in rendered[f"sensitivity@{arch}"]["deps"]
+        assert f"--arch {arch}" in rendered[f"sensitivity@{arch}"]["cmd"]
+        assert _covered(paths.sensitivity_report(arch).as_posix(), rendered["evaluate"]["deps"])
     for name in ("profile", "evaluate"):
         assert _covered(paths.finetuned(params.archs[0], params.prune.targets[0]).as_posix(),
                         rendered[name]["deps"]), name
@@ -314,7 +322,7 @@ def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
     assert paths.profile_report().as_posix() in rendered["evaluate"]["deps"]
 
 
-@pytest.mark.parametrize("name", ["baseline-train", "sparse-train", "prune", "finetune", "profile", "evaluate"])
+@pytest.mark.parametrize("name", STAGES)
 def test_stages_that_read_data_depend_on_data_root(name: str) -> None:
     """A stage whose code loads the dataset lists ``${data.root}``; one that does not, does not."""
     stage = _raw_stages()[name]
@@ -324,7 +332,8 @@ def test_stages_that_read_data_depend_on_data_root(name: str) -> None:
 
 def test_rendered_data_root_dep_relative_or_absolute(rendered, params, tmp_path: Path) -> None:
     """DVC renders data.root as written: the committed ``data`` folder, or an absolute path outside."""
-    readers = [n for n in rendered if n.split("@")[0] in ("baseline-train", "sparse-train", "finetune", "evaluate")]
+    readers = [n for n in rendered if n.split("@")[0] in ("baseline-train", "sparse-train", "sensitivity", "finetune",
+                                                          "evaluate")]
     assert readers and all(params.data.root in rendered[n]["deps"] for n in readers)
     assert (ROOT / params.data.root).is_dir(), "DVC fails on a dep path that does not exist"
     outside = tmp_path / "images"

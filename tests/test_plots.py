@@ -68,7 +68,21 @@ def _inputs() -> dict[str, Any]:
                             torch.zeros(3)])
         gammas[arch] = {"baseline": torch.rand(500, generator=gen) * 0.9 + 0.1, "sparse": sparse}
     return {"archs": ARCHS, "targets": TARGETS, "evals": evals, "profile": profile, "prunes": prunes,
-            "histories": histories, "gammas": gammas}
+            "histories": histories, "gammas": gammas,
+            "sensitivity": {arch: _sensitivity(i) for i, arch in enumerate(ARCHS)}}
+
+
+def _sensitivity(i: int) -> dict[str, Any]:
+    """Shaped like metrics/sensitivity/ARCH.json: a non-monotone curve, one ratio that cannot be slimmed."""
+    curve = {0.25: 97.5, 0.5: 95.0 - i, 0.75: None}  # vgg16_bn: safe at 50%; resnet50: at 25%
+    points = [{"ratio": r, "true_ratio": None if t is None else r - 0.01, "ratio_all_bn": None if t is None else r / 2,
+               "exact": False, "bound_by": [], "threshold": 0.01, "top1": t, "top5": None if t is None else 99.0,
+               "drop": None if t is None else round(98.0 - t, 4), "mflops": None if t is None else 100 * (1 - r),
+               "params": None if t is None else int(1000 * (1 - r)), "error": "no" if t is None else None,
+               "within_budget": t is not None and 98.0 - t <= 3.0} for r, t in curve.items()]
+    return {"arch": ARCHS[i], "max_drop": 3.0, "step": 0.25, "reference_top1": 98.0, "reference_top5": 99.5,
+            "reference_mflops": 100.0, "reference_params": 1000, "val_images": 144, "image_size": 16,
+            "policy": {}, "safe_ratio": 0.5 - 0.25 * i, "points": points}
 
 
 def _rows(content: bytes) -> list[dict[str, str]]:
@@ -174,7 +188,7 @@ def test_write_plot_data_is_deterministic_and_atomic(tmp_path: Path) -> None:
     inputs["gammas"] = {a: {m: g.numpy() for m, g in v.items()} for a, v in inputs["gammas"].items()}  # any array
     write_plot_data(tmp_path / "b", **inputs)
     write_plot_data(tmp_path / "b", **inputs)  # replaces
-    names = ["curves.csv", "gamma_hist.csv", "tradeoff.csv"]
+    names = ["curves.csv", "gamma_hist.csv", "sensitivity.csv", "tradeoff.csv"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == names  # no temporary files left
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -215,7 +229,7 @@ def _walk(node: Any):
 
 def test_templates_are_valid_dvc_templates_reading_only_written_fields(tables: dict) -> None:
     defs = _plot_defs()
-    assert len(defs) == 3
+    assert len(defs) == 5
     for spec in defs.values():
         template = _template(spec["template"])
         assert template["data"]["values"] == "<DVC_METRIC_DATA>"
@@ -226,7 +240,8 @@ def test_templates_are_valid_dvc_templates_reading_only_written_fields(tables: d
         anchors = {"<DVC_METRIC_X>": spec["x"], "<DVC_METRIC_Y>": y}
         fields = {anchors.get(n["field"], n["field"]) for n in _walk(template) if isinstance(n.get("field"), str)}
         fields |= {n["filter"]["field"] for n in _walk(template) if isinstance(n.get("filter"), dict)}
-        assert fields - {"rev", "pruned_at", "rule_label"} <= header, file
+        calculated = {n["as"] for n in _walk(template) if "calculate" in n}
+        assert fields - {"rev", "pruned_at", "rule_label"} - calculated <= header, file
         assert "rev" in fields  # `dvc plots diff` keeps revisions apart
         # DVC passes CSV cells as strings: every number the template reads is parsed (an empty cell: no mark)
         parsed = set(template["data"]["format"]["parse"])
@@ -391,3 +406,34 @@ def test_targets_beyond_the_ratio_are_labelled_and_ordered() -> None:
     marks = [(r["label"], r["gamma"]) for r in tables["gamma_hist.csv"]
              if r["arch"] == "vgg16_bn" and r["kind"] == "threshold"]
     assert marks == [("20%", "3.2e-05"), ("FLOPs 50%", "0.002"), ("safe (45%)", "0.02")]
+
+
+# --------------------------------------------------------------------------------------------
+# sensitivity
+# --------------------------------------------------------------------------------------------
+
+
+def test_sensitivity_rows_start_unpruned_and_keep_every_grid_ratio(tables: dict) -> None:
+    rows = [r for r in tables["sensitivity.csv"] if r["arch"] == "vgg16_bn"]
+    assert list(rows[0]) == list(plotdata.SENSITIVITY_FIELDS)
+    assert [r["label"] for r in rows] == ["unpruned", "25%", "50%", "75%"]
+    assert [r["ratio"] for r in rows] == ["0", "25", "50", "75"]  # percent
+    assert [r["top1"] for r in rows] == ["98", "97.5", "95", ""]  # the ratio that cannot be slimmed: no mark
+    assert [r["mflops"] for r in rows] == ["100", "75", "50", ""]
+    assert [r["within_budget"] for r in rows] == ["1", "1", "1", "0"]
+    assert {r["safe_ratio"] for r in rows} == {"50"} and {r["budget_top1"] for r in rows} == {"95"}
+    other = [r for r in tables["sensitivity.csv"] if r["arch"] == "resnet50"]
+    assert {r["safe_ratio"] for r in other} == {"25"} and other[2]["within_budget"] == "0"
+    without = plotdata.plot_tables(**{**_inputs(), "sensitivity": None})
+    assert "sensitivity.csv" not in without  # older callers: the three files as before
+
+
+@pytest.mark.parametrize("name,texts", [
+    ("sensitivity by ratio", ("requested share of prunable BN channels removed (%)", "safe 50%", "safe 25%")),
+    ("sensitivity by FLOPs", ("MFLOPs per image", "safe 50%", "validation top-1 (%)")),
+])
+def test_the_sensitivity_charts_render_one_line_per_arch_and_mark_the_safe_ratio(name: str,
+                                                                                 texts: tuple[str, ...]) -> None:
+    svg = render_plots.render(_filled_spec(name, ("HEAD", "workspace")), "svg").decode()
+    for text in (*texts, "vgg16_bn", "resnet50", "revision", "HEAD", "workspace"):
+        assert text in svg, text

@@ -204,3 +204,30 @@ def test_targets_beyond_the_ratio_show_what_was_requested() -> None:
     got = summary("resnet50", params, evals, profile, prunes)["resnet50"]
     assert [(got[f"r{i}"]["target"], got[f"r{i}"]["ratio"]) for i in range(1, 5)] == [
         ("0.2", 0.2), ("flops0.5", 0.31), ("params0.3", 0.52), ("safe", 0.45)]
+
+
+def _sensitivity(arch: str, safe: float) -> dict[str, Any]:
+    """Shaped like metrics/sensitivity/ARCH.json (only what the report reads)."""
+    return {"arch": arch, "max_drop": 2.0, "reference_top1": 97.2222, "safe_ratio": safe,
+            "points": [{"ratio": 0.4, "top1": 96.5}, {"ratio": 0.45, "top1": 95.5556}, {"ratio": 0.5, "top1": 90.0}]}
+
+
+def test_each_arch_shows_its_safe_ratio_beside_its_pruning_table() -> None:
+    from slimcore.report import summary
+
+    sens = {"vgg16_bn": _sensitivity("vgg16_bn", 0.45), "resnet50": _sensitivity("resnet50", 0.0)}
+    markdown = results_markdown(_params(), EVALS, PROFILE, PRUNES, sens)
+    lines = markdown.splitlines()
+    vgg = ("Safe ratio (validation top-1 drop <= 2 pt before fine-tuning): 45% (validation top-1 97.22 -> 95.56; "
+           "[metrics/sensitivity/vgg16_bn.json](sensitivity/vgg16_bn.json))")
+    resnet = ("Safe ratio (validation top-1 drop <= 2 pt before fine-tuning): 0% (validation top-1 97.22 -> 97.22; "
+              "[metrics/sensitivity/resnet50.json](sensitivity/resnet50.json))")
+    assert vgg in lines and resnet in lines
+    # right after its own pruning table, before the next arch's section
+    assert lines.index("## vgg16_bn pruning") < lines.index(vgg) < lines.index("## resnet50")
+    assert lines.index("## resnet50 pruning") < lines.index(resnet)
+    assert _tables(markdown) == _tables(results_markdown(_params(), EVALS, PROFILE, PRUNES))  # tables unchanged
+    assert "Safe ratio" not in results_markdown(_params(), EVALS, PROFILE, PRUNES)
+    got = summary("vgg16_bn", _params(), EVALS["vgg16_bn"], PROFILE["vgg16_bn"], PRUNES["vgg16_bn"],
+                  sens["vgg16_bn"])["vgg16_bn"]
+    assert got["safe_ratio"] == 0.45 and list(got) == ["baseline", "sparse", "r1", "r2", "safe_ratio"]

@@ -54,12 +54,14 @@ def test_smoke_params_keep_the_preset_but_the_schedule(tmp_path: Path) -> None:
 def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
     params = smoke_params(SmokeOptions(preset=PRESET, archs=["vgg16_bn", "resnet50"], targets=[0.2, 0.5],
                                        batch_size=16), tmp_path, nproc=2)
-    plan = stage_plan(params, train_images=100, test_images=30)
+    plan = stage_plan(params, train_images=100, test_images=30, val_images=10)
     names = [stage.name for stage in plan]
     assert names == [
-        "baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "prune@vgg16_bn-0.2", "prune@vgg16_bn-0.5",
+        "baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "sensitivity@vgg16_bn", "prune@vgg16_bn-0.2",
+        "prune@vgg16_bn-0.5",
         "finetune@vgg16_bn-0.2", "finetune@vgg16_bn-0.5",
-        "baseline-train@resnet50", "sparse-train@resnet50", "prune@resnet50-0.2", "prune@resnet50-0.5",
+        "baseline-train@resnet50", "sparse-train@resnet50", "sensitivity@resnet50", "prune@resnet50-0.2",
+        "prune@resnet50-0.5",
         "finetune@resnet50-0.2", "finetune@resnet50-0.5", "profile", "evaluate"]
     by_name = {stage.name: (stage.args, stage.images) for stage in plan}
     timing = {stage.name: stage.timing for stage in plan}
@@ -67,6 +69,9 @@ def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
     assert timing["prune@resnet50-0.5"] == Path("metrics/timings/resnet50/prune-0.5.json")
     assert timing["finetune@resnet50-0.2"] == Path("metrics/timings/resnet50/finetune-0.2.json")
     assert timing["profile"] is None and timing["evaluate"] is None
+    assert timing["sensitivity@resnet50"] == Path("metrics/timings/resnet50/sensitivity.json")
+    # the validation split, for the unpruned model and each of the 19 ratios of the 0.05 grid
+    assert by_name["sensitivity@resnet50"] == (["stages.sensitivity", "--arch", "resnet50"], 10 * 20)
     assert by_name["prune@resnet50-0.5"] == (["stages.prune", "--arch", "resnet50", "--target", "0.5"], None)
     # 100 images over 2 processes: 50 each, 3 full batches of 16 -> 3 x 16 x 2 images a step
     assert train_steps(100, 16, 2) == 3
@@ -111,12 +116,22 @@ def test_a_failing_stage_stops_the_smoke_and_keeps_its_log(tmp_path: Path, monke
     workspace = tmp_path / "ws"
     result = CliRunner().invoke(app, [str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125",
                                       "--archs", "vgg16_bn", "--targets", "0.5", "--batch-size", "4",
-                                      "--train-images", "8", "--test-images", "4", "--workdir", str(workspace)])
+                                      "--train-images", "104", "--test-images", "4", "--workdir", str(workspace)])
     assert result.exit_code == 1, result.output
     log = workspace / "logs" / "01-prune-vgg16_bn-0.5.log"
     assert f"prune@vgg16_bn-0.5 exited with 2 (log: {log})" in result.output
     assert "sparse.pt" in log.read_text() and "sparse.pt" in result.output
     assert (workspace / "params.yaml").is_file()
+
+
+def test_the_smoke_refuses_data_without_a_validation_split(tmp_path: Path) -> None:
+    """8 images of 100 classes: each class keeps its only image for training, the sensitivity stage
+    would have nothing to measure: refused before any stage runs."""
+    result = CliRunner().invoke(app, [str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125",
+                                      "--archs", "vgg16_bn", "--targets", "0.5", "--batch-size", "4",
+                                      "--train-images", "8", "--test-images", "4", "--workdir", str(tmp_path / "ws")])
+    assert result.exit_code == 2, result.output
+    assert "no validation split" in result.output and "at least 2 training images" in result.output
 
 
 @pytest.mark.slow
@@ -137,8 +152,9 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
         workspace, report = tmp_path / mode.strip("-"), tmp_path / f"{mode.strip('-')}.json"
         result = CliRunner().invoke(app, [
             str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125", "--archs", "vgg16_bn",
-            "--targets", "0.5", "--batch-size", "16", "--train-images", "64", "--test-images", "32",
+            "--targets", "0.5", "--batch-size", "16", "--train-images", "128", "--test-images", "32",
             "--set", "runtime.num_workers=2", "--set", "runtime.threads=1",  # the same threads in both modes
+            "--set", "prune.sensitivity_step=0.25",
             "--workdir", str(workspace), "--keep", "--json", str(report),
             *([mode] if mode.startswith("--") else [])])
         assert result.exit_code == 0, result.output + "".join(
@@ -146,8 +162,11 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
         runs[mode] = _digests(workspace)
         stages = json.loads(report.read_text())["stages"]
         assert [s["stage"] for s in stages] == ["baseline-train@vgg16_bn", "sparse-train@vgg16_bn",
-                                                "prune@vgg16_bn-0.5", "finetune@vgg16_bn-0.5", "profile", "evaluate"]
-        assert [s["images"] for s in stages] == [64, 64, None, 64, None, 32 * 5]
+                                                "sensitivity@vgg16_bn", "prune@vgg16_bn-0.5", "finetune@vgg16_bn-0.5",
+                                                "profile", "evaluate"]
+        # 128 images of 100 classes: the 28 classes with two give one each to the validation split,
+        # 100 train (6 batches of 16); the sensitivity stage reads the 28 for the unpruned model and 3 ratios
+        assert [s["images"] for s in stages] == [96, 96, 28 * 4, None, 96, None, 32 * 5]
         assert all(s["wall_seconds"] > 0 for s in stages)
         assert all((s["images_per_second"] or 0) > 0 for s in stages if s["images"])
         # the stages ran on the preset's settings, on the synthetic data, in the workspace only

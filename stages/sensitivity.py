@@ -1,0 +1,86 @@
+"""Stage ``sensitivity@ARCH``: validation top-1 of the sparse model slimmed at every ratio of a grid.
+
+Slims ``models/ARCH/sparse.pt`` at ``prune.sensitivity_step, 2 * step, ..., 1 - step`` with the
+prune policy, measures each pruned model (before fine-tuning) on the validation split, and
+writes the curve and its ``safe_ratio`` (the largest ratio whose validation top-1 drop, and every
+smaller ratio's, stays within ``prune.max_drop`` points) to ``metrics/sensitivity/ARCH.json``;
+see :mod:`slimcore.sensitivity`.  Its wall-clock time goes to metrics/timings/ARCH/sensitivity.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from stages._common import PARAMS_OPTION, console, params_for, run_app, stage, write_json
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+RUN = "sensitivity"  # metrics/timings/ARCH/sensitivity.json
+
+
+@app.command()
+def main(
+    arch: str = typer.Option(..., help="architecture, one of params.yaml's archs"),
+    params_file: Path = PARAMS_OPTION,
+) -> None:
+    """Write metrics/sensitivity/ARCH.json and the stage's seconds to metrics/timings/ARCH/sensitivity.json."""
+    with stage(f"sensitivity@{arch}"):
+        params = params_for(params_file, arch)
+        start = time.perf_counter()
+        import torch
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from slimcore import paths
+        from slimcore.checkpoint import atomic_write_bytes, load_model
+        from slimcore.data import check_num_classes, load_splits, make_loader
+        from slimcore.errors import DataError
+        from slimcore.models import spec_of
+        from slimcore.runtime import current_context
+        from slimcore.sensitivity import SensitivityPoint, ratio_grid, sensitivity
+
+        sparse_path = paths.checkpoint(arch, "sparse")
+        sparse = load_model(sparse_path, expected_arch=params.model_for(arch).arch)
+        splits = load_splits(params.data)
+        check_num_classes(splits, spec_of(sparse).num_classes, str(sparse_path))
+        if len(splits.val) == 0:
+            raise DataError(f"data.val_fraction: the validation split of {splits.name} is empty (each class "
+                            "keeps its only training image): add images or raise val_fraction")
+        ctx = current_context(params.runtime)
+        loader = make_loader(splits.val, 256, train=False, seed=params.seed, runtime=params.runtime,
+                             device=ctx.device.type)
+        generator = torch.Generator().manual_seed(params.seed)
+        size = params.data.image_size
+        example = torch.randn(2, 3, size, size, generator=generator)  # as the prune stage traces
+        cfg = params.prune
+        grid = ratio_grid(cfg.sensitivity_step)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[last]}"), TimeRemainingColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+        with progress:
+            task = progress.add_task(f"sensitivity@{arch}", total=len(grid), last="")
+
+            def advance(point: SensitivityPoint) -> None:
+                last = (f"{point.ratio:.0%}: top-1 {point.top1:.1f}" if point.top1 is not None
+                        else f"{point.ratio:.0%}: cannot slim")
+                progress.update(task, advance=1, last=last)
+
+            result = sensitivity(arch, sparse, loader, example, image_size=size, policy=cfg.policy(),
+                                 max_drop=cfg.max_drop, step=cfg.sensitivity_step, ctx=ctx, on_point=advance)
+        atomic_write_bytes(paths.sensitivity_report(arch), result.to_json())
+        write_json(paths.timings(arch, RUN), {"seconds": round(time.perf_counter() - start, 3)})
+        safe = result.safe_ratio
+        at_safe = next((p.top1 for p in result.points if p.ratio == safe), result.reference_top1)
+        for point in result.points:
+            if point.error:
+                console.print(f"[yellow]warning: sensitivity@{arch}: ratio {point.ratio:g} cannot be slimmed: "
+                              f"{escape(point.error)}[/] (recorded with no accuracy: it fails the budget)")
+        console.log(f"sensitivity@{arch}: safe ratio {safe:g} (val top-1 {result.reference_top1:.1f} -> "
+                    f"{at_safe:.1f}, budget {cfg.max_drop:g} pt)")
+
+
+if __name__ == "__main__":
+    run_app(app)
