@@ -22,15 +22,20 @@ def main(
     with stage(f"prune@{arch}-{ratio}"):
         params = params_for(params_file, arch)
         check_ratio(params, ratio)
+        from slimcore import paths
+        from slimcore.checks import check_disk, check_writable, tensor_bytes
+
+        check_writable(paths.pruned(arch, ratio).parent, paths.prune_report(arch, ratio).parent,
+                       paths.timings(arch, paths.prune_run(ratio)).parent)
         import torch
 
-        from slimcore import paths
         from slimcore.checkpoint import load_model, save_model
         from slimcore.models import spec_of
         from slimcore.profile import count_params
         from slimcore.prune import slim
 
         sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=params.model_for(arch).arch)
+        check_disk(paths.pruned(arch, ratio).parent, 2 * tensor_bytes(sparse), "the two pruned checkpoints")
         generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
         example = torch.randn(2, 3, size, size, generator=generator)
