@@ -54,24 +54,29 @@ def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") 
                 "plain data (nothing in it was executed); re-save its state_dict from code you trust"
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a torch file; "
-                              f"nothing in it was executed): {_unpickler_detail(err)}") from None
+                              f"nothing in it was executed){_unpickler_detail(err)}; {_REDO}") from None
     except Exception as err:  # the weights-only unpickler raises many kinds
         raise CheckpointError(
             f"{path}: not a readable checkpoint (truncated, corrupt or not a torch file; nothing in it was "
-            f"executed): {type(err).__name__}: {_unpickler_detail(err)}"
+            f"executed){_unpickler_detail(err)}; {_REDO}"
         ) from None
 
 
+_REDO = "re-create it (dvc repro) or restore it from the cache (dvc checkout)"
+
+
 def _unpickler_detail(err: Exception) -> str:
-    """torch's reason, without its advice to load with the unsafe unpickler (never right for
-    a file one did not write: it runs the code the file holds)."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    detail = next((line.split("error:", 1)[1].strip() for line in lines if "WeightsUnpickler error:" in line), None)
-    if detail is None:
-        detail = next((line for line in lines if line and "weights_only" not in line
-                       and not line.startswith("Weights only load failed")), "")
-    return re.split(r"(?<=\.) (?=\S)", detail)[0] if "weights_only" in detail or "safe_globals" in detail \
-        else detail
+    """torch's reason in one sentence (``: REASON``, or nothing), without its advice to load
+    with the unsafe unpickler (never right for a file one did not write: it runs its code)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "Please file", "safe_globals")
+    line = next((line.strip() for line in text.splitlines()
+                 if line.strip() and not any(a in line for a in advice)), "")
+    sentence = re.split(r"(?<=\.) (?=[A-Z])", line)[0]
+    name = type(err).__name__
+    return f": {name}: {sentence}" if sentence else f": {name}"
 
 
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
