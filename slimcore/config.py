@@ -384,7 +384,7 @@ def _load_cached(path: str, mtime_ns: int) -> Params:
     try:
         raw = safe_load_unique(file.read_text())
     except DuplicateKeyError as err:
-        raise ParamsError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, source=str(path))

@@ -292,9 +292,9 @@ def test_duplicate_yaml_key_is_refused(tmp_path: Path) -> None:
     text = (project / "params.yaml").read_text().replace("train:\n", "train:\n  lr: 0.5\n", 1)
     (project / "params.yaml").write_text(text)
     line = _refused(project, "baseline_train", "--arch", ARCH,
-                    expect=("params.yaml: line", "key 'lr' appears twice (lines", "keep one"))
+                    expect=("params.yaml: train.lr: given twice (lines", "keep one"))
     assert "DVC refuses" in line
-    with pytest.raises(ParamsError, match="appears twice"):
+    with pytest.raises(ParamsError, match="train.lr: given twice"):
         load_params(project / "params.yaml")
 
 
