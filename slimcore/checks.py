@@ -98,13 +98,18 @@ def os_reason(err: OSError) -> str:
     return (err.strerror or errno.errorcode.get(err.errno or 0, str(err))).lower()
 
 
-def write_error(path: Path | str, err: OSError) -> ResourceError | None:
-    """The one-line error of a failed write of ``path`` that a user can fix, else None."""
+def write_error(path: Path | str, err: OSError, atomic: bool = True) -> ResourceError | None:
+    """The one-line error of a failed write of ``path`` that a user can fix, else None.
+
+    ``atomic``: the write was :func:`slimcore.process.atomic_write_bytes`'s (it left nothing).
+    """
+    nothing = "; nothing was written" if atomic else ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceError(f"{path}: {os_reason(err)} (nothing was written): free disk space and run again")
+        return ResourceError(f"{path}: {os_reason(err)}{f' ({nothing[2:]})' if atomic else ''}: free disk space "
+                             "and run again")
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ResourceError(f"{path}: cannot write there ({os_reason(err)}; nothing was written): make the "
-                             "folder writable and run again")
+        return ResourceError(f"{path}: cannot write there ({os_reason(err)}{nothing}): make the folder writable "
+                             "and run again")
     return None
 
 

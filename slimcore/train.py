@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from slimcore.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from slimcore.config import TrainConfig
 from slimcore.console import console
+from slimcore.errors import ParamsError
 from slimcore.evaluate import evaluate
 from slimcore.runtime import Context, all_reduce_sum
 from slimcore.sparsity import L1Sparsity, gamma_magnitudes
@@ -143,8 +144,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"train.batch_size={self.cfg.batch_size} x {self.ctx.world_size} process(es) is larger "
+            raise ParamsError(
+                f"batch_size={self.cfg.batch_size} x {self.ctx.world_size} process(es) is larger "
                 f"than the training set ({len(self.train_loader.dataset)} images)"  # type: ignore[arg-type]
             )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -80,6 +80,13 @@ def stage(name: str) -> Iterator[None]:
         if process.stop_requested():
             _interrupted(name)
         fail(f"{name}: {err}", EXIT_NUMERICS)
+    except OSError as err:  # disk full or read-only where no writer of ours caught it (dvclive, a library)
+        from slimcore.checks import write_error
+
+        clear = write_error(err.filename or "an output file", err, atomic=False)
+        if clear is None:
+            raise
+        fail(f"{name}: {clear}")
     finally:
         if lock is not None:
             lock.release()

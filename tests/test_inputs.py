@@ -320,3 +320,21 @@ def test_data_layout_still_loads(tmp_path: Path) -> None:
     assert len(splits.train) == 6 and splits.num_classes == 2
     image, label = splits.train[0]
     assert image.shape == (3, 8, 8) and label == 0
+
+
+def test_disk_full_in_a_library_write_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from stages._common import stage
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(typer.Exit) as done:
+        with stage("sparse-train@x"):  # dvclive writing metrics.json, say
+            raise OSError(errno.ENOSPC, "No space left on device", "metrics/x/sparse-train/metrics.json")
+    assert done.value.exit_code == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert ("error: sparse-train@x: metrics/x/sparse-train/metrics.json: no space left on device: free disk "
+            "space and run again") in said
+    with pytest.raises(OSError, match="Connection"), stage("sparse-train@x"):  # not a user's to fix: as it was
+        raise ConnectionError("Connection reset")
