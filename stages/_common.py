@@ -174,4 +174,5 @@ def run_app(app: typer.Typer) -> None:
         raise
 
 
-__all__ = ["PARAMS_OPTION", "check_ratio", "console", "fail", "fit_schedule", "one_line", "params_for", "run_app", "stage", "write_json"]
+__all__ = ["PARAMS_OPTION", "check_ratio", "console", "fail", "fit_schedule", "one_line", "params_for", "run_app",
+           "stage", "write_json"]

@@ -121,7 +121,7 @@ def test_symlinked_class_folder_is_followed_once(tmp_path: Path) -> None:
     (root / "train" / "c0" / "extra").symlink_to(elsewhere)
     assert len(CheckedImageFolder(root / "train").samples) == 7  # followed: not every link is a loop
     (root / "train" / "c1" / "again").symlink_to(elsewhere)
-    with pytest.raises(DataError, match="already read as .*count twice"):
+    with pytest.raises(DataError, match=r"already read as .*count twice"):
         CheckedImageFolder(root / "train")
 
 
@@ -215,7 +215,7 @@ def test_checkpoint_missing_a_field(tmp_path: Path, field: str) -> None:
 
 def test_checkpoint_plan_naming_a_bogus_module(tmp_path: Path) -> None:
     path = _checkpoint(tmp_path / "m.pt", plan=[["features.no_such", True, torch.tensor([0])]])
-    with pytest.raises(CheckpointError, match="its pruning plan names module 'features.no_such', which the rebuilt"):
+    with pytest.raises(CheckpointError, match=r"its pruning plan names module 'features\.no_such', which the rebuilt"):
         load_model(path)
     path = _checkpoint(tmp_path / "m.pt", plan=[["features.0"]])
     with pytest.raises(CheckpointError, match="plan entry 0 is not"):
@@ -294,7 +294,7 @@ def test_duplicate_yaml_key_is_refused(tmp_path: Path) -> None:
     line = _refused(project, "baseline_train", "--arch", ARCH,
                     expect=("params.yaml: train.lr: given twice (lines", "keep one"))
     assert "DVC refuses" in line
-    with pytest.raises(ParamsError, match="train.lr: given twice"):
+    with pytest.raises(ParamsError, match=r"train\.lr: given twice"):
         load_params(project / "params.yaml")
 
 
