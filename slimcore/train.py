@@ -101,14 +101,15 @@ class _Curves:
 
     def __init__(self, directory: Path | None) -> None:
         self.live = None
-        if directory is not None:
-            from dvclive import Live
-
-            self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+        self.directory = directory  # opened at the first epoch: a run that fails before one writes nothing
 
     def log(self, rec: EpochRecord) -> None:
-        if self.live is None:
+        if self.directory is None:
             return
+        if self.live is None:
+            from dvclive import Live
+
+            self.live = Live(dir=str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None)
         for key, value in (("train/loss", rec.train_loss), ("train/top1", rec.train_top1),
                            ("test/top1", rec.test_top1), ("lr", rec.lr),
                            ("bn/gamma_below_1e-2", rec.gamma_small)):

@@ -338,3 +338,10 @@ def test_disk_full_in_a_library_write_is_one_line(tmp_path: Path, monkeypatch: p
             "space and run again") in said
     with pytest.raises(OSError, match="Connection"), stage("sparse-train@x"):  # not a user's to fix: as it was
         raise ConnectionError("Connection reset")
+
+
+def test_corrupt_image_in_a_stage_is_one_line(tmp_path: Path) -> None:
+    project = _imagefolder_project(tmp_path)
+    (project / "imgs" / "train" / "c1" / "2.png").write_bytes(b"\x89PNG truncated")
+    _refused(project, "baseline_train", "--arch", ARCH,
+             expect=("data.root: imgs/train/c1/2.png: corrupt or unreadable image", "replace or remove it"))
