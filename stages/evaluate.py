@@ -31,6 +31,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     """Write metrics/eval.json, metrics/summary/ARCH.json, metrics/results.md and metrics/plots/*.csv."""
     with stage("evaluate"):
         params = params_for(params_file)
+        from slimcore import paths
+        from slimcore.checks import check_writable
+
+        check_writable(paths.eval_report().parent, paths.summaries(), paths.plots_dir(), paths.results_table().parent)
         import torch
         from rich.table import Table
 

@@ -345,3 +345,11 @@ def test_corrupt_image_in_a_stage_is_one_line(tmp_path: Path) -> None:
     (project / "imgs" / "train" / "c1" / "2.png").write_bytes(b"\x89PNG truncated")
     _refused(project, "baseline_train", "--arch", ARCH,
              expect=("data.root: imgs/train/c1/2.png: corrupt or unreadable image", "replace or remove it"))
+
+
+@pytest.mark.parametrize("module", ["evaluate", "profile"])
+def test_unwritable_metrics_folder_is_refused_at_stage_start(tmp_path: Path, module: str) -> None:
+    project = _project(tmp_path / "p")
+    (project / "metrics").write_text("a file where the metrics folder should be\n")
+    _refused(project, module,
+             expect=(f"error: {module}: metrics", "(not a directory)", "make metrics a writable folder"))
