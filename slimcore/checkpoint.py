@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from slimcore.archs import parse_arch
+from slimcore.checks import check_finite
 from slimcore.errors import CheckpointError, SlimcoreError
 from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, spec_of
 from slimcore.process import atomic_write_bytes  # the one writer of every output file
@@ -45,17 +47,36 @@ def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
-                      str(err).splitlines()[0])
-        raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain data "
-            f"(pickled code is never executed): {detail}"
-        ) from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused to load: it holds a pickled {found.group(1)} object, not only tensors and "
+                "plain data (nothing in it was executed); re-save its state_dict from code you trust"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a torch file; "
+                              f"nothing in it was executed){_unpickler_detail(err)}; {_REDO}") from None
     except Exception as err:  # the weights-only unpickler raises many kinds
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated, not a torch file, or holding objects "
-            f"other than tensors; nothing in it was executed): {type(err).__name__}: {err}"
+            f"{path}: not a readable checkpoint (truncated, corrupt or not a torch file; nothing in it was "
+            f"executed){_unpickler_detail(err)}; {_REDO}"
         ) from None
+
+
+_REDO = "re-create it (dvc repro) or restore it from the cache (dvc checkout)"
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """torch's reason in one sentence (``: REASON``, or nothing), without its advice to load
+    with the unsafe unpickler (never right for a file one did not write: it runs its code)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "Please file", "safe_globals")
+    line = next((line.strip() for line in text.splitlines()
+                 if line.strip() and not any(a in line for a in advice)), "")
+    sentence = re.split(r"(?<=\.) (?=[A-Z])", line)[0]
+    name = type(err).__name__
+    return f": {name}: {sentence}" if sentence else f": {name}"
 
 
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -70,7 +91,24 @@ def checked_checkpoint(ckpt: Any, path: Path | str) -> dict[str, Any]:
     if ckpt.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not one of "
                               f"{list(READABLE_VERSIONS)} (written by another slimcore?)")
+    _check_fields(ckpt, path)
     return ckpt
+
+
+_FIELDS = {"spec": dict, "plan": list, "state_dict": dict, "meta": dict}
+
+
+def _check_fields(ckpt: dict[str, Any], path: Path | str) -> None:
+    """Every part a model is rebuilt from is there, with its type (a damaged or hand-made file is not)."""
+    for key, kind in _FIELDS.items():
+        if not isinstance(ckpt.get(key), kind):
+            what = "missing" if key not in ckpt else f"a {type(ckpt[key]).__name__}, not a {kind.__name__}"
+            raise CheckpointError(f"{path}: damaged checkpoint: its '{key}' is {what}; re-create it with the "
+                                  "stage that writes it (e.g. dvc repro --force STAGE)")
+    for i, entry in enumerate(ckpt["plan"]):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)):
+            raise CheckpointError(f"{path}: damaged checkpoint: plan entry {i} is not [module name, is_output, "
+                                  "indices]; re-create it with the stage that writes it")
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -170,8 +208,14 @@ def load_model_and_meta(path: Path | str, expected_arch: str | None = None) -> t
     except SlimcoreError as err:
         raise CheckpointError(f"{path}: cannot rebuild its {spec.arch} model: {err}") from err
     if ckpt["plan"]:
-        plan = [[name, is_out, torch.as_tensor(idxs).tolist()] for name, is_out, idxs in ckpt["plan"]]
+        modules = dict(model.named_modules())
+        unknown = [name for name, _, _ in ckpt["plan"] if name not in modules]
+        if unknown:
+            raise CheckpointError(f"{path}: damaged or foreign checkpoint: its pruning plan names module "
+                                  f"{unknown[0]!r}, which the rebuilt {spec.arch} does not have; re-create it "
+                                  "with the stage that writes it")
         try:
+            plan = [[name, bool(is_out), torch.as_tensor(idxs).tolist()] for name, is_out, idxs in ckpt["plan"]]
             replay_plan(model, plan, spec, ckpt.get("trace_size"))
         except Exception as err:  # torch-pruning: a model that does not trace at that size, a foreign plan
             raise CheckpointError(f"{path}: cannot replay the pruning plan on the rebuilt {spec.arch} "
@@ -181,7 +225,9 @@ def load_model_and_meta(path: Path | str, expected_arch: str | None = None) -> t
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit the rebuilt {spec.arch}: {err}") from None
+        raise CheckpointError(f"{path}: weights do not fit the rebuilt {spec.arch}: "
+                              f"{' '.join(str(err).split())}") from None
+    check_finite(model, str(path))
     model.eval()
     return model, dict(ckpt["meta"])
 

@@ -38,10 +38,12 @@ from slimcore.archs import (
 )
 from slimcore.errors import ParamsError
 from slimcore.targets import Target, parse_targets
+from slimcore.yamlio import DuplicateKeyError, safe_load_unique
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 
+MAX_SEED = 2**32 - 1
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -296,7 +298,7 @@ class RuntimeConfig(_Section):
 class Params(_Section):
     """All of params.yaml."""
 
-    seed: NonNegInt = 0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0  # NumPy's seeds are 32-bit
     # before archs: pydantic validates fields in this order, and archs may name keys of models
     models: dict[str, ModelSource] = Field(default_factory=dict)  # short name -> source/name/kwargs
     archs: Annotated[list[str], Field(min_length=1)] = Field(
@@ -431,7 +433,9 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
 def _load_cached(path: str, mtime_ns: int) -> Params:
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = safe_load_unique(file.read_text())
+    except DuplicateKeyError as err:
+        raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(raw, source=str(path))

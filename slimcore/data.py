@@ -135,6 +135,18 @@ def _random_transforms(augment: str, image_size: int, fill: float = 0.0) -> list
     return [*crop, *flip]
 
 
+def _check_digits_memory(n: int, size: int) -> None:
+    """Refuse an ``image_size`` whose in-memory digits do not fit (1,024 px: tens of GB), before allocating.
+
+    Peak: the 1-channel upsample, then the 3-channel normalised copy and its temporary (float32).
+    """
+    from slimcore.checks import check_memory
+
+    check_memory(7 * n * size * size * 4, f"data.image_size: {size}: the digits set ({n} images of {size}x{size} "
+                 "px, 3 channels, float32, held in memory)",
+                 "lower data.image_size (the digits are 8x8 glyphs: 16-64 px is plenty)")
+
+
 def _digits(cfg: DataConfig, seed: int | None = None) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images), upsampled to ``image_size``, 3 channels.
 
@@ -145,6 +157,7 @@ def _digits(cfg: DataConfig, seed: int | None = None) -> Splits:
     its center crop.
     """
     raw_images, raw_labels = _digits_arrays()
+    _check_digits_memory(len(raw_images), cfg.image_size)
     images = torch.from_numpy(raw_images / 16.0).unsqueeze(1)
     labels = torch.from_numpy(raw_labels)
     augment = cfg.augmentation()
@@ -294,7 +307,7 @@ def _cifar(cfg: DataConfig, seed: int | None = None) -> Splits:
 def _imagefolder(cfg: DataConfig, seed: int | None = None) -> Splits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` image folders: ``root/val`` is the test
     split; the validation split is held out of ``root/train``."""
-    from torchvision import datasets
+    from slimcore.imagescan import CheckedImageFolder
 
     root = Path(cfg.root)
     parts = {}
@@ -306,7 +319,7 @@ def _imagefolder(cfg: DataConfig, seed: int | None = None) -> Splits:
                 f"and {root}/val/<class>/<image>"
             )
         try:
-            parts[split] = datasets.ImageFolder(
+            parts[split] = CheckedImageFolder(  # refuses symlink loops, broken links, empty files
                 str(folder),
                 transform=image_transforms(cfg.augmentation(), cfg.image_size, split == "train",
                                            IMAGENET_MEAN, IMAGENET_STD),

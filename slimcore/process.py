@@ -287,6 +287,18 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """
     check_not_stopped()
     path = Path(path)
+    try:
+        _write_atomically(path, data)
+    except OSError as err:  # disk full, read-only folder: one line naming the file (issue 11, item 5)
+        from slimcore.checks import write_error
+
+        clear = write_error(path, err)
+        if clear is None:
+            raise
+        raise clear from None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from slimcore.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
 from slimcore.config import TrainConfig
 from slimcore.console import console
+from slimcore.errors import ParamsError
 from slimcore.evaluate import evaluate
 from slimcore.runtime import Context, all_reduce_sum
 from slimcore.sparsity import GammaPenalty, SparsityMethod, gamma_magnitudes
@@ -134,14 +135,15 @@ class _Curves:
 
     def __init__(self, directory: Path | None) -> None:
         self.live = None
-        if directory is not None:
-            from dvclive import Live
-
-            self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
+        self.directory = directory  # opened at the first epoch: a run that fails before one writes nothing
 
     def log(self, rec: EpochRecord) -> None:
-        if self.live is None:
+        if self.directory is None:
             return
+        if self.live is None:
+            from dvclive import Live
+
+            self.live = Live(dir=str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None)
         for key, value in (("train/loss", rec.train_loss), ("train/top1", rec.train_top1),
                            ("test/top1", rec.test_top1), ("lr", rec.lr),
                            ("bn/gamma_below_1e-2", rec.gamma_small)):
@@ -180,8 +182,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"train.batch_size={self.cfg.batch_size} x {self.ctx.world_size} process(es) is larger "
+            raise ParamsError(
+                f"batch_size={self.cfg.batch_size} x {self.ctx.world_size} process(es) is larger "
                 f"than the training set ({len(self.train_loader.dataset)} images)"  # type: ignore[arg-type]
             )
         self.penalty = GammaPenalty(self.model, self.sparsity, self.sparsity_method, self.sparsity_units,

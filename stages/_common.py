@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,24 +76,64 @@ def stage(name: str) -> Iterator[None]:
     except SlimcoreError as err:
         if process.stop_requested():
             _interrupted(name)
-        fail(f"{name}: {err}")
+        fail(f"{name}: {one_line(err)}")
     except FloatingPointError as err:
         if process.stop_requested():
             _interrupted(name)
         fail(f"{name}: {err}", EXIT_NUMERICS)
+    except OSError as err:  # disk full or read-only where no writer of ours caught it (dvclive, a library)
+        from slimcore.checks import write_error
+
+        clear = write_error(err.filename or "an output file", err, atomic=False)
+        if clear is None:
+            raise
+        fail(f"{name}: {clear}")
     finally:
         if lock is not None:
             lock.release()
         process.restore_handlers(old_handlers)
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message; for one a DataLoader worker raised (re-raised with the worker's
+    traceback in its text), the original message alone."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+
+
+def fit_schedule(params: Params, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``--epochs N`` by hand: drop the section's milestones at or beyond N (and cap warmup_epochs
+    below N), logging it, so a shorter run keeps the schedule's first N epochs."""
+    fitted = dict(overrides)
+    for key, epochs in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        cfg = getattr(params, section, None) if leaf == "epochs" and isinstance(epochs, int) else None
+        if cfg is None or epochs < 1:
+            continue
+        kept = [m for m in cfg.milestones if m < epochs]
+        if kept != list(cfg.milestones) and fitted.get(f"{section}.milestones") is None:
+            fitted[f"{section}.milestones"] = kept
+            console.log(f"--epochs {epochs}: {section}.milestones {list(cfg.milestones)} -> {kept} "
+                        f"(the learning-rate drops at or after epoch {epochs} are dropped)")
+        if epochs > 1 and cfg.warmup_epochs >= epochs and fitted.get(f"{section}.warmup_epochs") is None:
+            fitted[f"{section}.warmup_epochs"] = epochs - 1
+            console.log(f"--epochs {epochs}: {section}.warmup_epochs {cfg.warmup_epochs} -> {epochs - 1}")
+    return fitted
+
+
 def params_for(path: Path, arch: str | None = None, **overrides: Any) -> Params:
-    """Validated params (with by-hand option overrides), checking ``arch`` is one of ``archs``."""
+    """Validated params (with by-hand option overrides), checking ``arch`` is one of ``archs``.
+
+    A by-hand ``SECTION.epochs`` fits the section's milestones to it (see :func:`fit_schedule`).
+    """
     from slimcore.process import start_up_done
 
     params = load_params(path)
     if any(v is not None for v in overrides.values()):
-        params = with_overrides(params, overrides)
+        params = with_overrides(params, fit_schedule(params, overrides))
     if arch is not None and arch not in params.archs:
         raise ParamsError(f"--arch {arch!r} is not in {path}'s archs: {', '.join(params.archs)}")
     start_up_done()  # torch imported with stop signals held; a SIGINT/SIGTERM that came meanwhile lands here
@@ -138,4 +179,5 @@ def run_app(app: typer.Typer) -> None:
         raise
 
 
-__all__ = ["PARAMS_OPTION", "check_target", "console", "fail", "params_for", "run_app", "stage", "write_json"]
+__all__ = ["PARAMS_OPTION", "check_target", "console", "fail", "fit_schedule", "one_line", "params_for", "run_app",
+           "stage", "write_json"]

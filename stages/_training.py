@@ -184,11 +184,16 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
     the same settings, arch, start checkpoint and weights file).  With ``runtime.nproc > 1`` the
     stage ``module`` first relaunches itself under torchrun.
     """
+    from slimcore import paths
+    from slimcore.checks import check_writable
+
+    check_writable(out.parent, paths.curves(arch, run), paths.timings(arch, run).parent,
+                   paths.resume_state(arch, run).parent)
     relaunch_under_torchrun(params, module)
     import torch
 
-    from slimcore import paths
     from slimcore.checkpoint import save_model
+    from slimcore.checks import check_batch_size, check_disk, check_finite, tensor_bytes
     from slimcore.data import check_num_classes, load_splits, make_loader
     from slimcore.models import spec_of
     from slimcore.runtime import barrier, current_context, distributed
@@ -199,7 +204,13 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         seed_everything(params.seed)
         splits = load_splits(params.data)
         start = Start(init, weights)
+        section = "finetune" if run.startswith("finetune") else "train"
+        check_batch_size(f"{section}.batch_size", train_cfg.batch_size, ctx.world_size, len(splits.train))
         model, how = starting_model(params, arch, splits.num_classes, start)
+        check_finite(model, start.describe())  # broken weights: not a learning-rate problem
+        # the checkpoint, and the resume state beside it (weights + momentum + optimizer state)
+        check_disk(out.parent, tensor_bytes(model), f"the checkpoint {out}")
+        check_disk(paths.resume_state(arch, run).parent, 3 * tensor_bytes(model), "the resume state")
         if init is not None:
             check_num_classes(splits, spec_of(model).num_classes, str(init))
         if ctx.is_main:
@@ -229,7 +240,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
             console.log(f"{run}@{arch}: saved {out}")
             warning = final and chance_warning(
                 run, arch, test_top1=final.test_top1, train_top1=final.train_top1,
-                num_classes=splits.num_classes, section="finetune" if run.startswith("finetune") else "train",
+                num_classes=splits.num_classes, section=section,
                 epochs=train_cfg.epochs, lr=train_cfg.lr, augment=params.data.augmentation(),
                 image_size=params.data.image_size, dataset=params.data.name)
             if warning:

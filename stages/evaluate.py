@@ -33,6 +33,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     (with the sensitivity curves of metrics/sensitivity/ARCH.json)."""
     with stage("evaluate"):
         params = params_for(params_file)
+        from slimcore import paths
+        from slimcore.checks import check_writable
+
+        check_writable(paths.eval_report().parent, paths.summaries(), paths.plots_dir(), paths.results_table().parent)
         import torch
         from rich.table import Table
 

@@ -98,8 +98,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         params = params_for(params_file)
         from slimcore import paths
         from slimcore.checkpoint import atomic_write_bytes, load_model
+        from slimcore.checks import check_writable
         from slimcore.profile import count_flops, count_params, file_bytes, measure_latencies
 
+        check_writable(paths.profile_report().parent, paths.latency_report().parent, paths.latency_table().parent)
         targets = params.prune.parsed_targets()
         for path in remove_stale_outputs(params.archs, targets):
             console.log(f"profile: removed {path} (its target is no longer in prune.targets)")

@@ -76,14 +76,19 @@ def main(
         goal = check_target(params, target)
         name = f"prune@{arch}-{goal.tag}"
         safe = read_safe_ratio(arch) if goal.kind == "safe" else None
+        from slimcore import paths
+        from slimcore.checks import check_disk, check_writable, tensor_bytes
+
+        check_writable(paths.pruned(arch, goal).parent, paths.prune_report(arch, goal).parent,
+                       paths.timings(arch, paths.prune_run(goal)).parent)
         import torch
 
-        from slimcore import paths
         from slimcore.checkpoint import load_model, save_model
         from slimcore.models import spec_of
         from slimcore.prune import slim, slim_to
 
         sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=params.model_for(arch).arch)
+        check_disk(paths.pruned(arch, goal).parent, 2 * tensor_bytes(sparse), "the two pruned checkpoints")
         generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
         example = torch.randn(2, 3, size, size, generator=generator)

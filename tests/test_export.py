@@ -211,7 +211,7 @@ def test_cli_exports_with_the_projects_image_size(pruned_ckpt: Path, tmp_path: P
 
 @pytest.mark.parametrize("content,message", [
     (None, "checkpoint not found"),
-    (b"not a checkpoint at all", "refused to load"),
+    (b"not a checkpoint at all", "not a readable checkpoint"),
     ("dict", "not a slimcore checkpoint"),
 ])
 def test_cli_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, content: bytes | str | None,
