@@ -78,6 +78,10 @@ class Start(NamedTuple):
     init: Path | None = None
     weights: Path | None = None
 
+    def describe(self) -> str:
+        """Where the weights come from, for messages (a file, or random init)."""
+        return str(self.init or self.weights or "random init")
+
 
 def start_of(params: Params, arch: str, run: str) -> Start:
     """Where ``baseline-train`` / ``sparse-train`` of ``arch`` start.
