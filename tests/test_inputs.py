@@ -244,7 +244,7 @@ def test_disk_space_checked_before_saving(tmp_path: Path, monkeypatch: pytest.Mo
 def test_unwritable_output_folder_is_refused_at_stage_start(tmp_path: Path) -> None:
     project = _project(tmp_path / "p")
     (project / "models").write_text("a file where the models folder should be\n")
-    _refused(project, "prune", "--arch", ARCH, "--ratio", "0.2",
+    _refused(project, "prune", "--arch", ARCH, "--target", "0.2",
              expect=("prune@vgg16_bn-0.2", "models/vgg16_bn: cannot create it in models", "writable folder"))
 
 
@@ -280,7 +280,7 @@ def test_nan_weights_are_named_not_blamed_on_the_learning_rate(tmp_path: Path) -
     with torch.no_grad():
         model.features[0].weight[0, 0, 0, 0] = float("nan")
     save_model(project / "models" / ARCH / "sparse.pt", model)
-    line = _refused(project, "prune", "--arch", ARCH, "--ratio", "0.2",
+    line = _refused(project, "prune", "--arch", ARCH, "--target", "0.2",
                     expect=("sparse.pt: features.0.weight holds NaN or inf values", "re-create or replace"))
     assert "learning rate" not in line
     with pytest.raises(ModelError):
@@ -317,7 +317,7 @@ def test_data_layout_still_loads(tmp_path: Path) -> None:
     params = load_params(_project(tmp_path / "p", **{"data.name": "imagefolder", "data.root": str(root)})
                          / "params.yaml")
     splits = load_splits(params.data)
-    assert len(splits.train) == 6 and splits.num_classes == 2
+    assert len(splits.train) + len(splits.val) == 6 and len(splits.val) >= 1 and splits.num_classes == 2
     image, label = splits.train[0]
     assert image.shape == (3, 8, 8) and label == 0
 
@@ -342,9 +342,10 @@ def test_disk_full_in_a_library_write_is_one_line(tmp_path: Path, monkeypatch: p
 
 def test_corrupt_image_in_a_stage_is_one_line(tmp_path: Path) -> None:
     project = _imagefolder_project(tmp_path)
-    (project / "imgs" / "train" / "c1" / "2.png").write_bytes(b"\x89PNG truncated")
+    for image in sorted((project / "imgs" / "train" / "c1").iterdir()):  # some land in the validation split
+        image.write_bytes(b"\x89PNG truncated")
     _refused(project, "baseline_train", "--arch", ARCH,
-             expect=("data.root: imgs/train/c1/2.png: corrupt or unreadable image", "replace or remove it"))
+             expect=("data.root: imgs/train/c1/", ".png: corrupt or unreadable image", "replace or remove it"))
 
 
 @pytest.mark.parametrize("module", ["evaluate", "profile"])
