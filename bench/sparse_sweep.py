@@ -26,14 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimcore.checkpoint import load_model  # noqa: E402
-from slimcore.config import load_params  # noqa: E402
-from slimcore.data import load_splits, make_loader  # noqa: E402
-from slimcore.evaluate import evaluate  # noqa: E402
-from slimcore.models import ModelSpec  # noqa: E402
-from slimcore.prune import coupled_units, slim  # noqa: E402
-from slimcore.runtime import current_context  # noqa: E402
-from slimcore.train import Trainer  # noqa: E402
+from slimcore.checkpoint import load_model
+from slimcore.config import load_params
+from slimcore.data import load_splits, make_loader
+from slimcore.evaluate import evaluate
+from slimcore.models import ModelSpec
+from slimcore.prune import coupled_units, slim
+from slimcore.runtime import current_context
+from slimcore.train import Trainer
 
 
 def parse_variant(text: str) -> dict:
@@ -120,7 +120,7 @@ def main() -> None:
             row["variant"] = text
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| arch | variant | sparse top-1 | worst fall | units <1e-2 | zero | "
+    print("\n| arch | variant | sparse top-1 | worst fall | units <1e-2 | zero | "
           + " | ".join(f"pruned {r}" for r in ratios) + " | s |")
     for row in rows:
         print(f"| {row['arch']} | {row['variant']} | {row['sparse_top1']} | {row['worst_fall']} | "

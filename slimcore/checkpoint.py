@@ -243,6 +243,7 @@ def checkpoint_meta(path: Path | str) -> dict[str, Any]:
 
 
 __all__ = [
-    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checked_checkpoint", "checkpoint_meta", "checkpoint_spec",
-    "load_model", "load_model_and_meta", "read_checkpoint", "safe_torch_load", "same_arch", "save_model",
+    "CheckpointError", "atomic_torch_save", "atomic_write_bytes", "checked_checkpoint", "checkpoint_meta",
+    "checkpoint_spec", "load_model", "load_model_and_meta", "read_checkpoint", "safe_torch_load", "same_arch",
+    "save_model",
 ]

@@ -467,7 +467,21 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
 
 
 __all__ = [
-    "AUGMENTS", "DATASETS", "STEMS", "DataConfig", "ModelChoice", "ModelConfig", "ModelSource", "Params", "PenaltyConfig",
-    "ParamsError", "ProfileConfig", "PruneConfig", "RuntimeConfig", "TrainConfig", "load_params", "parse_params",
+    "AUGMENTS",
+    "DATASETS",
+    "STEMS",
+    "DataConfig",
+    "ModelChoice",
+    "ModelConfig",
+    "ModelSource",
+    "Params",
+    "ParamsError",
+    "PenaltyConfig",
+    "ProfileConfig",
+    "PruneConfig",
+    "RuntimeConfig",
+    "TrainConfig",
+    "load_params",
+    "parse_params",
     "with_overrides",
 ]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from slimcore.errors import SlimcoreError
+from slimcore.process import alive
 
 try:
     import fcntl
@@ -36,7 +37,7 @@ class OutputsLocked(SlimcoreError):
         else:
             command = _command(pid)
             who = f"pid {pid}" + (f" ({command})" if command else "")
-            if not _alive(pid):
+            if not alive(pid):
                 who += " (which has exited; its child processes are still stopping)"
         stop = f"or stop it (kill {pid}), " if pid is not None else ""
         super().__init__(f"another run is writing the same outputs: {path} is locked by {who}; "
@@ -46,16 +47,6 @@ class OutputsLocked(SlimcoreError):
 def lock_path(name: str) -> Path:
     """``.slimcore/locks/NAME.lock`` (characters unsafe in a file name become ``_``)."""
     return LOCKS / (re.sub(r"[^A-Za-z0-9@._+=-]", "_", name) + ".lock")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _command(pid: int) -> str:
@@ -100,7 +91,7 @@ class OutputLock:
             except BlockingIOError:
                 pid = _holder(fd)
                 os.close(fd)
-                if pid is not None and not _alive(pid) and time.monotonic() < deadline:
+                if pid is not None and not alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
                 raise OutputsLocked(self.name, self.path, pid) from None

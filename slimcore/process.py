@@ -247,7 +247,8 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -262,7 +263,7 @@ def is_stale_temp(path: Path) -> bool:
     match = TEMP_RE.fullmatch(path.name)
     if match is None:
         return False
-    return match["pid"] is None or not _alive(int(match["pid"]))
+    return match["pid"] is None or not alive(int(match["pid"]))
 
 
 def remove_stale_temp_files(roots: Iterable[Path | str]) -> list[Path]:
@@ -320,7 +321,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-__all__ = ["STOP_SIGNALS", "TEMP_GLOB", "atomic_write_bytes", "block_stop_signals", "check_not_stopped",
+__all__ = ["STOP_SIGNALS", "TEMP_GLOB", "alive", "atomic_write_bytes", "block_stop_signals", "check_not_stopped",
            "die_with_parent", "enter_stage_process", "file_mode", "hold_stops", "ignore_stop_signals",
            "install_stop_handlers", "is_stage_process", "is_stale_temp", "pending_stop_signal",
            "remove_stale_temp_files", "restore_handlers", "start_up_done", "stop_requested", "unblock_stop_signals"]

@@ -978,7 +978,7 @@ def coupled_units(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[
         for _, bn, idxs, root_idxs in g.bn_items:
             units[bn][idxs] = next_id + root_idxs
         next_id += g.channels
-    for bn, ids in units.items():
+    for ids in units.values():
         alone = ids < 0
         ids[alone] = torch.arange(next_id, next_id + int(alone.sum()))
         next_id += int(alone.sum())

@@ -25,7 +25,7 @@ import copy
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from slimcore.evaluate import evaluate
 from slimcore.profile import count_flops, count_params
-from slimcore.prune import SlimError, SlimPolicy, slim
+from slimcore.prune import SlimError, slim
 from slimcore.runtime import Context
 
 # Digits kept in the JSON: ratios and FLOPs (MFLOPs) to 6 decimals, accuracies (%) to 4.

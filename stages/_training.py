@@ -12,8 +12,8 @@ import math
 import os
 import random
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from slimcore.config import Params

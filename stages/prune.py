@@ -47,7 +47,8 @@ def gamma_warning(name: str, report: Any, hint: str) -> str | None:
     """The one line that says slimming removed channels whose |gamma| was not negligible."""
     if not report.nonnegligible_removed:
         return None
-    return (f"warning: {name}: removes {report.nonnegligible_removed} channels whose |gamma| score exceeds "
+    n = report.nonnegligible_removed
+    return (f"warning: {name}: removes {n} channel{'s' if n != 1 else ''} whose |gamma| score exceeds "
             f"prune.warn_gamma={report.warn_gamma:g} (threshold {report.threshold:.3g}): they were not "
             f"negligible and accuracy may drop; {hint}")
 

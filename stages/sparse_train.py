@@ -32,7 +32,7 @@ def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[
     size = params.data.image_size
     try:
         return coupled_units(model, torch.zeros(2, 3, size, size))  # zeros: no draw from the RNG
-    except Exception as err:  # noqa: BLE001 - any tracing failure degrades to per-channel shrinkage
+    except Exception as err:
         console.print(f"[yellow]warning:[/] sparse-train@{arch}: cannot trace which channels slim removes "
                       f"together ({type(err).__name__}: {err}); penalty.method group shrinks each channel "
                       "alone, as prox does")

@@ -165,7 +165,8 @@ def test_yaml_exponent_without_a_dot_is_still_a_float() -> None:
 INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "unknown top-level key": (
         _set("bogus", 1),
-        ["params.yaml: bogus: unknown key", "seed, models, archs, data, model, train, sparsity, penalty, prune, finetune"],
+        ["params.yaml: bogus: unknown key",
+         "seed, models, archs, data, model, train, sparsity, penalty, prune, finetune"],
     ),
     "unknown nested key": (
         _set("train.bogus", 1),

@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers.params import DELETE, tiny_params
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vgg16_bn"
 CKPT = Path("models") / ARCH / "baseline.pt"
@@ -34,25 +36,11 @@ def _env() -> dict[str, str]:
 
 
 def _tiny_params(**changes: Any) -> dict[str, Any]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["archs"] = [ARCH]
-    params["data"]["image_size"] = 8
-    params["model"]["width"] = 0.0625
-    params["train"].update(epochs=4, warmup_epochs=1, milestones=[3], batch_size=32)
-    params["runtime"].update(device="cpu", threads=1)
-    for dotted, value in changes.items():
-        *parents, key = dotted.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        if value is _DELETE:
-            node.pop(key)
-        else:
-            node[key] = value
-    return params
+    return tiny_params(ARCH, {"epochs": 4, "warmup_epochs": 1, "milestones": [3], "batch_size": 32},
+                       {"device": "cpu", "threads": 1}, changes)
 
 
-_DELETE = object()
+_DELETE = DELETE
 
 
 def _project(tmp_path: Path, **changes: Any) -> Path:

@@ -27,25 +27,15 @@ from slimcore.errors import CheckpointError, DataError, ModelError, ParamsError
 from slimcore.imagescan import CheckedImageFolder
 from slimcore.models import ModelSpec
 from slimcore.process import atomic_write_bytes
+from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vgg16_bn"
 
 
 def _tiny_params(**changes: Any) -> dict[str, Any]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["archs"] = [ARCH]
-    params["data"]["image_size"] = 8
-    params["model"]["width"] = 0.0625
-    params["train"].update(epochs=2, warmup_epochs=0, milestones=[1], batch_size=32)
-    params["runtime"].update(device="cpu", threads=1, nproc=1)
-    for dotted, value in changes.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return params
+    return tiny_params(ARCH, {"epochs": 2, "warmup_epochs": 0, "milestones": [1], "batch_size": 32},
+                       {"device": "cpu", "threads": 1, "nproc": 1}, changes)
 
 
 def _project(path: Path, **changes: Any) -> Path:
