@@ -48,7 +48,7 @@ def fingerprint(*parts: Any) -> str:
 def relaunch_under_torchrun(params: Params, module: str) -> None:
     """With ``runtime.nproc > 1``, replace this process by ``torchrun`` running ``module`` N times.
 
-    torchrun (``python -m torch.distributed.run --standalone``) starts the workers, sets
+    torchrun (``python -m slimcore.launch --standalone``: torchrun that exits 130 when stopped) starts the workers, sets
     RANK/WORLD_SIZE/LOCAL_RANK and forwards signals; each worker re-enters the stage, finds
     those variables and trains its shard under DistributedDataParallel.  A stage already
     started by torchrun (e.g. by hand, multi-node) never relaunches.
@@ -63,7 +63,8 @@ def relaunch_under_torchrun(params: Params, module: str) -> None:
 
         raise ParamsError(f"runtime.nproc: {nproc} processes but {torch.cuda.device_count()} GPU(s); "
                           "use at most one process per GPU")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # slimcore.launch: torchrun, ending in exit 130 without a traceback when stopped
+    argv = [sys.executable, "-m", "slimcore.launch", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, *sys.argv[1:]]
     console.log(f"runtime.nproc={nproc}: relaunching under torchrun: {' '.join(argv[1:])}")
     sys.stdout.flush()

@@ -76,3 +76,30 @@ def test_stage_relaunches_itself_under_torchrun_and_only_rank_0_writes(tmp_path:
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
     assert (tmp_path / "metrics" / "vgg16_bn" / "baseline-train" / "metrics.json").is_file()
     assert not (tmp_path / ".slimcore" / "resume" / "vgg16_bn" / "baseline-train.pt").exists()
+
+
+def test_sigterm_to_a_multi_process_stage_ends_in_exit_130_without_a_traceback(tmp_path: Path) -> None:
+    """torchrun's agent turns SIGTERM into a SignalException traceback and exit 1; the stage's
+    launcher (slimcore.launch) ends like its workers: exit 130, the one-line interrupt message."""
+    import signal
+    import time
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["archs"] = ["vgg16_bn"]
+    params["data"]["image_size"] = 8
+    params["model"]["width"] = 0.0625
+    params["train"].update(epochs=200, warmup_epochs=0, milestones=[], batch_size=16)
+    params["runtime"].update(nproc=2, device="cpu", threads=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.Popen([sys.executable, "-m", "stages.baseline_train", "--arch", "vgg16_bn"], cwd=tmp_path,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    resume = tmp_path / ".slimcore" / "resume" / "vgg16_bn" / "baseline-train.pt"
+    deadline = time.monotonic() + 120
+    while not resume.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # wait until the workers train (a finished epoch saved its resume state)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "SignalException" not in out, out
+    assert "interrupted" in out, out
+    assert not (tmp_path / "models" / "vgg16_bn" / "baseline.pt").exists()
