@@ -34,6 +34,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_signature() -> str:
+    """A hash of slimcore's and the stages' source: a resume state written by other code (an
+    upgrade, a local edit) is never continued."""
+    h = hashlib.sha256()
+    for folder in ("slimcore", "stages"):
+        for path in sorted((CODE_ROOT / folder).rglob("*.py")):
+            h.update(str(path.relative_to(CODE_ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def data_signature(root: str | Path) -> str:
+    """A cheap hash of the dataset folder: every file's path, size and modification time (no
+    contents read), so that a resume never continues on changed data; ``-`` when it is absent."""
+    folder = Path(root)
+    if not folder.is_dir():
+        return "-"
+    h = hashlib.sha256()
+    for here, dirs, files in os.walk(folder):  # symlinked folders are not entered: no loop can hang it
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(here) / name
+            try:
+                info = path.stat()
+                stamp = f"{info.st_size}\0{info.st_mtime_ns}"
+            except OSError:  # a dangling link: the data stage refuses it with its own message
+                stamp = "unreadable"
+            h.update(f"{path.relative_to(folder)}\0{stamp}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(*parts: Any) -> str:
     """A stable hash of settings and input files: resume only a run with the same inputs."""
     h = hashlib.sha256()
@@ -231,7 +265,8 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
                           sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=params.penalty.target)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
         key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
-                          init if init is not None else "scratch", weights if weights is not None else "no weights")
+                          init if init is not None else "scratch", weights if weights is not None else "no weights",
+                          code_signature(), data_signature(params.data.root))
         state = paths.resume_state(arch, run)
         history = trainer.fit(state_path=state, fingerprint=key, curves_dir=paths.curves(arch, run))
         if ctx.is_main:
@@ -253,5 +288,5 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         barrier(ctx)
 
 
-__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "fingerprint", "near_chance", "relaunch_under_torchrun",
+__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "code_signature", "data_signature", "fingerprint", "near_chance", "relaunch_under_torchrun",
            "seed_everything", "start_of", "starting_model", "train_to_checkpoint", "write_timings"]

@@ -257,3 +257,36 @@ def test_arch_names_are_read_from_torchvision_without_importing_it() -> None:
     from slimcore.archs import classification_archs
 
     assert classification_archs() == tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+
+
+def test_resume_fingerprint_changes_with_the_code_and_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume state from other code or other data is never continued (it was: a run killed before
+    an upgrade resumed under the new code and trained a different model)."""
+    import os
+    import shutil
+
+    from stages import _training
+
+    code = tmp_path / "code"
+    for folder in ("slimcore", "stages"):
+        shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(_training, "CODE_ROOT", code)
+    before = _training.code_signature()
+    assert _training.code_signature() == before  # stable
+    with (code / "slimcore" / "train.py").open("a") as f:
+        f.write("\n# a local edit\n")
+    assert _training.code_signature() != before
+
+    data = tmp_path / "data"
+    (data / "train" / "c0").mkdir(parents=True)
+    image = data / "train" / "c0" / "0.png"
+    image.write_bytes(b"x" * 10)
+    (data / "train" / "c0" / "loop").symlink_to(data / "train")  # never followed: no hang
+    first = _training.data_signature(data)
+    assert _training.data_signature(data) == first
+    image.write_bytes(b"y" * 11)
+    assert _training.data_signature(data) != first
+    stamp = _training.data_signature(data)
+    os.utime(image, ns=(1, 1))
+    assert _training.data_signature(data) != stamp
+    assert _training.data_signature(tmp_path / "absent") == "-"
