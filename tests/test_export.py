@@ -28,6 +28,7 @@ from slimcore.export import (
 from slimcore.models import build_model
 from slimcore.prune import slim
 from tests.conftest import randomize_bn
+from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fx", "graph"]
@@ -248,12 +249,8 @@ def test_profile_stage_reports_onnxruntime_latency_in_timings_only(tmp_path: Pat
     from stages import profile
 
     arch, ratio = "vgg16_bn", 0.5
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["archs"] = [arch]
-    params["prune"]["targets"] = [ratio]
-    params["data"]["image_size"] = 8
-    params["model"]["width"] = 0.0625
-    params["profile"].update(latency_runs=3, warmup_runs=1)
+    params = tiny_params(arch, {}, {}, {"prune.targets": [ratio], "profile.latency_runs": 3,
+                                        "profile.warmup_runs": 1})
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ from slimcore.sensitivity import (
     within_budget,
 )
 from tests.conftest import coupled_bimodal
+from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -181,11 +182,7 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, 
     from slimcore.models import build_model
 
     arch = "vgg16_bn"
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["archs"] = [arch]
-    params["data"]["image_size"] = 8
-    params["model"]["width"] = 0.0625
-    params["prune"].update(sensitivity_step=0.25, max_drop=2.0)
+    params = tiny_params(arch, {}, {}, {"prune.sensitivity_step": 0.25, "prune.max_drop": 2.0})
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     torch.manual_seed(0)
