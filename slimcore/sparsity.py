@@ -88,6 +88,7 @@ class GammaPenalty:
         self._ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.long)  # unit of every BN channel
         n_units = int(self._ids.max()) + 1 if len(self._ids) else 0
         self._size = torch.zeros(n_units).index_add_(0, self._ids, torch.ones(len(self._ids)))  # BN layers per unit
+        self._weight = self._size.sqrt()  # the group lasso's weight per unit
 
     @property
     def active(self) -> bool:
@@ -122,10 +123,10 @@ class GammaPenalty:
         gammas = self.gammas
         device = gammas[0].device
         if self._ids.device != device:
-            self._ids, self._size = self._ids.to(device), self._size.to(device)
+            self._ids, self._size, self._weight = self._ids.to(device), self._size.to(device), self._weight.to(device)
         flat = torch.cat([g.detach().float().flatten() for g in gammas])
         norm = torch.zeros(len(self._size), device=device).index_add_(0, self._ids, flat * flat).sqrt_()
-        weight = self._size.sqrt()
+        weight = self._weight
         pull = torch.full_like(norm, shrink)
         if self.target > 0:
             pull = pull * self._lowest_units(norm / weight)

@@ -150,6 +150,15 @@ def check_target(params: Params, target: str) -> Target:
         raise ParamsError(f"--target {target}: {err}") from None
 
 
+def trace_inputs(params: Params) -> Any:
+    """The seeded batch ``slim`` traces with (2 images at ``data.image_size``): one definition, so
+    that the sensitivity stage measures exactly what the prune stage removes."""
+    import torch
+
+    size = params.data.image_size
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(params.seed))
+
+
 def write_json(path: Path, data: Any) -> None:
     """Pretty JSON, atomically."""
     from slimcore.process import atomic_write_bytes
@@ -180,4 +189,4 @@ def run_app(app: typer.Typer) -> None:
 
 
 __all__ = ["PARAMS_OPTION", "check_target", "console", "fail", "fit_schedule", "one_line", "params_for", "run_app",
-           "stage", "write_json"]
+           "stage", "trace_inputs", "write_json"]

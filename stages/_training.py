@@ -288,5 +288,6 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         barrier(ctx)
 
 
-__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "code_signature", "data_signature", "fingerprint", "near_chance", "relaunch_under_torchrun",
-           "seed_everything", "start_of", "starting_model", "train_to_checkpoint", "write_timings"]
+__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "code_signature", "data_signature", "fingerprint",
+           "near_chance", "relaunch_under_torchrun", "seed_everything", "start_of", "starting_model",
+           "train_to_checkpoint", "write_timings"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from stages._common import PARAMS_OPTION, check_target, console, params_for, run_app, stage, write_json
+from stages._common import PARAMS_OPTION, check_target, console, params_for, run_app, stage, trace_inputs, write_json
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -82,17 +82,14 @@ def main(
 
         check_writable(paths.pruned(arch, goal).parent, paths.prune_report(arch, goal).parent,
                        paths.timings(arch, paths.prune_run(goal)).parent)
-        import torch
-
         from slimcore.checkpoint import load_model, save_model
         from slimcore.models import spec_of
         from slimcore.prune import slim, slim_to
 
         sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=params.model_for(arch).arch)
         check_disk(paths.pruned(arch, goal).parent, 2 * tensor_bytes(sparse), "the two pruned checkpoints")
-        generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
-        example = torch.randn(2, 3, size, size, generator=generator)
+        example = trace_inputs(params)
         policy = params.prune.policy()
         pruned, report = slim_to(sparse, goal, example, safe_ratio=safe, input_size=size, **policy)
         ratio = report.requested_ratio

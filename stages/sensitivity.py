@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from stages._common import PARAMS_OPTION, console, params_for, run_app, stage, write_json
+from stages._common import PARAMS_OPTION, console, params_for, run_app, stage, trace_inputs, write_json
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -30,7 +30,6 @@ def main(
     with stage(f"sensitivity@{arch}"):
         params = params_for(params_file, arch)
         start = time.perf_counter()
-        import torch
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -52,9 +51,8 @@ def main(
         ctx = current_context(params.runtime)
         loader = make_loader(splits.val, 256, train=False, seed=params.seed, runtime=params.runtime,
                              device=ctx.device.type)
-        generator = torch.Generator().manual_seed(params.seed)
         size = params.data.image_size
-        example = torch.randn(2, 3, size, size, generator=generator)  # as the prune stage traces
+        example = trace_inputs(params)  # the prune stage's batch
         cfg = params.prune
         grid = ratio_grid(cfg.sensitivity_step)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
