@@ -214,7 +214,8 @@ class PruneConfig(_Section):
     """The slimming policy (see :func:`slimcore.prune.slim`) and what each prune stage aims at.
 
     ``targets``: channel ratios (``0.2``), ``flopsF`` / ``paramsF`` (keep the fraction F of the
-    unpruned model's FLOPs / parameters) or ``safe`` (see :mod:`slimcore.targets`).
+    unpruned model's FLOPs / parameters), ``speedupS`` (keep 1/S of the FLOPs, thop's MACs) or
+    ``safe`` (see :mod:`slimcore.targets`).
     """
 
     targets: Annotated[list[float | str], Field(min_length=1)] = Field(
@@ -236,7 +237,7 @@ class PruneConfig(_Section):
     def _renamed(cls, v: object) -> object:
         if isinstance(v, dict) and "ratios" in v:
             raise ValueError("prune.ratios was renamed to prune.targets (same values: ratios as decimals; "
-                             "also flopsF, paramsF or safe)")
+                             "also flopsF, paramsF, speedupS or safe)")
         return v
 
     @field_validator("targets", mode="before")

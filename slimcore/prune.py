@@ -993,7 +993,8 @@ def slim_to(model: nn.Module, target: Target | float | str, example_inputs: torc
     Args:
         model, example_inputs, **policy: as :func:`slim`.
         target: a :class:`slimcore.targets.Target` or its spelling: ``0.2`` (a ratio, exactly
-            :func:`slim`), ``"flops0.5"`` (keep half the FLOPs), ``"params0.3"`` (keep 30% of
+            :func:`slim`), ``"flops0.5"`` (keep half the FLOPs), ``"speedup2"`` (the same: a MAC
+            speed-up S keeps 1/S of the FLOPs, thop's MAC count), ``"params0.3"`` (keep 30% of
             the parameters) or ``"safe"`` (the ratio ``safe_ratio``, which the caller reads from
             the sensitivity report).
         safe_ratio: the ratio a ``safe`` target stands for.
@@ -1020,7 +1021,10 @@ def slim_to(model: nn.Module, target: Target | float | str, example_inputs: torc
         ratio = goal_target.value
     else:
         ratio = 0.0
-        goal = _Goal(goal_target.kind, float(goal_target.value), shape)  # type: ignore[arg-type]
+        if goal_target.flops_fraction is not None:  # flopsF, or speedupS: keep 1/S of the FLOPs (MACs)
+            goal = _Goal("flops", goal_target.flops_fraction, shape)
+        else:
+            goal = _Goal("params", float(goal_target.value), shape)  # type: ignore[arg-type]
     start = time.perf_counter()
     flops_before = count_flops(model, shape)
     params_before = count_params(model)

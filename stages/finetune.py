@@ -15,7 +15,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def main(
     arch: str = typer.Option(..., help="architecture, one of params.yaml's archs"),
-    target: str = typer.Option(..., help="prune target whose model to fine-tune (0.2, flops0.5, params0.3, safe)"),
+    target: str = typer.Option(..., help="prune target whose model to fine-tune (0.2, flops0.5, params0.3, "
+                                         "speedup2, safe)"),
     params_file: Path = PARAMS_OPTION,
     epochs: int | None = typer.Option(None, help="override finetune.epochs"),
     lr: float | None = typer.Option(None, help="override finetune.lr"),

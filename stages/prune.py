@@ -55,8 +55,13 @@ def gamma_warning(name: str, report: Any, hint: str) -> str | None:
 
 def target_warning(name: str, report: Any, target: Any) -> str | None:
     """The line that says a FLOPs/params target was not met, and what bounds it."""
-    if target.kind not in ("flops", "params") or report.exact:
+    if target.kind not in ("flops", "params", "speedup") or report.exact:
         return None
+    if target.kind == "speedup":
+        reached = 1 / report.flops_fraction if report.flops_fraction else float("inf")
+        return (f"warning: {name}: reaches a MAC speed-up of {reached:.3g}x (keeps {report.flops_fraction:.2%} "
+                f"of the FLOPs) for a target of {target.value:g}x (ratio {report.requested_ratio:.2%}): "
+                f"bound by {'; '.join(report.bound_by)}")
     achieved = report.flops_fraction if target.kind == "flops" else report.params_fraction
     what = "FLOPs" if target.kind == "flops" else "parameters"
     return (f"warning: {name}: keeps {achieved:.2%} of the {what} for a target of {target.value:.2%} "
@@ -67,7 +72,8 @@ def target_warning(name: str, report: Any, target: Any) -> str | None:
 def main(
     arch: str = typer.Option(..., help="architecture, one of params.yaml's archs"),
     target: str = typer.Option(..., help="a prune target: a ratio (0.2), flopsF or paramsF (keep the fraction F "
-                                         "of FLOPs or parameters, e.g. flops0.5) or safe"),
+                                         "of FLOPs or parameters, e.g. flops0.5), speedupS (a MAC speed-up, "
+                                         "speedup2: keep 1/S of the FLOPs) or safe"),
     params_file: Path = PARAMS_OPTION,
 ) -> None:
     """Write models/ARCH/pruned-TARGET.pt (+ -nofold ablation), metrics/prune/ARCH-TARGET.json and

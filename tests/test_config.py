@@ -199,6 +199,15 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "padded fraction": (_set("prune.targets", ["flops0.50"]), ["prune.targets", "write it 'flops0.5'"]),
     "quoted ratio": (_set("prune.targets", ["0.20"]), ["prune.targets", "write it '0.2'"]),
     "integer fraction": (_set("prune.targets", ["flops1"]), ["prune.targets", "0 < F < 1"]),
+    "speed-up of 1": (_set("prune.targets", ["speedup1"]), ["prune.targets", "speedup1", "1 < S <= 1000"]),
+    "speed-up below 1": (_set("prune.targets", ["speedup0.5"]), ["prune.targets", "MAC speed-up",
+                                                                 "write flops0.5"]),
+    "speed-up with .0": (_set("prune.targets", ["speedup2.0"]), ["prune.targets", "write it 'speedup2'"]),
+    "padded speed-up": (_set("prune.targets", ["speedup1.50"]), ["prune.targets", "write it 'speedup1.5'"]),
+    "speed-up in exponent form": (_set("prune.targets", ["speedup1e1"]), ["prune.targets", "write it 'speedup10'"]),
+    "speed-up with no number": (_set("prune.targets", ["speedup"]), ["prune.targets", "unknown target",
+                                                                     "speedupS"]),
+    "duplicate speed-up": (_set("prune.targets", ["speedup2", "speedup2"]), ["prune.targets", "unique", "speedup2"]),
     "renamed ratios": (lambda raw: raw["prune"].update(ratios=raw["prune"].pop("targets")),
                        ["prune", "prune.ratios was renamed to prune.targets"]),
     "negative warn_gamma": (_set("prune.warn_gamma", -1.0), ["prune.warn_gamma", "greater than or equal to 0"]),
@@ -395,6 +404,8 @@ def test_overrides_are_validated_and_blamed_on_options() -> None:
     (0.0, "ratio", 0.0, "0.0", "0%"),
     ("flops0.5", "flops", 0.5, "flops0.5", "FLOPs 50%"),
     ("params0.3", "params", 0.3, "params0.3", "params 30%"),
+    ("speedup2", "speedup", 2.0, "speedup2", "speed-up 2x"),
+    ("speedup1.5", "speedup", 1.5, "speedup1.5", "speed-up 1.5x"),
     ("safe", "safe", None, "safe", "safe"),
 ])
 def test_targets_parse_to_their_names_and_labels(written: object, kind: str, value: float | None, tag: str,
@@ -410,6 +421,18 @@ def test_targets_parse_to_their_names_and_labels(written: object, kind: str, val
     assert parse_target(tag) == target  # a stage's --target TAG is the same target
     if kind == "safe":
         assert target.label(0.45) == "safe (45%)"
+
+
+def test_a_speedup_target_keeps_one_over_s_of_the_flops_and_sorts_with_them() -> None:
+    from slimcore.targets import parse_target, parse_targets
+
+    assert parse_target("speedup2").flops_fraction == 0.5 == parse_target("flops0.5").flops_fraction
+    assert parse_target("speedup1.5").flops_fraction == pytest.approx(2 / 3)
+    assert parse_target("params0.5").flops_fraction is None and parse_target("safe").flops_fraction is None
+    assert parse_target("speedup4").yaml_value == "speedup4"  # params.yaml and DVC hold the name
+    ordered = sorted(parse_targets(["safe", "params0.3", "speedup4", "flops0.6", "speedup1.5", 0.2]),
+                     key=lambda t: t.sort_key())
+    assert [t.tag for t in ordered] == ["0.2", "speedup1.5", "flops0.6", "speedup4", "params0.3", "safe"]
 
 
 def test_prune_policy_is_what_slim_accepts() -> None:

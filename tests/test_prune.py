@@ -295,6 +295,25 @@ def test_ratio_and_safe_targets_are_plain_slim_and_safe_needs_its_ratio() -> Non
         slim_to(model, "latency0.5", x)
 
 
+def test_a_speedup_target_is_the_flops_target_one_over_s() -> None:
+    from slimcore.prune import slim_to
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = coupled_bimodal(build_model("resnet50", 10, "cifar", 0.25).eval(), x[:1], zero_fraction=0.5)
+    pruned, report = slim_to(model, "speedup2", x)
+    _, as_flops = slim_to(model, "flops0.5", x)
+    assert report.target == "speedup2" and report.search_steps >= 1
+    assert report.removed_bn_channels == as_flops.removed_bn_channels  # the same search, the same model
+    assert report.flops_after == as_flops.flops_after == count_flops(pruned, 16)
+    speedup = report.flops_before / report.flops_after
+    if report.exact:
+        assert abs(report.flops_fraction - 0.5) <= 0.01 * 0.5 and speedup == pytest.approx(2, rel=0.011)
+    else:
+        assert report.bound_by
+    assert _run(pruned, x).shape == (2, 10)
+
+
 def test_unreachable_flops_target_names_the_floor_groups() -> None:
     from slimcore.prune import slim_to
 

@@ -106,6 +106,23 @@ def test_flops_target_writes_its_files_and_lands_or_says_why(tmp_path: Path) -> 
     assert isinstance(pruned, nn.Module)
 
 
+def test_speedup_target_writes_its_files_and_reaches_the_speedup_or_says_why(tmp_path: Path) -> None:
+    project = _project(tmp_path, **{"model.width": WIDTH})
+    _sparse(project, "bimodal")
+    said, report = _prune(project, "speedup1.5")
+    assert report["target"] == "speedup1.5" and 0 < report["requested_ratio"] < 1
+    speedup = report["flops_before"] / report["flops_after"]
+    if report["exact"]:
+        assert abs(report["flops_fraction"] - 1 / 1.5) <= 0.01 / 1.5 and not report["bound_by"]
+    else:  # a tiny model: the granularity may bound it, and the stage says so in MAC speed-up terms
+        (line,) = [w for w in _warnings(said) if "bound by" in w]
+        assert f"reaches a MAC speed-up of {speedup:.3g}x" in line and "for a target of 1.5x" in line
+    for name in ("pruned-speedup1.5.pt", "pruned-speedup1.5-nofold.pt"):
+        assert (project / "models" / ARCH / name).is_file()
+    proc = _stage(project, "prune", "--arch", ARCH, "--target", "speedup1.50")
+    assert proc.returncode == 2 and "write it 'speedup1.5'" in _said(proc)
+
+
 def test_unreachable_target_warns_with_what_bounds_it(tmp_path: Path) -> None:
     project = _project(tmp_path, **{"model.width": WIDTH, "prune.min_keep_fraction": 0.8})
     _sparse(project, "bimodal")
