@@ -11,11 +11,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from slimcore.config import Params
+from slimcore.noise import accuracy_interval, image_points, within_noise
 from slimcore.targets import target_label
 
 SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested", "true ratio", "FLOPs after",
                 "params after/M", "top1", "top5"]
-EXTRA_COLUMNS = ["top1 pruned (no FT)", "top1 pruned, no fold", "size/MB", "removed of all BN"]
+EXTRA_COLUMNS = ["top1 95% CI", "top1 vs baseline", "MACs kept", "speed-up", "top1 pruned (no FT)",
+                 "top1 pruned, no fold", "size/MB", "removed of all BN"]
+NOISE_MARK = "~"  # a top-1 within noise of the dense baseline (slimcore.noise.within_noise)
 
 
 def _pct(x: float | None, digits: int = 3) -> str:
@@ -38,6 +41,55 @@ def format_strength(value: float) -> str:
         return "0"
     mantissa, exponent = f"{value:e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def test_images(evals: Mapping[str, Any]) -> int | None:
+    """The size of the test set the arch's models were evaluated on (``test_images`` of its
+    baseline's entry in metrics/eval.json); None when not recorded (an older eval.json)."""
+    n = evals.get("baseline", {}).get("test_images")
+    return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 else None
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _interval(top1: float | None, n: int | None) -> str:
+    """A top-1's 95% interval in % (``95.7-98.9``); ``n/a`` without the test set's size."""
+    if n is None or not _finite(top1):
+        return "n/a"
+    lo, hi = accuracy_interval(float(top1), n)  # type: ignore[arg-type]
+    return f"{100 * lo:.1f}-{100 * hi:.1f}"
+
+
+def _is_noise(top1: float | None, baseline: float | None, n: int | None) -> bool:
+    return n is not None and _finite(top1) and _finite(baseline) and within_noise(top1, baseline, n)  # type: ignore[arg-type]
+
+
+def _marked(top1: float | None, baseline: float | None, n: int | None) -> str:
+    """A top-1 in % with :data:`NOISE_MARK` when it is within noise of the baseline's."""
+    return _pct(top1) + (f" {NOISE_MARK}" if _is_noise(top1, baseline, n) else "")
+
+
+def _versus(top1: float | None, baseline: float | None, n: int | None) -> str:
+    """The difference from the baseline's top-1 in points (``+0.28 ~``: within noise)."""
+    if not (_finite(top1) and _finite(baseline)):
+        return "n/a"
+    diff = 100 * (float(top1) - float(baseline))  # type: ignore[arg-type]
+    return f"{diff:+.2f}" + (f" {NOISE_MARK}" if _is_noise(top1, baseline, n) else "")
+
+
+def _noise_line(evals: Mapping[str, Any]) -> str:
+    """Under the training summary: the test set's size and the dense models' 95% intervals."""
+    n = test_images(evals)
+    if n is None:
+        return ("Test set: size not recorded in metrics/eval.json (an older evaluate stage): run `dvc repro "
+                "evaluate` for the 95% intervals.")
+    b, s = evals["baseline"].get("top1"), evals["sparse"].get("top1")
+    verdict = "within noise of" if _is_noise(s, b, n) else "beyond noise from"
+    return (f"Test set: {n} images (one image = {image_points(n):.2f} pt). Top-1 with its 95% interval: "
+            f"baseline {_pct(b, 2)} ({_interval(b, n)}), sparse {_pct(s, 2)} ({_interval(s, n)}), "
+            f"{verdict} the baseline.")
 
 
 def _summary_lines(arch: str, sparsity: float, evals: Mapping[str, Any]) -> list[str]:
@@ -73,31 +125,79 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
     header[1] = f"FLOPs/{f_unit}"
     header[6] = f"FLOPs after/{f_unit}"
     header += EXTRA_COLUMNS
+    n, base_top1 = test_images(evals), evals["baseline"]["top1"]
     rows = []
     for target in params.prune.parsed_targets():
         tag = target.tag
         fin, pr = profile[f"finetuned-{tag}"], prunes[tag]
+        top1 = evals[f"finetuned-{tag}"]["top1"]
         nofold = evals.get(f"pruned-{tag}-nofold", {}).get("top1")
         rows.append([
             arch, _fmt(base["flops"], f_scale), f"{base['params'] / 1e6:.3f}",
             format_strength(params.sparsity[arch]), target_label(target, pr), f"{100 * pr['true_ratio']:.2f}%",
             _fmt(fin["flops"], f_scale), f"{fin['params'] / 1e6:.3f}",
-            _pct(evals[f"finetuned-{tag}"]["top1"]), _pct(evals[f"finetuned-{tag}"]["top5"]),
-            _pct(evals[f"pruned-{tag}"]["top1"]), _pct(nofold),
+            _pct(top1), _pct(evals[f"finetuned-{tag}"]["top5"]),
+            _interval(top1, n), _versus(top1, base_top1, n), *_macs(base["flops"], fin["flops"]),
+            _marked(evals[f"pruned-{tag}"]["top1"], base_top1, n), _marked(nofold, base_top1, n),
             f"{fin['bytes'] / 1e6:.3f}", f"{100 * _all_bn(pr):.2f}%",
         ])
     return header, rows
 
 
+def _macs(before: float, after: float) -> tuple[str, str]:
+    """MACs kept (% of the unpruned model's) and the MAC speed-up (``2.03x``)."""
+    if not before or not after:
+        return "n/a", "n/a"
+    return f"{100 * after / before:.1f}%", f"{before / after:.2f}x"
+
+
+def no_sparsity(sensitivity: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether sparse-train reached no sparsity, and how much it reached, in words.
+
+    The criterion: fewer of the sparse model's BN channels have |gamma| <= ``prune.warn_gamma``
+    than the smallest ratio the sensitivity grid tries (``prune.sensitivity_step``), so not even
+    that ratio can be met by negligible channels. It reads ``gammas_below_warn`` (the share of BN
+    gammas at most ``warn_gamma``); a report without it (an older sensitivity stage) falls back on
+    the grid: no ratio was slimmed at a |gamma| threshold at most ``warn_gamma``.
+    """
+    warn = float(sensitivity.get("warn_gamma", (sensitivity.get("policy") or {}).get("warn_gamma", 1e-2)))
+    points = sensitivity.get("points", [])
+    step = float(sensitivity.get("step") or min((float(p["ratio"]) for p in points), default=0.05))
+    share = sensitivity.get("gammas_below_warn")
+    if _finite(share):
+        return float(share) < step, f"{100 * float(share):.1f}% of BN gammas below {warn:g}"
+    thresholds = [p.get("threshold") for p in points]
+    if not points or not all(_finite(t) for t in thresholds):
+        return False, ""
+    reached = max((float(p["ratio"]) for p in points if float(p["threshold"]) <= warn), default=0.0)
+    if reached:
+        return False, f"at least {100 * reached:.4g}% of BN channels scoring below {warn:g}"
+    return True, f"fewer than {100 * step:.4g}% of BN channels scoring below {warn:g}"
+
+
 def safe_ratio_line(arch: str, sensitivity: Mapping[str, Any]) -> str:
     """One arch's safe ratio, as results.md prints it under the pruning table (from
-    ``metrics/sensitivity/ARCH.json``: see :mod:`slimcore.sensitivity`)."""
+    ``metrics/sensitivity/ARCH.json``: see :mod:`slimcore.sensitivity`).
+
+    When sparse-train reached no sparsity (:func:`no_sparsity`) the line says so instead, with
+    what to raise: a 0% safe ratio beside an unchanged accuracy would read as a result.
+    """
     safe = float(sensitivity["safe_ratio"])
+    link = f"[metrics/sensitivity/{arch}.json](sensitivity/{arch}.json)"
+    none, reached = no_sparsity(sensitivity)
+    if none:
+        return (f"sparse-train reached no sparsity: {reached}; raise sparsity.{arch} or train.epochs "
+                f"(safe ratio {100 * safe:.4g}%; {link})")
     reference = float(sensitivity["reference_top1"])
-    at_safe = next((p["top1"] for p in sensitivity.get("points", []) if p["ratio"] == safe), reference)
-    return (f"Safe ratio (validation top-1 drop <= {float(sensitivity['max_drop']):g} pt before fine-tuning): "
-            f"{100 * safe:.4g}% (validation top-1 {reference:.2f} -> {float(at_safe):.2f}; "
-            f"[metrics/sensitivity/{arch}.json](sensitivity/{arch}.json))")
+    budget = f"Safe ratio (validation top-1 drop <= {float(sensitivity['max_drop']):g} pt before fine-tuning)"
+    points = sorted(sensitivity.get("points", []), key=lambda p: float(p["ratio"]))
+    if safe == 0 and points:  # the smallest ratio tried already fails: say by how much, not "97.2 -> 97.2"
+        first = points[0]
+        what = (f"validation top-1 {reference:.2f} -> {float(first['top1']):.2f}" if _finite(first.get("top1"))
+                else "it cannot be slimmed")
+        return f"{budget}: 0% (the smallest ratio tried, {100 * float(first['ratio']):.4g}%, fails: {what}; {link})"
+    at_safe = next((p["top1"] for p in points if p["ratio"] == safe), reference)
+    return f"{budget}: {100 * safe:.4g}% (validation top-1 {reference:.2f} -> {float(at_safe):.2f}; {link})"
 
 
 def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
@@ -113,19 +213,27 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         "",
         f"Data: `{d.name}` at {d.image_size}px; models: stem `{m.stem}`, width {m.width:g}; "
         f"training {t.epochs} epochs (baseline and sparse), fine-tuning {f.epochs} epochs; "
-        f"seed {params.seed}. Accuracies in %, on the test split. FLOPs: thop's count (MACs, see README); "
+        f"seed {params.seed}. Accuracies in %, on the test split. FLOPs: thop's count, which is "
+        "multiply-accumulates (MACs, see README); MACs kept: FLOPs after / FLOPs; speed-up: FLOPs / FLOPs "
+        "after, a ratio of MACs, not of measured time. "
         "params/M: millions of parameters; size/MB: checkpoint bytes on disk / 10^6. "
         "Requested: a share of BN channels to remove (20%), of FLOPs or parameters to keep (FLOPs 50%, "
-        "params 30%), or the safe ratio (safe (45%): the largest within prune.max_drop). "
+        "params 30%), a MAC speed-up (speed-up 2x: keep half the FLOPs), or the safe ratio (safe (45%): "
+        "the largest within prune.max_drop). "
         "Ratios count BN channels; the true ratio is measured on the pruned model, over the prunable "
         "BN channels; 'removed of all BN' counts every BN channel (lower when groups were held fixed). "
-        "CPU latency and speedups are wall-clock figures: see [timings/latency.md](timings/latency.md).",
+        "CPU latency and wall-clock speedups: see [timings/latency.md](timings/latency.md).",
+        "",
+        "Noise: each arch's test-set size is under its training summary; 'top1 95% CI' is the fine-tuned "
+        f"top-1's 95% Wilson score interval; '{NOISE_MARK}' marks a top-1 within noise of the dense baseline "
+        "(either lies inside the other's 95% interval: slimcore/noise.py), so only unmarked differences "
+        "are beyond noise.",
         "",
     ]
     for arch in params.archs:
         header, rows = arch_rows(arch, params, evals[arch], profile[arch], prunes[arch])
         lines += [f"## {arch}", "", *_summary_lines(arch, params.sparsity[arch], evals[arch]), "",
-                  f"## {arch} pruning", "", *_md_table(header, rows), ""]
+                  _noise_line(evals[arch]), "", f"## {arch} pruning", "", *_md_table(header, rows), ""]
         if sensitivity is not None and arch in sensitivity:
             lines += [safe_ratio_line(arch, sensitivity[arch]), ""]
     return "\n".join(lines)
@@ -167,4 +275,5 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
     return {arch: out}
 
 
-__all__ = ["format_strength", "results_markdown", "safe_ratio_line", "summary", "target_label"]
+__all__ = ["EXTRA_COLUMNS", "NOISE_MARK", "SEED_COLUMNS", "format_strength", "no_sparsity", "results_markdown",
+           "safe_ratio_line", "summary", "target_label", "test_images"]

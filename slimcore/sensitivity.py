@@ -36,6 +36,7 @@ from slimcore.evaluate import evaluate
 from slimcore.profile import count_flops, count_params
 from slimcore.prune import SlimError, slim
 from slimcore.runtime import Context
+from slimcore.sparsity import gamma_magnitudes
 
 # Digits kept in the JSON: ratios and FLOPs (MFLOPs) to 6 decimals, accuracies (%) to 4.
 RATIO_DIGITS, ACCURACY_DIGITS, MFLOPS_DIGITS = 6, 4, 6
@@ -102,7 +103,9 @@ class SensitivityResult:
 
     ``reference_top1`` / ``reference_top5`` / ``reference_mflops`` / ``reference_params``: the
     unpruned (sparse-trained) model on the same validation split; ``safe_ratio``: see
-    :func:`safe_ratio`; ``val_images``: size of the validation split.
+    :func:`safe_ratio`; ``val_images``: size of the validation split; ``gammas_below_warn``: the
+    share of the unpruned model's BN channels whose |gamma| is at most ``warn_gamma``
+    (``prune.warn_gamma``), i.e. how sparse sparse-train made it (~0: it reached no sparsity).
     """
 
     arch: str
@@ -116,6 +119,8 @@ class SensitivityResult:
     image_size: int
     policy: dict[str, Any]
     points: list[SensitivityPoint] = field(default_factory=list)
+    warn_gamma: float = 1e-2
+    gammas_below_warn: float | None = None
 
     @property
     def safe_ratio(self) -> float:
@@ -127,7 +132,8 @@ class SensitivityResult:
             "reference_top1": self.reference_top1, "reference_top5": self.reference_top5,
             "reference_mflops": self.reference_mflops, "reference_params": self.reference_params,
             "val_images": self.val_images, "image_size": self.image_size, "policy": dict(self.policy),
-            "safe_ratio": self.safe_ratio,
+            "safe_ratio": self.safe_ratio, "warn_gamma": self.warn_gamma,
+            "gammas_below_warn": self.gammas_below_warn,
             "points": [p.to_dict(self.reference_top1, self.max_drop) for p in self.points],
         }
 
@@ -164,6 +170,14 @@ def safe_ratio(points: Sequence[SensitivityPoint], reference_top1: float, max_dr
             break
         safe = point.ratio
     return safe
+
+
+def share_below(model: nn.Module, warn_gamma: float) -> float | None:
+    """The share of ``model``'s BN channels whose |gamma| is at most ``warn_gamma`` (None: no BN)."""
+    gammas = gamma_magnitudes(model)
+    if gammas.numel() == 0:
+        return None
+    return _round(float((gammas <= warn_gamma).float().mean()), RATIO_DIGITS)
 
 
 def _accuracy(model: nn.Module, loader: DataLoader, ctx: Context | None) -> tuple[float, float]:
@@ -218,8 +232,9 @@ def sensitivity(arch: str, model: nn.Module, val_loader: DataLoader, example_inp
         arch=arch, max_drop=float(max_drop), step=float(step), reference_top1=top1, reference_top5=top5,
         reference_mflops=float(_round(count_flops(reference, image_size) / 1e6, MFLOPS_DIGITS)),  # type: ignore[arg-type]
         reference_params=count_params(reference), val_images=len(val_loader.dataset),  # type: ignore[arg-type]
-        image_size=image_size, policy=policy,
+        image_size=image_size, policy=policy, warn_gamma=float(policy.get("warn_gamma", 1e-2)),
     )
+    result.gammas_below_warn = share_below(reference, result.warn_gamma)
     for ratio in ratio_grid(step):
         point = measure_point(reference, ratio, example_inputs, val_loader, image_size, policy, ctx)
         result.points.append(point)
@@ -229,4 +244,4 @@ def sensitivity(arch: str, model: nn.Module, val_loader: DataLoader, example_inp
 
 
 __all__ = ["SensitivityPoint", "SensitivityResult", "measure_point", "ratio_grid", "safe_ratio",
-           "sensitivity", "within_budget"]
+           "sensitivity", "share_below", "within_budget"]

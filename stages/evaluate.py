@@ -55,7 +55,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                              device=ctx.device.type)
         profile = json.loads(paths.profile_report().read_text())
         sensitivity = {arch: json.loads(paths.sensitivity_report(arch).read_text()) for arch in params.archs}
-        evals: dict[str, dict[str, dict[str, float]]] = {}
+        evals: dict[str, dict[str, dict[str, float | int]]] = {}
         prunes: dict[str, dict[str, dict[str, object]]] = {}  # arch -> target tag -> prune report
         targets = params.prune.parsed_targets()
         histories: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -67,7 +67,9 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
                 model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last
                                  else torch.preserve_format)
-                evals[arch][label] = {k: v for k, v in evaluate(model, loader, ctx).items() if k != "samples"}
+                result = evaluate(model, loader, ctx)  # the test-set size: results.md's 95% intervals
+                evals[arch][label] = {**{k: v for k, v in result.items() if k != "samples"},
+                                      "test_images": int(result["samples"])}
                 if label in ("baseline", "sparse"):
                     gammas[arch][label] = gamma_magnitudes(model).cpu()
                 if meta.get("history"):  # trained checkpoints: baseline-train, sparse-train, finetune-R

@@ -78,6 +78,12 @@ def main(
                               f"{escape(point.error)}[/] (recorded with no accuracy: it fails the budget)")
         console.log(f"sensitivity@{arch}: safe ratio {safe:g} (val top-1 {result.reference_top1:.1f} -> "
                     f"{at_safe:.1f}, budget {cfg.max_drop:g} pt)")
+        from slimcore.report import no_sparsity
+
+        none, reached = no_sparsity(result.to_dict())
+        if none:
+            console.print(f"[yellow]warning: sensitivity@{arch}: sparse-train reached no sparsity: {reached}; "
+                          f"raise sparsity.{arch} or train.epochs[/]", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -117,18 +117,20 @@ def test_one_row_per_arch_and_ratio_with_formatted_numbers(markdown: str) -> Non
     tables = _tables(markdown)
     assert list(tables) == ["vgg16_bn", "resnet50"]
     vgg, resnet = tables["vgg16_bn"][1:], tables["resnet50"][1:]
+    # no test_images in these evals (an older eval.json): no interval and no noise mark
     assert vgg == [
         ["vgg16_bn", "150.00", "134.679", "1e-4", "20%", "18.75%", "15.500", "130.310", "80.670", "95.160",
-         "50.000", "12.346", "521.240", "18.75%"],
+         "n/a", "-0.39", "10.3%", "9.68x", "50.000", "12.346", "521.240", "18.75%"],
         ["vgg16_bn", "150.00", "134.679", "1e-4", "50%", "50.00%", "2.450", "120.730", "77.620", "93.970",
-         "25.000", "12.500", "482.920", "50.00%"],
+         "n/a", "-3.44", "1.6%", "61.22x", "25.000", "12.500", "482.920", "50.00%"],
     ]
     assert resnet == [
         ["resnet50", "5.551", "0.376", "1e-2", "20%", "20.00%", "2.801", "0.194", "96.657", "100.000",
-         "94.986", "n/a", "0.886", "20.00%"],
+         "n/a", "-1.39", "50.5%", "1.98x", "94.986", "n/a", "0.886", "20.00%"],
         ["resnet50", "5.551", "0.376", "1e-2", "50%", "50.00%", "0.833", "0.040", "97.493", "100.000",
-         "n/a", "0.000", "0.263", "50.00%"],
+         "n/a", "-0.56", "15.0%", "6.66x", "n/a", "0.000", "0.263", "50.00%"],
     ]
+    assert "Test set: size not recorded in metrics/eval.json" in markdown
 
 
 def test_training_summaries_follow_the_seeds_format(markdown: str) -> None:
@@ -220,8 +222,9 @@ def test_each_arch_shows_its_safe_ratio_beside_its_pruning_table() -> None:
     lines = markdown.splitlines()
     vgg = ("Safe ratio (validation top-1 drop <= 2 pt before fine-tuning): 45% (validation top-1 97.22 -> 95.56; "
            "[metrics/sensitivity/vgg16_bn.json](sensitivity/vgg16_bn.json))")
-    resnet = ("Safe ratio (validation top-1 drop <= 2 pt before fine-tuning): 0% (validation top-1 97.22 -> 97.22; "
-              "[metrics/sensitivity/resnet50.json](sensitivity/resnet50.json))")
+    # a safe ratio of 0 says by how much the smallest ratio fails, not "97.22 -> 97.22"
+    resnet = ("Safe ratio (validation top-1 drop <= 2 pt before fine-tuning): 0% (the smallest ratio tried, 40%, "
+              "fails: validation top-1 97.22 -> 96.50; [metrics/sensitivity/resnet50.json](sensitivity/resnet50.json))")
     assert vgg in lines and resnet in lines
     # right after its own pruning table, before the next arch's section
     assert lines.index("## vgg16_bn pruning") < lines.index(vgg) < lines.index("## resnet50")
@@ -231,3 +234,91 @@ def test_each_arch_shows_its_safe_ratio_beside_its_pruning_table() -> None:
     got = summary("vgg16_bn", _params(), EVALS["vgg16_bn"], PROFILE["vgg16_bn"], PRUNES["vgg16_bn"],
                   sens["vgg16_bn"])["vgg16_bn"]
     assert got["safe_ratio"] == 0.45 and list(got) == ["baseline", "sparse", "r1", "r2", "safe_ratio"]
+
+
+def _with_test_images(evals: dict[str, dict[str, dict[str, float]]], n: int) -> dict[str, Any]:
+    return {arch: {label: {**ev, "test_images": n} for label, ev in models.items()} for arch, models in evals.items()}
+
+
+def test_each_top1_has_its_95_interval_and_a_mark_when_within_noise_of_the_baseline() -> None:
+    """359 test images (the digits default): one image is 0.28 pt; ~2 pt either way is noise."""
+    evals = _with_test_images(EVALS, 359)
+    markdown = results_markdown(_params(), evals, PROFILE, PRUNES)
+    header, *rows = _tables(markdown)["resnet50"]
+    col = {name: header.index(name) for name in ("top1", "top1 95% CI", "top1 vs baseline",
+                                                  "top1 pruned (no FT)", "top1 pruned, no fold")}
+    # baseline 98.05; fine-tuned 96.657 (347/359) lies inside the baseline's interval: within noise
+    assert [rows[0][col[c]] for c in col] == ["96.657", "94.2-98.1", "-1.39 ~", "94.986", "n/a"]
+    assert [rows[1][col[c]] for c in col] == ["97.493", "95.3-98.7", "-0.56 ~", "n/a", "0.000"]
+    lines = markdown.splitlines()
+    assert ("Test set: 359 images (one image = 0.28 pt). Top-1 with its 95% interval: baseline 98.05 "
+            "(96.0-99.1), sparse 95.27 (92.5-97.0), beyond noise from the baseline.") in lines
+    assert "Noise: each arch's test-set size is under its training summary" in markdown
+    # vgg16_bn's pruned (no FT) at 50.0 is far outside; its fine-tuned 80.67 vs 81.06: within noise
+    vgg_header, *vgg = _tables(markdown)["vgg16_bn"]
+    assert vgg[0][vgg_header.index("top1 vs baseline")] == "-0.39 ~"
+    assert vgg[0][vgg_header.index("top1 pruned (no FT)")] == "50.000"
+
+
+def test_noise_intervals_and_the_within_noise_rule() -> None:
+    from slimcore.noise import accuracy_interval, image_points, wilson_interval, within_noise
+
+    lo, hi = wilson_interval(351, 359)  # 97.77% on the digits test set
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (95.67, 98.87)
+    assert wilson_interval(359, 359)[1] == 1.0 and wilson_interval(359, 359)[0] < 0.99  # never zero-width
+    assert wilson_interval(0, 359)[0] == 0.0 and wilson_interval(5, 0) == (0.0, 1.0)
+    assert accuracy_interval(351 / 359, 359) == (lo, hi)
+    assert image_points(359) == pytest.approx(0.2786, abs=1e-4)
+    # 7 images (1.95 pt) apart: within noise at 359 images; far beyond it at 10000 images
+    assert within_noise(351 / 359, 344 / 359, 359) and within_noise(344 / 359, 351 / 359, 359)
+    assert not within_noise(0.9777, 0.9582, 10_000)
+    assert not within_noise(351 / 359, 269 / 359, 359)  # resnet50 without folding: 74.93 is a real loss
+
+
+def test_speedup_targets_and_macs_kept_on_every_row() -> None:
+    """speedupS: requested 'speed-up 2x'; every row says the MACs kept and the MAC speed-up."""
+    params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(),
+                                                "targets": [0.2, "speedup2", "flops0.5", "speedup1.5"]})
+    base = 5_551_000
+    evals = {"baseline": _ev(0.9), "sparse": _ev(0.9)}
+    profile = {"baseline": _prof(base, 375_762, 1_520_000)}
+    prunes = {}
+    for tag, ratio, flops in (("0.2", 0.2, 4_440_800), ("speedup2", 0.31, 2_734_000), ("flops0.5", 0.31, 2_734_000),
+                              ("speedup1.5", 0.2, 3_700_667)):
+        evals[f"pruned-{tag}"], evals[f"finetuned-{tag}"] = _ev(0.5), _ev(0.8)
+        profile[f"finetuned-{tag}"] = _prof(flops, 100_000, 400_000)
+        prunes[tag] = {"target": tag, "requested_ratio": ratio, "true_ratio": ratio}
+    header, *rows = _tables(results_markdown(params, {"resnet50": evals}, {"resnet50": profile},
+                                             {"resnet50": prunes}))["resnet50"]
+    got = [(r[header.index("requested")], r[header.index("MACs kept")], r[header.index("speed-up")]) for r in rows]
+    assert got == [("20%", "80.0%", "1.25x"), ("speed-up 2x", "49.3%", "2.03x"), ("FLOPs 50%", "49.3%", "2.03x"),
+                   ("speed-up 1.5x", "66.7%", "1.50x")]
+    from slimcore.report import summary
+
+    out = summary("resnet50", params, evals, profile, prunes)["resnet50"]
+    assert out["r2"]["target"] == "speedup2" and out["r4"]["target"] == "speedup1.5"
+
+
+def _sparsity_report(**extra: Any) -> dict[str, Any]:
+    points = [{"ratio": r, "top1": 97.2222, "threshold": 0.3 + r} for r in (0.05, 0.1, 0.15)]
+    return {"arch": "vgg16_bn", "max_drop": 2.0, "step": 0.05, "reference_top1": 97.2222, "safe_ratio": 0.0,
+            "policy": {"warn_gamma": 0.01}, "points": points, **extra}
+
+
+def test_a_sparse_model_with_no_sparsity_says_so_in_one_line_instead_of_a_safe_ratio() -> None:
+    from slimcore.report import no_sparsity, safe_ratio_line
+
+    line = safe_ratio_line("vgg16_bn", _sparsity_report(warn_gamma=0.01, gammas_below_warn=0.002))
+    assert line == ("sparse-train reached no sparsity: 0.2% of BN gammas below 0.01; raise sparsity.vgg16_bn or "
+                    "train.epochs (safe ratio 0%; [metrics/sensitivity/vgg16_bn.json](sensitivity/vgg16_bn.json))")
+    assert "\n" not in line and "Safe ratio" not in line
+    # an older report without gammas_below_warn: the grid's thresholds (all above warn_gamma) decide
+    assert safe_ratio_line("vgg16_bn", _sparsity_report()).startswith(
+        "sparse-train reached no sparsity: fewer than 5% of BN channels scoring below 0.01; raise sparsity.vgg16_bn")
+    # sparse enough: the safe ratio line as before
+    assert no_sparsity(_sparsity_report(gammas_below_warn=0.62))[0] is False
+    assert safe_ratio_line("vgg16_bn", {**_sparsity_report(gammas_below_warn=0.62), "safe_ratio": 0.1}).startswith(
+        "Safe ratio (validation top-1 drop <= 2 pt before fine-tuning): 10% (validation top-1 97.22 -> 97.22;")
+    thresholds = _sparsity_report()
+    thresholds["points"][1]["threshold"] = 0.0
+    assert no_sparsity(thresholds) == (False, "at least 10% of BN channels scoring below 0.01")

@@ -213,7 +213,12 @@ def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_proje
     assert calls and calls[0] > 0
     report = json.loads(paths.sensitivity_report(arch).read_text())
     assert set(report) == {"arch", "max_drop", "step", "reference_top1", "reference_top5", "reference_mflops",
-                           "reference_params", "val_images", "image_size", "policy", "safe_ratio", "points"}
+                           "reference_params", "val_images", "image_size", "policy", "safe_ratio", "points",
+                           "warn_gamma", "gammas_below_warn"}
+    # how sparse sparse-train made it: the share of BN gammas at most prune.warn_gamma
+    assert report["warn_gamma"] == params["prune"].get("warn_gamma", 0.01)
+    assert 0.25 <= report["gammas_below_warn"] <= 1  # half the channels were zeroed
+    assert "reached no sparsity" not in result.output
     assert (report["arch"], report["max_drop"], report["step"], report["val_images"]) == (arch, 2.0, 0.25, calls[0])
     assert report["policy"] == PruneConfig(**params["prune"]).policy()
     assert [p["ratio"] for p in report["points"]] == [0.25, 0.5, 0.75]
@@ -231,6 +236,25 @@ def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_proje
     first = paths.sensitivity_report(arch).read_bytes()
     assert runner.invoke(stage.app, ["--arch", arch]).exit_code == 0
     assert paths.sensitivity_report(arch).read_bytes() == first  # same inputs, same bytes
+
+
+def test_a_sparse_model_with_no_sparsity_is_named_in_one_warning(tiny_project: tuple[str, dict]) -> None:
+    from slimcore.checkpoint import save_model
+    from slimcore.models import build_model
+    from stages import sensitivity as stage
+    from tests.conftest import randomize_bn
+
+    arch, params = tiny_project
+    torch.manual_seed(0)
+    dense = randomize_bn(build_model(arch, 10, params["model"]["stem"], 0.0625)).eval()  # gammas in [0.5, 1]
+    save_model(paths.checkpoint(arch, "sparse"), dense, run="sparse-train")
+    result = runner.invoke(stage.app, ["--arch", arch])
+    assert result.exit_code == 0, result.output
+    report = json.loads(paths.sensitivity_report(arch).read_text())
+    assert report["gammas_below_warn"] == 0.0
+    said = " ".join(result.output.split())
+    assert (f"warning: sensitivity@{arch}: sparse-train reached no sparsity: 0.0% of BN gammas below 0.01; "
+            f"raise sparsity.{arch} or train.epochs") in said
 
 
 def test_the_stage_refuses_an_empty_validation_split(tiny_project: tuple[str, dict],
