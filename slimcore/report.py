@@ -12,6 +12,7 @@ from typing import Any
 
 from slimcore.config import Params
 from slimcore.noise import accuracy_interval, image_points, within_noise
+from slimcore.reached import no_sparsity
 from slimcore.targets import target_label
 
 SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested", "true ratio", "FLOPs after",
@@ -149,30 +150,6 @@ def _macs(before: float, after: float) -> tuple[str, str]:
     if not before or not after:
         return "n/a", "n/a"
     return f"{100 * after / before:.1f}%", f"{before / after:.2f}x"
-
-
-def no_sparsity(sensitivity: Mapping[str, Any]) -> tuple[bool, str]:
-    """Whether sparse-train reached no sparsity, and how much it reached, in words.
-
-    The criterion: fewer of the sparse model's BN channels have |gamma| <= ``prune.warn_gamma``
-    than the smallest ratio the sensitivity grid tries (``prune.sensitivity_step``), so not even
-    that ratio can be met by negligible channels. It reads ``gammas_below_warn`` (the share of BN
-    gammas at most ``warn_gamma``); a report without it (an older sensitivity stage) falls back on
-    the grid: no ratio was slimmed at a |gamma| threshold at most ``warn_gamma``.
-    """
-    warn = float(sensitivity.get("warn_gamma", (sensitivity.get("policy") or {}).get("warn_gamma", 1e-2)))
-    points = sensitivity.get("points", [])
-    step = float(sensitivity.get("step") or min((float(p["ratio"]) for p in points), default=0.05))
-    share = sensitivity.get("gammas_below_warn")
-    if _finite(share):
-        return float(share) < step, f"{100 * float(share):.1f}% of BN gammas below {warn:g}"
-    thresholds = [p.get("threshold") for p in points]
-    if not points or not all(_finite(t) for t in thresholds):
-        return False, ""
-    reached = max((float(p["ratio"]) for p in points if float(p["threshold"]) <= warn), default=0.0)
-    if reached:
-        return False, f"at least {100 * reached:.4g}% of BN channels scoring below {warn:g}"
-    return True, f"fewer than {100 * step:.4g}% of BN channels scoring below {warn:g}"
 
 
 def safe_ratio_line(arch: str, sensitivity: Mapping[str, Any]) -> str:

@@ -400,7 +400,7 @@ def main(
     width: Annotated[float | None, typer.Option(help="model width multiplier (default: the preset's)")] = None,
     archs: Annotated[str | None, typer.Option(help="comma-separated archs (default: the preset's)")] = None,
     targets: Annotated[str | None, typer.Option(
-        help="comma-separated prune targets: ratios, flopsF, paramsF (default: the preset's)")] = None,
+        help="comma-separated prune targets: ratios, flopsF, paramsF, speedupS (default: the preset's)")] = None,
     train_images: Annotated[int | None, typer.Option(
         help=f"synthetic train images (default: {DEFAULT_STEPS} batches per process)")] = None,
     test_images: Annotated[int, typer.Option(help="synthetic test images")] = DEFAULT_TEST_IMAGES,

@@ -78,7 +78,7 @@ def main(
                               f"{escape(point.error)}[/] (recorded with no accuracy: it fails the budget)")
         console.log(f"sensitivity@{arch}: safe ratio {safe:g} (val top-1 {result.reference_top1:.1f} -> "
                     f"{at_safe:.1f}, budget {cfg.max_drop:g} pt)")
-        from slimcore.report import no_sparsity
+        from slimcore.reached import no_sparsity
 
         none, reached = no_sparsity(result.to_dict())
         if none:
