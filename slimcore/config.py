@@ -267,12 +267,15 @@ class PenaltyConfig(_Section):
     together, so residual groups reach zero as a whole; ``prox``: the proximal L1 step per
     gamma; ``l1``: the paper's subgradient through momentum (the seed's recipe; its strengths are
     about 10x smaller than the proximal methods' for the same pull).  ``ramp_epochs`` grows the
-    strength linearly from zero over that many epochs.
+    strength linearly from zero over that many epochs.  ``target`` (``prox``/``group``): shrink
+    only the units of lowest |gamma| holding this share of all BN channels; ``auto`` derives it
+    from ``prune.targets`` on the model sparse training starts from
+    (:func:`slimcore.sparsity_target.share_for_targets`); 0 shrinks every channel (the paper).
     """
 
     method: Literal["group", "prox", "l1"] = "group"
     ramp_epochs: NonNegFloat = 0.0
-    target: Annotated[float, Field(ge=0, lt=1)] = 0.0  # prox/group: shrink only the lowest this share of BN channels
+    target: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = 0.0
 
 
 class ProfileConfig(_Section):

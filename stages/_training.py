@@ -215,10 +215,13 @@ def chance_warning(run: str, arch: str, *, test_top1: float, train_top1: float, 
 
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
                         sparsity: float, init: Path | None = None, weights: Path | None = None,
-                        module: str, units: Callable[[nn.Module], Any] | None = None) -> None:
+                        module: str, units: Callable[[nn.Module], Any] | None = None,
+                        penalty_target: Callable[[nn.Module], float] | None = None) -> None:
     """Train a model and save it to ``out``: from the checkpoint ``init``, else built through
     params' ``models`` and initialised from the ``weights`` file (random init without one).
 
+    ``units`` and ``penalty_target`` give the penalty's coupled channels and the share of BN
+    channels it shrinks, from the starting model (sparse-train only).
     Resumes from the run's last finished epoch if an earlier attempt was interrupted (only with
     the same settings, arch, start checkpoint and weights file).  With ``runtime.nproc > 1`` the
     stage ``module`` first relaunches itself under torchrun.
@@ -260,11 +263,12 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         test = make_loader(splits.test, max(256, train_cfg.batch_size), train=False, seed=params.seed,
                            runtime=params.runtime, device=ctx.device.type)
         coupled = units(model) if units is not None and sparsity > 0 else None
+        share = penalty_target(model) if penalty_target is not None and sparsity > 0 else 0.0
         trainer = Trainer(model, train_cfg, ctx, train, test, sparsity=sparsity, desc=f"{run}@{arch}",
                           sparsity_method=params.penalty.method, sparsity_units=coupled,
-                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=params.penalty.target)
+                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=share)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
-        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
+        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity, share,
                           init if init is not None else "scratch", weights if weights is not None else "no weights",
                           code_signature(), data_signature(params.data.root))
         state = paths.resume_state(arch, run)

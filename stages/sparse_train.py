@@ -39,6 +39,24 @@ def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[
         return None
 
 
+def penalty_share(model: nn.Module, params: Params, arch: str) -> float:
+    """``penalty.target`` as a share of BN channels: the number itself, or for ``auto`` the share
+    ``prune.targets`` need on this starting model (:func:`slimcore.sparsity_target.share_for_targets`)."""
+    target = params.penalty.target
+    if target != "auto":
+        return float(target)
+    if params.penalty.method == "l1":  # the subgradient pulls every gamma: no share to resolve
+        return 0.0
+    from slimcore.sparsity_target import share_for_targets
+    from stages._common import trace_inputs
+
+    share = share_for_targets(model, params.prune.parsed_targets(), trace_inputs(params),
+                              input_size=params.data.image_size, **params.prune.policy())
+    console.log(f"sparse-train@{arch}: penalty.target auto: shrink the {share:.1%} of BN channels "
+                f"that prune.targets {list(params.prune.targets)} remove from this model, plus a margin")
+    return share
+
+
 @app.command()
 def main(
     arch: str = typer.Option(..., help="architecture, one of params.yaml's archs"),
@@ -58,7 +76,8 @@ def main(
         train_to_checkpoint(params, arch, "sparse-train", paths.checkpoint(arch, "sparse"),
                             train_cfg=params.train, sparsity=params.sparsity[arch], init=start.init,
                             weights=start.weights, module="stages.sparse_train",
-                            units=lambda model: coupled_channels(model, params, arch))
+                            units=lambda model: coupled_channels(model, params, arch),
+                            penalty_target=lambda model: penalty_share(model, params, arch))
 
 
 if __name__ == "__main__":
