@@ -84,7 +84,7 @@ def run(arch: str, variant: dict, ratios: list[float], params_path: str) -> dict
     test = make_loader(splits.test, 256, train=False, seed=params.seed, runtime=params.runtime)
     units = coupled_units(model, example) if variant["method"] == "group" else None
     start = time.perf_counter()
-    trainer = Trainer(model, cfg, ctx, train, test, sparsity=variant["strength"], desc=f"{arch}",
+    trainer = Trainer(model, cfg, ctx, train, None, test_loader=test, sparsity=variant["strength"], desc=f"{arch}",
                       sparsity_method=variant["method"], sparsity_units=units,
                       sparsity_ramp_epochs=variant["ramp"], sparsity_target=variant.get("target", 0.0))
     history = trainer.fit()

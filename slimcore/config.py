@@ -41,7 +41,9 @@ from slimcore.targets import Target, parse_targets
 from slimcore.yamlio import DuplicateKeyError, safe_load_unique
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
+# formats whose images are glyphs (a mirrored digit is another glyph): augment auto never flips them
+GLYPH_DATASETS = ("digits", "mnist", "kmnist", "svhn")
 
 MAX_SEED = 2**32 - 1
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -66,9 +68,21 @@ class DataConfig(_Section):
     folder is committed with a README and keeps its contents out of git); an absolute path
     outside the project works too.
 
+    ``name``: ``digits`` (scikit-learn's, embedded), or a format read from ``root`` without
+    downloading (see :mod:`slimcore.data`): ``mnist``, ``fashionmnist``, ``kmnist`` (idx files,
+    ``.gz`` or not, flat in ``root`` as Debian's ``dataset-fashion-mnist`` installs them, or in
+    torchvision's ``root/<Class>/raw/``), ``cifar10``, ``cifar100``, ``svhn`` (torchvision's
+    ``train_32x32.mat``/``test_32x32.mat``), ``stl10`` (``root/stl10_binary/``), ``imagefolder``.
+    Each format's own train/test split is used; grayscale images become 3 identical channels.
+
+    ``train_per_class`` > 0 keeps at most that many images of each class of the format's
+    training split (a stratified subset drawn with a fixed seed, 0, whatever ``params.seed``;
+    a class with fewer keeps all of its own), *before* the validation split is held out of it.
+
     ``val_fraction`` of each class's *training* images (never its last one) is held out of
     training as the validation split, drawn with ``params.seed`` (:attr:`split_seed`) and read
-    with the evaluation transform by the sensitivity stage only; the test split is unaffected.
+    with the evaluation transform: training evaluates it every epoch, the sensitivity stage
+    ranks ratios on it; the test split is unaffected.
 
     ``augment`` (training images only; evaluation never randomises):
 
@@ -79,18 +93,20 @@ class DataConfig(_Section):
     - ``imagenet``: ``RandomResizedCrop(image_size)`` (8-100% of the area) + flip; evaluation
       resizes to ``1.14 * image_size`` and center crops (the ImageNet recipe: for large images,
       far too strong at a few dozen pixels);
-    - ``auto`` (default): ``none`` for ``digits`` (8x8 glyphs: a mirrored digit is another
-      glyph), ``crop+flip`` for CIFAR at any size and for an imagefolder at
-      ``image_size <= 64``, ``imagenet`` for an imagefolder above 64 px.  See
-      :meth:`augmentation`.
+    - ``auto`` (default): ``none`` for glyphs (``digits``, ``mnist``, ``kmnist``, ``svhn``: a
+      mirrored digit is another glyph), ``crop+flip`` for ``fashionmnist``, CIFAR and STL-10 at
+      any size and for an imagefolder at ``image_size <= 64``, ``imagenet`` for an imagefolder
+      above 64 px.  See :meth:`augmentation`.
     """
 
-    name: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    name: Literal["digits", "mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10",
+                  "imagefolder"] = "digits"
     root: str = "data"
     download: bool = False
     image_size: PositiveInt = 16
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the training split, held out of training
+    train_per_class: NonNegInt = 0  # >0: a stratified subset of the training split, before val (0: all)
     augment: Literal["auto", "none", "flip", "crop+flip", "imagenet"] = "auto"
     # Seed of the validation split (val_fraction of the training split): params.seed, set by
     # Params when it validates (not a key of params.yaml); 0 for a DataConfig built on its own.
@@ -105,9 +121,9 @@ class DataConfig(_Section):
         """The augmentation actually applied: ``augment`` with ``auto`` resolved (never ``auto``)."""
         if self.augment != "auto":
             return self.augment
-        if self.name == "digits":
+        if self.name in GLYPH_DATASETS:
             return "none"
-        if self.name in ("cifar10", "cifar100") or self.image_size <= SMALL_IMAGE_MAX:
+        if self.name != "imagefolder" or self.image_size <= SMALL_IMAGE_MAX:
             return "crop+flip"
         return "imagenet"
 
@@ -196,6 +212,7 @@ class TrainConfig(_Section):
     lr_decay: Annotated[float, Field(gt=0, le=1)] = 0.1
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     bn_recalibrate_batches: NonNegInt = 8  # after each epoch: BN running stats from this many batches (0: off)
+    eval_test: bool = False  # also evaluate the test split after every epoch (the validation split always is)
 
     @model_validator(mode="after")
     def _schedule_fits(self) -> TrainConfig:
@@ -473,6 +490,7 @@ def with_overrides(params: Params, overrides: dict[str, object]) -> Params:
 __all__ = [
     "AUGMENTS",
     "DATASETS",
+    "GLYPH_DATASETS",
     "STEMS",
     "DataConfig",
     "ModelChoice",

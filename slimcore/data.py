@@ -1,12 +1,31 @@
-"""Datasets: the embedded ``digits`` default, torchvision's CIFAR on-disk format, ImageFolder.
+"""Datasets: the embedded ``digits`` default, torchvision's on-disk formats read locally, ImageFolder.
 
-Every format gives three splits (:class:`Splits`): ``train``, ``val`` and ``test``.  ``val`` is a
-fixed stratified ``data.val_fraction`` of the format's training images, seeded by ``params.seed``
-(:attr:`slimcore.config.DataConfig.split_seed`), held out of ``train`` and always read with the
-evaluation transform; only the sensitivity stage reads it.  ``test`` is never touched by it.
-Training images are augmented per ``data.augment`` (see :class:`slimcore.config.DataConfig`).
-All loaders are deterministic for a given seed and epoch (``set_epoch``), shard across
-``world_size`` ranks like ``DistributedSampler``, and never download unless asked.
+``data.name`` and what ``data.root`` must hold (nothing is downloaded, except CIFAR with
+``data.download: true``; no checksum is verified, so reduced copies work):
+
+- ``mnist``, ``fashionmnist``, ``kmnist``: the idx files ``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain
+  or ``.gz``, either flat in ``root`` (as Debian's ``dataset-fashion-mnist`` installs them in
+  ``/usr/share/datasets/fashion-mnist``) or in torchvision's ``root/MNIST/raw/`` (``FashionMNIST``,
+  ``KMNIST``).  28x28 grayscale, read as 3 identical channels.
+- ``cifar10``, ``cifar100``: torchvision's ``cifar-10-batches-py/`` / ``cifar-100-python/`` pickles
+  (nothing but arrays is ever unpickled).
+- ``svhn``: torchvision's ``train_32x32.mat`` and ``test_32x32.mat`` in ``root`` (``extra`` is not
+  read; label 10 is digit 0, as torchvision).
+- ``stl10``: torchvision's ``root/stl10_binary/{train,test}_{X,y}.bin`` (the unlabeled split is
+  not read); 96x96 colour.
+- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the test split).
+
+Every format gives three splits (:class:`Splits`): ``train``, ``val`` and ``test``.  With
+``data.train_per_class`` > 0 only a stratified subset of the format's training images is used
+(at most that many per class, drawn with a fixed seed); ``val`` is then a fixed stratified
+``data.val_fraction`` of those, seeded by ``params.seed`` (:attr:`slimcore.config.DataConfig.split_seed`),
+held out of ``train`` and always read with the evaluation transform.  ``test`` is the format's own
+test split, never touched by either.  Inputs are normalised with per-channel statistics of the
+``train`` part (after subset and hold-out), recorded in :attr:`Splits.normalization`; an
+imagefolder uses ImageNet's.  Training images are augmented per ``data.augment`` (see
+:class:`slimcore.config.DataConfig`).  All loaders are deterministic for a given seed and epoch
+(``set_epoch``) and shard across ``world_size`` ranks like ``DistributedSampler``.
 """
 
 from __future__ import annotations
@@ -14,8 +33,11 @@ from __future__ import annotations
 import copy
 import gzip
 import importlib.util
+import math
 import pickle
-from dataclasses import dataclass
+import struct
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +50,11 @@ from slimcore.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# CIFAR-100's training statistics: no longer used to normalise (every format measures its own
+# training part), kept for callers that imported them
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
+SUBSET_SEED = 0  # data.train_per_class draws its subset with this seed, whatever params.seed
 
 
 @dataclass
@@ -46,6 +71,10 @@ class Splits:
     test: Dataset
     num_classes: int
     name: str
+    # what every split's inputs are normalised with: {"mean": [r, g, b], "std": [r, g, b]} on the
+    # [0, 1] scale the images are read at (digits: value / 16), measured on ``train``
+    normalization: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a stage should tell the user (a short class)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
@@ -74,12 +103,56 @@ def validation_split(labels: np.ndarray, cfg: DataConfig, seed: int | None = Non
                             min_left=1)
 
 
+def train_subset(labels: np.ndarray, per_class: int, seed: int = SUBSET_SEED) -> tuple[np.ndarray, list[str]]:
+    """Sorted positions of at most ``per_class`` samples of each class (``data.train_per_class``;
+    all of them for 0), drawn with ``seed``, and a note naming any class that holds fewer (it
+    keeps all of its own)."""
+    labels = np.asarray(labels)
+    if per_class <= 0:
+        return np.arange(len(labels)), []
+    rng = np.random.default_rng(seed)
+    keep, short = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        keep.append(idx[:per_class])
+        if len(idx) < per_class:
+            short.append(f"{cls} ({len(idx)})")
+    notes = [f"data.train_per_class: {per_class}, but {len(short)} class(es) hold fewer training images and "
+             f"keep all of them: class (images) {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}"] \
+        if short else []
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0), notes
+
+
+def channel_stats(data: np.ndarray, positions: np.ndarray, chunk: int = 4096) -> dict[str, list[float]]:
+    """Per-channel mean and standard deviation (population, 6 decimals) of the uint8 images
+    ``data[positions]`` (N x H x W x C, or N x H x W grayscale: its value for each of 3 channels),
+    on ToTensor's [0, 1] scale.  Exact, from 256-bin histograms: no float copy of the images."""
+    if len(positions) == 0:
+        raise DataError("no training images to measure the normalisation statistics on")
+    channels = data.shape[3] if data.ndim == 4 else 1
+    counts = np.zeros((channels, 256), np.int64)
+    for start in range(0, len(positions), chunk):
+        block = data[np.asarray(positions[start:start + chunk])].reshape(-1, channels)
+        for c in range(channels):
+            counts[c] += np.bincount(block[:, c], minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    n = counts.sum(1)
+    mean = counts @ values / n
+    var = np.maximum(counts @ values ** 2 / n - mean ** 2, 0.0)
+    std = np.where(var > 0, np.sqrt(var), 1.0)  # a constant channel: leave its scale alone
+    if channels == 1:
+        mean, std = np.repeat(mean, 3), np.repeat(std, 3)
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+
+
 def _select(dataset: Dataset, positions: np.ndarray, transform: object) -> Dataset:
-    """A copy of a CifarFolder / ImageFolder holding only the samples at ``positions``, read with
-    ``transform`` (its class list and everything else shared; the original is not modified)."""
+    """A copy of an ArrayImages (CifarFolder, ...) / ImageFolder holding only the samples at
+    ``positions``, read with ``transform`` (its class list and everything else shared; the
+    original is not modified)."""
     part = copy.copy(dataset)
     keep = [int(i) for i in positions]
-    if isinstance(dataset, CifarFolder):
+    if isinstance(dataset, ArrayImages):
         part.data = dataset.data[keep]
     else:  # torchvision's DatasetFolder: samples (and its alias imgs) are (path, class) pairs
         part.samples = [dataset.samples[i] for i in keep]
@@ -169,9 +242,14 @@ def _digits(cfg: DataConfig, seed: int | None = None) -> Splits:
     train_images = upsample(size)
     # The test split is a property of the data, not of the training seed: fixed at 0.
     train_part, test_idx = stratified_split(raw_labels, cfg.test_fraction, seed=0)
+    notes: list[str] = []
+    if cfg.train_per_class:
+        subset, notes = train_subset(raw_labels[train_part], cfg.train_per_class)
+        train_part = train_part[subset]
     fit, held = validation_split(raw_labels[train_part], cfg, seed)
     train_idx, val_idx = train_part[fit], train_part[held]
     mean, std = train_images[train_idx].mean(), train_images[train_idx].std()
+    stats = {"mean": [round(float(mean), 6)] * 3, "std": [round(float(std), 6)] * 3}
     train_images = ((train_images - mean) / std).contiguous()
     test_images = train_images
     if augment == "imagenet":  # evaluation as the recipe's: resize to 1.14x, center crop
@@ -188,7 +266,8 @@ def _digits(cfg: DataConfig, seed: int | None = None) -> Splits:
         background = float(-mean / std)  # a raw 0 (the digits' background), normalised
         train = AugmentedTensors(train_images[train_idx], labels[train_idx],
                                  T.Compose(_random_transforms(augment, size, fill=background)))
-    return Splits(train=train, val=val, test=test, num_classes=10, name="digits")
+    return Splits(train=train, val=val, test=test, num_classes=10, name="digits", normalization=stats,
+                  notes=notes)
 
 
 def image_transforms(augment: str, image_size: int, train: bool, mean: tuple[float, ...],
@@ -239,7 +318,30 @@ def _read_batch(path: Path) -> dict:
         return _ArraysOnlyUnpickler(fh, encoding="latin1").load()
 
 
-class CifarFolder(Dataset):
+class ArrayImages(Dataset):
+    """One split of images held in memory: ``data`` uint8, N x H x W x 3 (RGB) or N x H x W
+    (grayscale, read as 3 identical channels), ``targets`` its labels, ``classes`` their names;
+    each image goes through ``transform`` as a PIL RGB image."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], classes: list[str],
+                 transform: object | None = None) -> None:
+        self.data, self.targets, self.classes, self.transform = data, targets, classes, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+        from PIL import Image
+
+        image = Image.fromarray(self.data[index])
+        if image.mode != "RGB":  # grayscale: the models take 3 channels
+            image = image.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+class CifarFolder(ArrayImages):
     """One split of torchvision's CIFAR-10/100 on-disk format (python pickles), read locally.
 
     Unlike torchvision's class this does not check the official files' checksums (so tests and
@@ -274,16 +376,207 @@ class CifarFolder(Dataset):
         self.data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # HWC, as torchvision
         self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self.targets)
 
-    def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
-        from PIL import Image
+# --------------------------------------------------------------------------------------------
+# the MNIST family: idx files
+# --------------------------------------------------------------------------------------------
 
-        image = Image.fromarray(self.data[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+_IDX_FAMILY = {
+    # data.name: (torchvision's class, and so its folder root/<class>/raw/; what it is called; class names)
+    "mnist": ("MNIST", "MNIST", [f"{i} - {w}" for i, w in enumerate(
+        "zero one two three four five six seven eight nine".split())]),
+    "fashionmnist": ("FashionMNIST", "Fashion-MNIST", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]),
+    "kmnist": ("KMNIST", "Kuzushiji-MNIST", ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]),
+}
+_IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_UINT8 = 0x08
+_GZIP_MAX_RATIO = 1100  # deflate expands at most ~1032x: a header claiming more than this is a lie
+_READ_CHUNK = 1 << 24
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A uint8 array from an idx file (LeCun's format: bytes 0 0 0x08 ``ndim``, ``ndim`` big-endian
+    uint32 sizes, then the values), plain or gzipped (``.gz``).
+
+    The sizes in the header are checked against the file before anything is allocated: a plain
+    file must hold exactly that many bytes, a ``.gz`` can hold at most ~1,000x its size, and the
+    memory must be there; a truncated or overlong file is refused.
+    """
+    gz = path.name.endswith(".gz")
+    what = f"data.root: {path}"
+    try:
+        with gzip.open(path, "rb") if gz else path.open("rb") as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] != _IDX_UINT8 or head[3] != ndim:
+                raise DataError(f"{what} is not a uint8 idx file of {ndim} dimension(s): it starts with "
+                                f"{head.hex() or 'nothing'}, expected 000008{ndim:02x}; point data.root at the "
+                                "dataset's idx files")
+            dims_raw = fh.read(4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise DataError(f"{what}: truncated idx header; replace the file with a complete copy")
+            dims = struct.unpack(f">{ndim}I", dims_raw)
+            count = math.prod(dims)
+            size = path.stat().st_size
+            if (not gz and size != 4 + 4 * ndim + count) or (gz and count > _GZIP_MAX_RATIO * size):
+                raise DataError(f"{what}: its header says {'x'.join(map(str, dims))} values but the file holds "
+                                f"{size} {'compressed ' if gz else ''}bytes; replace it with a complete copy")
+            from slimcore.checks import check_memory
+
+            check_memory(count, f"{what} ({'x'.join(map(str, dims))} uint8 values)", "use a machine with more memory")
+            buffer = bytearray(count)
+            view, got = memoryview(buffer), 0
+            while got < count:
+                n = fh.readinto(view[got:got + _READ_CHUNK])
+                if not n:
+                    break
+                got += n
+            if got != count or fh.read(1):
+                raise DataError(f"{what}: holds {'fewer' if got != count else 'more'} values than its header's "
+                                f"{'x'.join(map(str, dims))}; replace it with a complete copy")
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{what}: unreadable ({err}); replace it with a complete copy") from None
+    return np.frombuffer(buffer, np.uint8).reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, f"{stem}.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_folder(root: Path, name: str) -> Path:
+    """The folder holding ``name``'s four idx files: ``root`` itself (flat, as Debian installs
+    them) or torchvision's ``root/<Class>/raw``."""
+    cls, title, _ = _IDX_FAMILY[name]
+    stems = [*_IDX_FILES[True], *_IDX_FILES[False]]
+    candidates = [root, root / cls / "raw"]
+    for folder in candidates:
+        if all(_idx_file(folder, stem) for stem in stems):
+            return folder
+    partial = next((f for f in candidates if any(_idx_file(f, stem) for stem in stems)), None)
+    if partial is not None:
+        missing = [stem for stem in stems if not _idx_file(partial, stem)]
+        raise DataError(f"data.root: {partial} holds only part of {title}: missing {', '.join(missing)}[.gz]; "
+                        "add the missing files")
+    raise DataError(f"data.root: {root} holds no {title} idx files (expected {', '.join(stems)}, each plain or "
+                    f".gz, in {root}/ or torchvision's {root}/{cls}/raw/); point data.root at the folder that "
+                    "holds them")
+
+
+def _read_idx_split(folder: Path, name: str, train: bool) -> ArrayImages:
+    images_stem, labels_stem = _IDX_FILES[train]
+    images_path, labels_path = _idx_file(folder, images_stem), _idx_file(folder, labels_stem)
+    assert images_path is not None and labels_path is not None  # found by _idx_folder
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    classes = _IDX_FAMILY[name][2]
+    if len(images) != len(labels) or len(images) == 0 or 0 in images.shape[1:]:
+        raise DataError(f"data.root: {images_path} holds {images.shape[0]} images of {images.shape[1]}x"
+                        f"{images.shape[2]} px and {labels_path} {len(labels)} labels: expected as many labels "
+                        "as images, at least one; use files of the same split")
+    if labels.max() >= len(classes):
+        raise DataError(f"data.root: {labels_path}: labels must be in [0, {len(classes)}), found {int(labels.max())}")
+    return ArrayImages(images, labels.astype(np.int64).tolist(), list(classes))
+
+
+# --------------------------------------------------------------------------------------------
+# SVHN (.mat) and STL-10 (.bin)
+# --------------------------------------------------------------------------------------------
+
+SVHN_FILES = {True: "train_32x32.mat", False: "test_32x32.mat"}
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+STL10_SIDE = 96
+
+
+def _read_svhn(root: Path, train: bool) -> ArrayImages:
+    """torchvision's SVHN ``root/{train,test}_32x32.mat`` (MATLAB v5: ``X`` 32x32x3xN, ``y`` Nx1 in 1..10;
+    10 is the digit 0, as torchvision reads it)."""
+    path = root / SVHN_FILES[train]
+    if not path.is_file():
+        raise DataError(f"data.root: {root} holds no {path.name} (SVHN in torchvision's format: "
+                        f"{root}/{SVHN_FILES[True]} and {root}/{SVHN_FILES[False]}); point data.root at the "
+                        "folder that holds them")
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+    except (ValueError, TypeError, OSError, NotImplementedError, MemoryError) as err:
+        raise DataError(f"data.root: {path}: not a readable MATLAB v5 file ({err}); replace it with "
+                        "torchvision's copy") from None
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 \
+            or x.shape[2] != 3 or y.size != x.shape[3] or x.shape[3] == 0:
+        raise DataError(f"data.root: {path}: expected X (H x W x 3 x N, uint8) and y (N labels), got X "
+                        f"{getattr(x, 'shape', None)} {getattr(x, 'dtype', None)} and y {getattr(y, 'shape', None)}")
+    labels = y.reshape(-1).astype(np.int64)
+    if labels.min() < 0 or labels.max() > 10:
+        raise DataError(f"data.root: {path}: labels must be in 1..10 (10: the digit 0), found "
+                        f"{int(labels.min())}..{int(labels.max())}")
+    data = np.ascontiguousarray(x.transpose(3, 0, 1, 2))  # N x H x W x 3
+    return ArrayImages(data, (labels % 10).tolist(), [str(d) for d in range(10)])
+
+
+def _read_stl10(root: Path, train: bool) -> ArrayImages:
+    """torchvision's STL-10 ``root/stl10_binary/{train,test}_{X,y}.bin``: uint8 96x96x3 images
+    stored column-major per channel (as torchvision reads them), labels 1..10."""
+    split = "train" if train else "test"
+    folder = next((f for f in (root / "stl10_binary", root) if (f / f"{split}_X.bin").is_file()),
+                  root / "stl10_binary")
+    x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+    missing = [p.name for p in (x_path, y_path) if not p.is_file()]
+    if missing:
+        raise DataError(f"data.root: {folder} holds no {', '.join(missing)} (STL-10 in torchvision's format: "
+                        f"{root}/stl10_binary/{{train,test}}_{{X,y}}.bin); point data.root at the folder that "
+                        "holds stl10_binary/")
+    per_image = 3 * STL10_SIDE * STL10_SIDE
+    size, n_labels = x_path.stat().st_size, y_path.stat().st_size
+    if size == 0 or size % per_image or size // per_image != n_labels:
+        raise DataError(f"data.root: {x_path} holds {size} bytes ({size / per_image:g} images of 96x96x3) and "
+                        f"{y_path} {n_labels} labels: expected a whole number of images, one label each; replace "
+                        "them with complete copies")
+    from slimcore.checks import check_memory
+
+    check_memory(2 * size, f"data.root: {x_path} ({n_labels} images of 96x96x3)", "use a machine with more memory")
+    images = np.fromfile(x_path, dtype=np.uint8).reshape(-1, 3, STL10_SIDE, STL10_SIDE)
+    data = np.ascontiguousarray(images.transpose(0, 3, 2, 1))  # (N, C, W, H) column-major -> N x H x W x C
+    labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
+    if labels.min() < 1 or labels.max() > 10:
+        raise DataError(f"data.root: {y_path}: labels must be in 1..10, found {int(labels.min())}..{int(labels.max())}")
+    names_file = folder / "class_names.txt"
+    names = names_file.read_text().split() if names_file.is_file() else []
+    return ArrayImages(data, (labels - 1).tolist(), names if len(names) == 10 else list(STL10_CLASSES))
+
+
+def _array_splits(cfg: DataConfig, seed: int | None, full: ArrayImages, test: ArrayImages, name: str) -> Splits:
+    """Subset (``data.train_per_class``), then validation hold-out, of the format's training split
+    ``full``; every split normalised with the per-channel statistics of what is left to train on."""
+    labels = np.asarray(full.targets)
+    pool, notes = train_subset(labels, cfg.train_per_class)
+    fit, held = validation_split(labels[pool], cfg, seed)
+    train_pos, val_pos = pool[fit], pool[held]
+    stats = channel_stats(full.data, train_pos)
+    mean, std = tuple(stats["mean"]), tuple(stats["std"])
+    augment, size = cfg.augmentation(), cfg.image_size
+    evaluation = image_transforms(augment, size, False, mean, std)
+    test.transform = evaluation
+    return Splits(_select(full, train_pos, image_transforms(augment, size, True, mean, std)),
+                  _select(full, val_pos, evaluation), test, num_classes=len(full.classes), name=name,
+                  normalization=stats, notes=notes)
+
+
+def _disk_arrays(cfg: DataConfig, seed: int | None = None) -> Splits:
+    """An in-memory format other than CIFAR: the MNIST family, SVHN, STL-10."""
+    root = Path(cfg.root)
+    if cfg.name in _IDX_FAMILY:
+        folder = _idx_folder(root, cfg.name)
+        full, test = _read_idx_split(folder, cfg.name, True), _read_idx_split(folder, cfg.name, False)
+    elif cfg.name == "svhn":
+        full, test = _read_svhn(root, True), _read_svhn(root, False)
+    else:
+        full, test = _read_stl10(root, True), _read_stl10(root, False)
+    return _array_splits(cfg, seed, full, test, cfg.name)
 
 
 def _cifar(cfg: DataConfig, seed: int | None = None) -> Splits:
@@ -295,18 +588,15 @@ def _cifar(cfg: DataConfig, seed: int | None = None) -> Splits:
 
         cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
         cls(str(root), train=True, download=True)  # torchvision verifies the official checksums
-    augment, size = cfg.augmentation(), cfg.image_size
-    evaluation = image_transforms(augment, size, False, CIFAR_MEAN, CIFAR_STD)
-    full = CifarFolder(root, cfg.name, True)
-    test = CifarFolder(root, cfg.name, False, evaluation)
-    fit, held = validation_split(np.asarray(full.targets), cfg, seed)
-    train = _select(full, fit, image_transforms(augment, size, True, CIFAR_MEAN, CIFAR_STD))
-    return Splits(train, _select(full, held, evaluation), test, num_classes=len(full.classes), name=cfg.name)
+    return _array_splits(cfg, seed, CifarFolder(root, cfg.name, True), CifarFolder(root, cfg.name, False), cfg.name)
 
 
 def _imagefolder(cfg: DataConfig, seed: int | None = None) -> Splits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` image folders: ``root/val`` is the test
-    split; the validation split is held out of ``root/train``."""
+    split; the validation split is held out of ``root/train`` (of its subset, with
+    ``data.train_per_class``).  Normalised with ImageNet's statistics: measuring the folder's own
+    would decode every image once more, and models for such data usually start from ImageNet
+    weights, which expect them."""
     from slimcore.imagescan import CheckedImageFolder
 
     root = Path(cfg.root)
@@ -334,10 +624,13 @@ def _imagefolder(cfg: DataConfig, seed: int | None = None) -> Splits:
             f"and {root}/val ({len(parts['val'].classes)}): only in train {only_train}, only in val {only_val}"
         )
     full = parts["train"]
-    fit, held = validation_split(np.asarray(full.targets), cfg, seed)
+    labels = np.asarray(full.targets)
+    pool, notes = train_subset(labels, cfg.train_per_class)
+    fit, held = validation_split(labels[pool], cfg, seed)
     evaluation = image_transforms(cfg.augmentation(), cfg.image_size, False, IMAGENET_MEAN, IMAGENET_STD)
-    return Splits(_select(full, fit, full.transform), _select(full, held, evaluation), parts["val"],
-                  num_classes=len(full.classes), name="imagefolder")
+    return Splits(_select(full, pool[fit], full.transform), _select(full, pool[held], evaluation), parts["val"],
+                  num_classes=len(full.classes), name="imagefolder",
+                  normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}, notes=notes)
 
 
 def load_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
@@ -350,7 +643,9 @@ def load_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
         return _digits(cfg, seed)
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar(cfg, seed)
-    return _imagefolder(cfg, seed)
+    if cfg.name == "imagefolder":
+        return _imagefolder(cfg, seed)
+    return _disk_arrays(cfg, seed)
 
 
 def check_num_classes(splits: Splits, expected: int, source: str) -> None:
@@ -380,5 +675,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, seed: int, ru
     )
 
 
-__all__ = ["AugmentedTensors", "DataError", "Splits", "check_num_classes", "image_transforms", "load_splits",
-           "make_loader", "stratified_split", "validation_split"]
+__all__ = ["ArrayImages", "AugmentedTensors", "CifarFolder", "DataError", "Splits", "channel_stats",
+           "check_num_classes", "image_transforms", "load_splits", "make_loader", "read_idx", "stratified_split",
+           "train_subset", "validation_split"]

@@ -21,9 +21,13 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
     arch, run, order, epoch, run_epoch, metric, value
 
   One row per (run, epoch, metric). ``metric`` is one of :data:`CURVE_METRICS`: ``train_loss``,
-  ``test_top1`` (%) and ``lr``. ``run_epoch`` counts from 1 within the run; ``epoch`` is the
-  position on the shared axis: baseline and sparse training both start at 1, fine-tuning starts
-  from the pruned sparse model, so its epochs follow the last sparse-training epoch. ``order``
+  ``val_top1`` (%, the validation split each epoch evaluates; an empty cell where it had no
+  images) and ``lr``, drawn by the template; runs with ``train.eval_test`` / ``finetune.eval_test``
+  add ``test_top1`` (%) rows (:data:`TEST_CURVE_METRIC`), in the file but not drawn: the chart
+  compares runs on validation, the test split is for the final figures. ``run_epoch`` counts
+  from 1 within the run; ``epoch`` is the position on the shared axis: baseline and sparse
+  training both start at 1, fine-tuning starts from the pruned sparse model, so its epochs follow
+  the last sparse-training epoch. ``order``
   sorts the runs (baseline, sparse, then fine-tunings: by ratio, then FLOPs, params and safe
   targets) for the legend.
 
@@ -80,7 +84,8 @@ PRUNED, FINETUNED = "pruned, before fine-tune", "pruned + fine-tuned"
 TRADEOFF_SERIES = (BASELINE, SPARSE, PRUNED, FINETUNED)
 TRADEOFF_FIELDS = ("arch", "series", "ratio", "label", "true_ratio", "mflops", "top1", "top5")
 
-CURVE_METRICS = ("train_loss", "test_top1", "lr")
+CURVE_METRICS = ("train_loss", "val_top1", "lr")  # drawn, one row of panels each
+TEST_CURVE_METRIC = "test_top1"  # only for epochs that evaluated the test split (eval_test); not drawn
 CURVE_FIELDS = ("arch", "run", "order", "epoch", "run_epoch", "metric", "value")
 TRAINING_RUNS = ("baseline-train", "sparse-train")
 
@@ -194,10 +199,14 @@ def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]]) 
     for order, run in enumerate(sorted(histories, key=_run_sort_key)):
         shift = offset if _finetune_target(run) is not None else 0
         for epoch in sorted(histories[run], key=lambda e: int(e["epoch"])):
-            values = {"train_loss": epoch["train_loss"], "test_top1": _pct(epoch["test_top1"]), "lr": epoch["lr"]}
-            for metric in CURVE_METRICS:
+            values = {"train_loss": epoch["train_loss"], "val_top1": _pct(epoch.get("val_top1", math.nan)),
+                      "lr": epoch["lr"]}
+            test = float(epoch.get("test_top1", math.nan))
+            if math.isfinite(test):
+                values[TEST_CURVE_METRIC] = _pct(test)
+            for metric, value in values.items():
                 rows.append({"arch": arch, "run": run, "order": order, "epoch": int(epoch["epoch"]) + shift,
-                             "run_epoch": int(epoch["epoch"]), "metric": metric, "value": float(values[metric])})
+                             "run_epoch": int(epoch["epoch"]), "metric": metric, "value": float(value)})
     return rows
 
 
@@ -298,7 +307,7 @@ def write_plot_data(directory: Path, *, archs: list[str], targets: Sequence[Targ
         profile: ``profile[arch][label] = {"flops": float, ...}`` for the same labels.
         prunes: ``prunes[arch][T]``, the prune report (``threshold``, ``true_ratio``,
             ``requested_ratio``: the ratio the target resolved to, ...).
-        histories: ``histories[arch][run] = [{"epoch", "lr", "train_loss", "test_top1", ...}, ...]``
+        histories: ``histories[arch][run] = [{"epoch", "lr", "train_loss", "val_top1", "test_top1", ...}, ...]``
             for runs ``baseline-train``, ``sparse-train``, ``finetune-T``; a missing run is not drawn.
         gammas: ``gammas[arch] = {"baseline": |gamma| values, "sparse": ...}``, any 1-D array-like
             (a CPU tensor works).
@@ -313,6 +322,6 @@ def write_plot_data(directory: Path, *, archs: list[str], targets: Sequence[Targ
         atomic_write_bytes(Path(directory) / name, content)
 
 
-__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "SENSITIVITY_FIELDS", "TRADEOFF_SERIES", "curve_rows", "gamma_rows",
-           "log_bin_edges", "percent_label", "plot_tables", "render_csv", "sensitivity_rows", "target_label",
-           "tradeoff_rows", "write_plot_data"]
+__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "SENSITIVITY_FIELDS", "TEST_CURVE_METRIC", "TRADEOFF_SERIES",
+           "curve_rows", "gamma_rows", "log_bin_edges", "percent_label", "plot_tables", "render_csv",
+           "sensitivity_rows", "target_label", "tradeoff_rows", "write_plot_data"]

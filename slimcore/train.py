@@ -2,8 +2,9 @@
 
 SGD with momentum, linear warmup then multistep decay, label smoothing, no weight decay on BN
 parameters or biases, optional L1 sparsity on BN gammas, AMP and DistributedDataParallel on
-GPUs, a rich progress bar, per-epoch curves through dvclive, and a resumable state saved after
-every epoch: a run killed at any point continues from its last finished epoch and, on CPU,
+GPUs, a rich progress bar, per-epoch curves through dvclive, an evaluation of the validation
+split after every epoch (and of the test split only when ``eval_test`` asks), and a resumable
+state saved after every epoch: a run killed at any point continues from its last finished epoch and, on CPU,
 ends with exactly the weights an uninterrupted run would have.
 """
 
@@ -37,12 +38,15 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class EpochRecord:
-    """What one epoch did (one row of the training curves)."""
+    """What one epoch did (one row of the training curves); a split not evaluated is NaN
+    (``val_*``: no validation images; ``test_*``: without ``eval_test``)."""
 
     epoch: int
     lr: float
     train_loss: float
     train_top1: float
+    val_top1: float
+    val_top5: float
     test_top1: float
     test_top5: float
     gamma_mean: float
@@ -55,7 +59,7 @@ class EpochTiming:
     checkpoints store, so that the same inputs always give the same checkpoint bytes."""
 
     epoch: int
-    seconds: float  # training steps and the test pass
+    seconds: float  # training steps and the evaluation passes
     images: int  # training images seen by all processes
 
     @property
@@ -145,9 +149,10 @@ class _Curves:
 
             self.live = Live(dir=str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None)
         for key, value in (("train/loss", rec.train_loss), ("train/top1", rec.train_top1),
-                           ("test/top1", rec.test_top1), ("lr", rec.lr),
+                           ("val/top1", rec.val_top1), ("test/top1", rec.test_top1), ("lr", rec.lr),
                            ("bn/gamma_below_1e-2", rec.gamma_small)):
-            self.live.log_metric(key, round(value, 6))
+            if not math.isnan(value):  # a split not evaluated has no curve
+                self.live.log_metric(key, round(value, 6))
         self.live.next_step()
 
     def close(self) -> None:
@@ -157,19 +162,24 @@ class _Curves:
 
 @dataclass
 class Trainer:
-    """Trains ``model`` in place with one schedule; see :meth:`fit`."""
+    """Trains ``model`` in place with one schedule; see :meth:`fit`.
+
+    After every epoch the main process evaluates ``val_loader`` (the validation split; None or
+    empty: not evaluated) and ``test_loader`` (None unless ``train.eval_test`` asked for it).
+    """
 
     model: nn.Module
     cfg: TrainConfig
     ctx: Context
     train_loader: DataLoader
-    test_loader: DataLoader | None
+    val_loader: DataLoader | None
     sparsity: float = 0.0
     desc: str = "train"
     sparsity_method: SparsityMethod = "l1"
     sparsity_units: list[tuple[nn.BatchNorm2d, torch.Tensor]] | None = None  # for method "group"
     sparsity_ramp_epochs: float = 0.0
     sparsity_target: float = 0.0  # prox/group: shrink only the lowest units holding this fraction of BN channels
+    test_loader: DataLoader | None = None  # evaluated after every epoch too (train.eval_test)
 
     def __post_init__(self) -> None:
         self.model.to(self.ctx.device)
@@ -303,9 +313,12 @@ class Trainer:
                         if state_path is not None:
                             atomic_torch_save(self.state_dict(fingerprint), state_path)
                         curves.log(rec)
+                        evaluated = "".join(f"  {name} {value:.2%}" for name, value in
+                                            (("val", rec.val_top1), ("test", rec.test_top1))
+                                            if not math.isnan(value))
                         console.log(
                             f"{self.desc} epoch {epoch + 1}/{self.cfg.epochs}  loss {rec.train_loss:.4f}  "
-                            f"train {rec.train_top1:.2%}  test {rec.test_top1:.2%}  lr {rec.lr:.4g}  "
+                            f"train {rec.train_top1:.2%}{evaluated}  lr {rec.lr:.4g}  "
                             f"|gamma|<1e-2 {rec.gamma_small:.1%}  {timing.seconds:.1f}s "
                             f"({timing.images_per_second:.0f} img/s)"
                         )
@@ -331,13 +344,16 @@ class Trainer:
         train_loss, train_top1, images = self._train_epoch(epoch, on_step)
         progress.remove_task(task)
         recalibrate_bn(self.model, self.train_loader, self.cfg.bn_recalibrate_batches, self.ctx)
-        test = {"top1": math.nan, "top5": math.nan}
-        if self.test_loader is not None and self.ctx.is_main:
-            test = evaluate(self.model, self.test_loader, self.ctx)
+        scores = {}
+        for split, loader in (("val", self.val_loader), ("test", self.test_loader)):
+            scores[split] = {"top1": math.nan, "top5": math.nan}
+            if loader is not None and len(loader.dataset) and self.ctx.is_main:  # type: ignore[arg-type]
+                scores[split] = evaluate(self.model, loader, self.ctx)
         gammas = gamma_magnitudes(self.model)
         record = EpochRecord(
             epoch=epoch + 1, lr=lr, train_loss=train_loss, train_top1=train_top1,
-            test_top1=test["top1"], test_top5=test["top5"],
+            val_top1=scores["val"]["top1"], val_top5=scores["val"]["top5"],
+            test_top1=scores["test"]["top1"], test_top5=scores["test"]["top5"],
             gamma_mean=float(gammas.mean()) if gammas.numel() else 0.0,
             gamma_small=float((gammas < 1e-2).float().mean()) if gammas.numel() else 0.0,
         )

@@ -174,28 +174,29 @@ def write_timings(path: Path, timings: list[Any], ctx: Any) -> None:
     })
 
 
-CHANCE_MARGIN_PT = 5.0  # a test top-1 this close to chance (or below it) gets a warning
+CHANCE_MARGIN_PT = 5.0  # a final validation (or test) top-1 this close to chance (or below it) gets a warning
 
 
 def near_chance(top1: float, num_classes: int, margin_pt: float = CHANCE_MARGIN_PT) -> bool:
     """True when ``top1`` (a fraction) is within ``margin_pt`` points of chance (100/num_classes %) or below.
 
-    NaN (no test set evaluated) is never near chance.
+    NaN (that split not evaluated) is never near chance.
     """
     if math.isnan(top1) or num_classes < 2:
         return False
     return 100 * top1 < 100 / num_classes + margin_pt
 
 
-def chance_warning(run: str, arch: str, *, test_top1: float, train_top1: float, num_classes: int,
+def chance_warning(run: str, arch: str, *, top1: float, train_top1: float, num_classes: int,
                    section: str, epochs: int, lr: float, augment: str, image_size: int,
-                   dataset: str) -> str | None:
+                   dataset: str, split: str = "validation") -> str | None:
     """The warning a training stage prints when its model ended near chance, naming likely causes.
 
-    ``section`` is the params section that set the schedule (``train`` or ``finetune``);
-    ``augment`` the augmentation actually applied (``data.augment`` resolved).
+    ``top1`` is the last epoch's top-1 on ``split`` (``validation``, or ``test`` when only that
+    was evaluated); ``section`` is the params section that set the schedule (``train`` or
+    ``finetune``); ``augment`` the augmentation actually applied (``data.augment`` resolved).
     """
-    if not near_chance(test_top1, num_classes):
+    if not near_chance(top1, num_classes):
         return None
     chance = 100 / num_classes
     causes = [f"too few epochs ({section}.epochs = {epochs}; raise it, and {section}.milestones with it)",
@@ -206,11 +207,22 @@ def chance_warning(run: str, arch: str, *, test_top1: float, train_top1: float, 
     if dataset == "imagefolder":
         causes.append("labels: data.root/train/<class>/ and data.root/val/<class>/ must hold the same "
                       "classes, one folder per class, each image in its own class's folder")
-    if not near_chance(train_top1, num_classes):  # it learned the training set but not the test set
-        causes.insert(0, f"train top-1 is {100 * train_top1:.1f}%: the test images may not match the "
+    if not near_chance(train_top1, num_classes):  # it learned the training set but not the held-out one
+        causes.insert(0, f"train top-1 is {100 * train_top1:.1f}%: the {split} images may not match the "
                          "training ones (labels, folders, preprocessing) or the model overfits")
-    return (f"{run}@{arch}: test top-1 {100 * test_top1:.1f}% is within {CHANCE_MARGIN_PT:g} pt of chance "
+    return (f"{run}@{arch}: {split} top-1 {100 * top1:.1f}% is within {CHANCE_MARGIN_PT:g} pt of chance "
             f"({chance:.1f}% for {num_classes} classes); likely causes: " + "; ".join(causes))
+
+
+def data_summary(splits: Any, eval_test: bool, section: str) -> str:
+    """The stage log's line about the data: split sizes, what each epoch evaluates, and the
+    normalisation statistics (also stored in the checkpoint's ``meta.normalization``)."""
+    norm = splits.normalization
+    stats = (f"; normalised with mean {norm['mean']} std {norm['std']}" if norm else "")
+    evaluated = " + ".join([*(["val"] if len(splits.val) else []), *(["test"] if eval_test else [])]) or \
+        f"nothing (no validation images; {section}.eval_test: true evaluates the test split)"
+    return (f"data {splits.name}: {len(splits.train)} train, {len(splits.val)} val, {len(splits.test)} test images; "
+            f"each epoch evaluates {evaluated}{stats}")
 
 
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
@@ -257,16 +269,22 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
             check_num_classes(splits, spec_of(model).num_classes, str(init))
         if ctx.is_main:
             console.log(f"{run}@{arch}: {params.model_for(arch).arch}, {how}")
+            console.log(data_summary(splits, train_cfg.eval_test, section))
+            for note in splits.notes:
+                console.print(f"[yellow]note:[/] {note}")
         train = make_loader(splits.train, train_cfg.batch_size, train=True, seed=params.seed,
                             runtime=params.runtime, rank=ctx.rank, world_size=ctx.world_size,
                             device=ctx.device.type)
-        test = make_loader(splits.test, max(256, train_cfg.batch_size), train=False, seed=params.seed,
-                           runtime=params.runtime, device=ctx.device.type)
+        # evaluated after every epoch: the validation split, and the test split only when asked
+        val, test = (make_loader(part, max(256, train_cfg.batch_size), train=False, seed=params.seed,
+                                 runtime=params.runtime, device=ctx.device.type) if len(part) else None
+                     for part in (splits.val, splits.test if train_cfg.eval_test else []))
         coupled = units(model) if units is not None and sparsity > 0 else None
         share = penalty_target(model) if penalty_target is not None and sparsity > 0 else 0.0
-        trainer = Trainer(model, train_cfg, ctx, train, test, sparsity=sparsity, desc=f"{run}@{arch}",
+        trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=f"{run}@{arch}",
                           sparsity_method=params.penalty.method, sparsity_units=coupled,
-                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=share)
+                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=share,
+                          test_loader=test)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
         key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity, share,
                           init if init is not None else "scratch", weights if weights is not None else "no weights",
@@ -277,21 +295,24 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
             final = history[-1] if history else None
             # only what the same inputs reproduce exactly: no wall-clock figure goes in here
             save_model(out, model.cpu(), run=run, history=[vars(h) for h in history],
-                       test_top1=final.test_top1 if final else None, sparsity=sparsity,
-                       torch_version=str(torch.__version__))
+                       val_top1=final.val_top1 if final else None, test_top1=final.test_top1 if final else None,
+                       sparsity=sparsity, normalization=splits.normalization, torch_version=str(torch.__version__))
             write_timings(paths.timings(arch, run), trainer.timings, ctx)
             state.unlink(missing_ok=True)
             console.log(f"{run}@{arch}: saved {out}")
+            split, top1 = ("test", final.test_top1) if final and math.isnan(final.val_top1) else \
+                ("validation", final.val_top1 if final else math.nan)
             warning = final and chance_warning(
-                run, arch, test_top1=final.test_top1, train_top1=final.train_top1,
+                run, arch, top1=top1, train_top1=final.train_top1,
                 num_classes=splits.num_classes, section=section,
                 epochs=train_cfg.epochs, lr=train_cfg.lr, augment=params.data.augmentation(),
-                image_size=params.data.image_size, dataset=params.data.name)
+                image_size=params.data.image_size, dataset=params.data.name, split=split)
             if warning:
                 console.print(f"[yellow]warning:[/] {warning}")
         barrier(ctx)
 
 
-__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "code_signature", "data_signature", "fingerprint",
+__all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "code_signature", "data_signature", "data_summary",
+           "fingerprint",
            "near_chance", "relaunch_under_torchrun", "seed_everything", "start_of", "starting_model",
            "train_to_checkpoint", "write_timings"]

@@ -227,8 +227,8 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "duplicate arch": (_set("archs", ["resnet50", "resnet50"]), ["archs", "unique"]),
     "empty arch list": (_set("archs", []), ["archs", "at least 1"]),
     "unknown dataset": (
-        _set("data.name", "mnist"),
-        ["data.name", "'mnist'", "'digits'", "'cifar10'", "'cifar100'", "'imagefolder'"],
+        _set("data.name", "imagenet"),
+        ["data.name", "'imagenet'", "'digits'", "'fashionmnist'", "'svhn'", "'cifar10'", "'cifar100'", "'imagefolder'"],
     ),
     "unknown stem": (_set("model.stem", "tiny"), ["model.stem", "'tiny'", "'imagenet'", "'cifar'"]),
     "unknown device": (_set("runtime.device", "tpu"), ["runtime.device", "'auto'", "'cpu'", "'cuda'"]),
@@ -280,7 +280,7 @@ def test_unknown_arch_suggests_close_names() -> None:
 def test_every_problem_gets_its_own_line() -> None:
     def mutate(raw: dict[str, Any]) -> None:
         raw["train"]["bogus"] = 1
-        raw["data"]["name"] = "mnist"
+        raw["data"]["name"] = "imagenet"
         raw["prune"]["targets"] = [1.5]
 
     lines = _error(mutate).splitlines()

@@ -156,10 +156,10 @@ def test_cifar_rows_become_hwc_images_with_channels_in_order(tmp_path: Path) -> 
     assert hwc.shape == (32, 32, 3)
     for c in range(3):  # CIFAR rows: 1024 red, then 1024 green, then 1024 blue values
         assert np.array_equal(hwc[:, :, c], row[1024 * c:1024 * (c + 1)].reshape(32, 32))
-    # the evaluation transform at the native size: ToTensor + Normalize with CIFAR statistics, nothing random
+    # the evaluation transform at the native size: ToTensor + Normalize with the training part's statistics
     image, _ = splits.test[1]
-    expected = (torch.from_numpy(hwc).permute(2, 0, 1).float() / 255 - torch.tensor(CIFAR_MEAN).view(3, 1, 1)) \
-        / torch.tensor(CIFAR_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(splits.normalization[k]).view(3, 1, 1) for k in ("mean", "std"))
+    expected = (torch.from_numpy(hwc).permute(2, 0, 1).float() / 255 - mean) / std
     assert torch.allclose(image, expected, atol=1e-5)
     assert torch.equal(splits.test[1][0], image)
 
@@ -172,8 +172,9 @@ def test_cifar_constant_image_resized_keeps_its_colour(tmp_path: Path) -> None:
     splits = load_splits(DataConfig(name="cifar10", root=str(tmp_path), image_size=16))
     image, label = splits.test[0]
     assert label == 7 and image.shape == (3, 16, 16)
+    mean, std = splits.normalization["mean"], splits.normalization["std"]
     for c, v in enumerate(rgb):
-        assert torch.allclose(image[c], torch.full((16, 16), (v / 255 - CIFAR_MEAN[c]) / CIFAR_STD[c]), atol=1e-4)
+        assert torch.allclose(image[c], torch.full((16, 16), (v / 255 - mean[c]) / std[c]), atol=1e-4)
 
 
 def test_cifar100_folder_uses_fine_labels(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ BAD_PARAMS = [
     ({"prune.targets": []}, ["prune.targets"]),
     ({"prune.targets": ["flops2.0"]}, ["prune.targets", "0 < F < 1"]),
     ({"archs": ["vgg16_bn", "resnet5O"]}, ["archs", "resnet5O", "did you mean resnet50", "vgg16_bn, resnet50"]),
-    ({"data.name": "mnist"}, ["data.name", "digits", "cifar10", "cifar100", "imagefolder"]),
+    ({"data.name": "imagenet"}, ["data.name", "digits", "fashionmnist", "cifar10", "svhn", "imagefolder"]),
     ({"data.image_size": 4}, ["data.image_size", ">= 8"]),
     ({"sparsity.vgg16_bn": _DELETE}, ["sparsity.vgg16_bn"]),
 ]

@@ -117,7 +117,7 @@ def test_near_chance_rule(top1: float, classes: int, near: bool) -> None:
 
 
 def _warning(**overrides: object) -> str | None:
-    kwargs: dict = dict(test_top1=0.11, train_top1=0.12, num_classes=10, section="train", epochs=2, lr=0.1,
+    kwargs: dict = dict(top1=0.11, train_top1=0.12, num_classes=10, section="train", epochs=2, lr=0.1,
                         augment="imagenet", image_size=16, dataset="imagefolder")
     kwargs.update(overrides)
     return chance_warning("baseline-train", "vgg16_bn", **kwargs)
@@ -126,7 +126,7 @@ def _warning(**overrides: object) -> str | None:
 def test_chance_warning_names_the_likely_causes() -> None:
     message = _warning()
     assert message is not None
-    assert message.startswith("baseline-train@vgg16_bn: test top-1 11.0% is within 5 pt of chance (10.0% for 10")
+    assert message.startswith("baseline-train@vgg16_bn: validation top-1 11.0% is within 5 pt of chance (10.0% for 10")
     for cause in ("train.epochs = 2", "train.lr = 0.1", "data.augment resolves to imagenet", "16px",
                   "data.root/train/<class>/"):
         assert cause in message, (cause, message)
@@ -134,7 +134,7 @@ def test_chance_warning_names_the_likely_causes() -> None:
 
 
 def test_chance_warning_fits_the_situation() -> None:
-    assert _warning(test_top1=0.9) is None
+    assert _warning(top1=0.9) is None
     finetune = _warning(section="finetune", augment="none", dataset="digits")
     assert finetune is not None and "finetune.epochs = 2" in finetune and "finetune.lr" in finetune
     assert "augment" not in finetune and "data.root/train" not in finetune  # no augmentation, no folders
@@ -161,7 +161,7 @@ def test_training_stage_prints_the_warning(tmp_path: Path, monkeypatch: pytest.M
     train_to_checkpoint(params, ARCH, "baseline-train", tmp_path / "baseline.pt", train_cfg=params.train,
                         sparsity=0.0, module="stages.baseline_train")
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
-    assert "warning: baseline-train@vgg16_bn: test top-1" in err, err
+    assert "warning: baseline-train@vgg16_bn: validation top-1" in err, err
     assert "train.epochs = 1" in err and "data.augment resolves to crop+flip" in err, err
 
 
@@ -196,7 +196,7 @@ def test_readme_own_data_under_dvc(tmp_path: Path) -> None:
     assert "warning:" not in repro.output, repro.tail()  # not near chance
     _, meta = load_model_and_meta(proj / "models" / ARCH / "baseline.pt", expected_arch=ARCH)
     chance = 1 / len(CLASSES)
-    assert meta["test_top1"] > chance + CHANCE_MARGIN_PT / 100, (meta["test_top1"], repro.tail())
+    assert meta["val_top1"] > chance + CHANCE_MARGIN_PT / 100, (meta["val_top1"], repro.tail())
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"][STAGE]
     assert root.as_posix() in [d["path"] for d in lock["deps"]], lock["deps"]
 

@@ -42,7 +42,8 @@ def _ev(top1: float, top5: float = 1.0) -> dict[str, float]:
 
 def _history(epochs: int, top1: float, lr: float) -> list[dict[str, float]]:
     return [{"epoch": e, "lr": lr / e, "train_loss": 2.0 / e, "train_top1": top1,
-             "test_top1": top1 - 0.01 * (epochs - e), "test_top5": 1.0, "gamma_mean": 0.5, "gamma_small": 0.1,
+             "val_top1": top1 - 0.01 * (epochs - e), "val_top5": 1.0,
+             "test_top1": float("nan"), "test_top5": float("nan"), "gamma_mean": 0.5, "gamma_small": 0.1,
              "seconds": 1.0} for e in range(1, epochs + 1)]
 
 
@@ -134,7 +135,7 @@ def test_curves_draw_fine_tuning_after_training_in_percent(tables: dict) -> None
         assert epochs(run) == list(range(TRAIN_EPOCHS + 1, TRAIN_EPOCHS + FT_EPOCHS + 1))
         assert [int(r["run_epoch"]) for r in rows if r["run"] == run and r["metric"] == "lr"] == [1, 2]
     value = {(r["run"], r["run_epoch"], r["metric"]): float(r["value"]) for r in rows}
-    assert value[("sparse-train", "4", "test_top1")] == pytest.approx(88.0)  # percent
+    assert value[("sparse-train", "4", "val_top1")] == pytest.approx(88.0)  # percent
     assert value[("sparse-train", "2", "train_loss")] == pytest.approx(1.0)
     assert value[("finetune-0.2", "2", "lr")] == pytest.approx(0.005)  # the learning rate as is
 
@@ -308,7 +309,7 @@ def test_a_filled_spec_renders_to_svg_and_png_offline(tradeoff_spec: dict[str, A
 
 
 @pytest.mark.parametrize("name,texts", [
-    ("training curves", ("train loss", "test top-1 (%)", "learning rate (log)", "finetune-0.5", "pruned")),
+    ("training curves", ("train loss", "validation top-1 (%)", "learning rate (log)", "finetune-0.5", "pruned")),
     ("BN gamma histogram", ("prune 20%", "prune 50%", "BN channels (%)", "sparse", "baseline")),
 ])
 def test_every_chart_renders_and_tells_revisions_apart(name: str, texts: tuple[str, ...]) -> None:
