@@ -237,10 +237,16 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
         from slimcore.prune import coupled_units
 
         if method == "slimcore":
+            from slimcore.sparsity_target import share_for_targets
+
             pen = params.penalty
             units = coupled_units(sparse, bench.example) if pen.method == "group" else None
+            share = pen.target
+            if share == "auto":  # as sparse-train resolves it, for the speed-ups benchmarked
+                share = share_for_targets(sparse, [f"speedup{s:g}" for s in speedups], bench.example,
+                                          input_size=bench.size, **params.prune.policy())
             kw = {"sparsity": params.sparsity[arch], "sparsity_method": pen.method, "sparsity_units": units,
-                  "sparsity_ramp_epochs": pen.ramp_epochs, "sparsity_target": pen.target}
+                  "sparsity_ramp_epochs": pen.ramp_epochs, "sparsity_target": float(share)}
         else:
             kw = {"sparsity": paper_strength, "sparsity_method": "l1"}
         bench.train(sparse, params.train, f"sparse-{label}@{arch}", penalty=kw)
