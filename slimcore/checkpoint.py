@@ -427,7 +427,8 @@ def load_checkpoint(path: Path | str, expected_arch: str | None = None,
         model = spec.build()
     except SlimcoreError as err:
         raise CheckpointError(f"{path}: cannot rebuild its {spec.arch} model: {err}") from err
-    trace_size = tuple(ckpt["trace_size"]) if ckpt.get("trace_size") else None
+    recorded = ckpt.get("trace_size")
+    trace_size = (int(recorded[0]), int(recorded[1])) if recorded else None
     if ckpt["plan"]:
         modules = dict(model.named_modules())
         unknown = [name for name, _, _ in ckpt["plan"] if name not in modules]
@@ -452,8 +453,7 @@ def load_checkpoint(path: Path | str, expected_arch: str | None = None,
                               f"{' '.join(str(err).split())}") from None
     check_finite(model, str(path))
     model.eval()
-    return LoadedCheckpoint(model, dict(ckpt["meta"]), spec, trace_size,  # type: ignore[arg-type]
-                            dtype, int(ckpt["version"]))
+    return LoadedCheckpoint(model, dict(ckpt["meta"]), spec, trace_size, dtype, int(ckpt["version"]))
 
 
 def load_model_and_meta(path: Path | str, expected_arch: str | None = None,
