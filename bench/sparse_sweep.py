@@ -73,7 +73,7 @@ def run(arch: str, variant: dict, ratios: list[float], params_path: str) -> dict
     splits = load_splits(params.data)
     choice = params.model_for(arch)
     if "from" in variant:
-        model = load_model(variant["from"].replace("ARCH", arch))
+        model = load_model(variant["from"].replace("ARCH", arch), trusted=choice)  # the pipeline's own entry
     else:
         model = ModelSpec(choice.source, choice.name, splits.num_classes, choice.stem, choice.width,
                           choice.kwargs).build()

@@ -5,7 +5,10 @@ directly follows a convolution is folded into it (:func:`fold_batchnorms`), and 
 is exported with torch's TorchScript-based ONNX exporter (``dynamo=False``: it needs no
 ``onnxscript``, works offline and writes the same bytes for the same checkpoint).  The file is
 then checked: onnxruntime (CPU) runs it on a random input and its output must be within
-``atol`` (1e-4) of the *unfolded* PyTorch model in eval mode, or nothing is written.
+``atol`` (1e-4) of the *unfolded* PyTorch model in eval mode, or nothing is written.  The input
+size is the checkpoint's recorded ``trace_size``, else params.yaml's ``data.image_size``
+(``--image-size`` overrides both); a float16/bfloat16 model is exported in float32.  A model
+built by a Python factory is rebuilt only with ``--trust-code MODULE:FN`` (docs/security.md).
 
 Folding: in eval mode a BN computes ``(y - mean) / sqrt(var + eps) * gamma + beta`` per channel,
 an affine map of the conv's output ``y = W * x + b``; with ``s = gamma / sqrt(var + eps)`` the
@@ -24,7 +27,7 @@ import hashlib
 import io
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -336,10 +339,13 @@ def _params_image_size(params_file: Path) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
-def default_image_size(model: nn.Module, meta: dict[str, Any],
-                       params_file: Path = Path("params.yaml")) -> tuple[int, str]:
-    """The export's input size and where it came from: the checkpoint's recorded size, else the
-    project's ``data.image_size``, else the smallest size the model accepts."""
+def default_image_size(model: nn.Module, meta: dict[str, Any], params_file: Path = Path("params.yaml"),
+                       trace_size: Sequence[int] | None = None) -> tuple[int, str]:
+    """The export's input size and where it came from: the size the checkpoint's pruning plan was
+    traced with (``trace_size``, when square), else a size in its ``meta``, else the project's
+    ``data.image_size``, else the smallest size the model accepts."""
+    if trace_size is not None and len(trace_size) == 2 and trace_size[0] == trace_size[1]:
+        return int(trace_size[0]), "the checkpoint's trace_size"
     for key in ("image_size", "input_size"):
         size = meta.get(key)
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
@@ -361,17 +367,20 @@ def default_image_size(model: nn.Module, meta: dict[str, Any],
 
 def export_checkpoint(checkpoint: Path | str, out: Path | str, image_size: int | None = None,
                       opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
-                      atol: float = DEFAULT_ATOL) -> tuple[ExportReport, str]:
+                      atol: float = DEFAULT_ATOL, trusted: Sequence[str] = ()) -> tuple[ExportReport, str]:
     """Export a slimcore checkpoint to ``out``: its report and where the input size came from.
 
-    ``out`` is written atomically, and only once onnxruntime's check passed.
+    ``trusted``: the Python factories (``module:function``) the checkpoint may call to rebuild its
+    model (see :func:`slimcore.checkpoint.load_checkpoint`); none by default.  ``out`` is written
+    atomically, and only once onnxruntime's check passed.
     """
-    from slimcore.checkpoint import atomic_write_bytes, load_model_and_meta
+    from slimcore.checkpoint import atomic_write_bytes, load_checkpoint
 
-    model, meta = load_model_and_meta(checkpoint)
+    loaded = load_checkpoint(checkpoint, trusted=list(trusted))
+    model = loaded.model.float()  # the onnxruntime check runs in float32, whatever the file's dtype
     source = "--image-size"
     if image_size is None:
-        image_size, source = default_image_size(model, meta)
+        image_size, source = default_image_size(model, loaded.meta, trace_size=loaded.trace_size)
     data, report = export_model(model, image_size, opset, dynamic_batch, atol)
     atomic_write_bytes(out, data)
     return report, source
@@ -402,14 +411,26 @@ def main(
     opset: Annotated[int, typer.Option(min=7, max=20, help="ONNX opset")] = DEFAULT_OPSET,
     batch: Annotated[str, typer.Option(help="1: a fixed batch of one; dynamic: any batch size")] = "1",
     atol: Annotated[float, typer.Option(help="largest |onnxruntime - PyTorch| accepted")] = DEFAULT_ATOL,
+    trust_code: Annotated[list[str] | None, typer.Option(
+        "--trust-code", metavar="MODULE:FN",
+        help="let the checkpoint rebuild its model by calling this Python factory (repeatable); "
+             "only for files and code you trust")] = None,
 ) -> None:
     """Export CHECKPOINT as ONNX with BatchNorm folded into the convolutions, checked with onnxruntime."""
     dynamic = _parse_batch(batch)
+    from slimcore.checkpoint import trusted_factory
+
+    for item in trust_code or []:
+        try:
+            trusted_factory(item)
+        except ValueError as err:
+            console.print(f"[bold red]error:[/] --trust-code: {escape(str(err))}", soft_wrap=True)
+            raise typer.Exit(2) from None
     if out.resolve() == checkpoint.resolve():
         console.print("[bold red]error:[/] OUT would overwrite the checkpoint")
         raise typer.Exit(2)
     try:
-        report, source = export_checkpoint(checkpoint, out, image_size, opset, dynamic, atol)
+        report, source = export_checkpoint(checkpoint, out, image_size, opset, dynamic, atol, trust_code or [])
     except SlimcoreError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -20,12 +20,15 @@ their source defines them (``stem="imagenet"``, ``width=1``).  Nothing is ever d
 model starts from random initialisation (see :mod:`slimcore.weights` to start from weights).
 Every model carries its :class:`ModelSpec`, so :func:`slimcore.checkpoint.save_model` needs
 nothing more to save it and :func:`slimcore.checkpoint.load_model` rebuilds it from the same source.
+A spec read from a file is checked first (:func:`check_rebuildable`): bounded sizes, and for
+torchvision and timm only the keyword arguments of :data:`LOADABLE_KWARGS` (docs/security.md).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +63,7 @@ PLAN_ATTR = "slimcore_plan"  # and slim() adds its pruning plan (torch-pruning h
 TRACE_ATTR = "slimcore_trace_size"  # (H, W) of the input its graph was last traced with (slimcore.plan)
 TIMM_INSTALL_HINT = "pip install slimcore[timm]"
 _RESERVED_KWARGS = ("num_classes", "pretrained")
+MAX_NUM_CLASSES = 100_000  # a model rebuilt from a file: larger heads are refused before any allocation
 
 
 @dataclass(frozen=True)
@@ -377,13 +381,127 @@ def _build_python(spec: ModelSpec) -> nn.Module:
     return model
 
 
+# --------------------------------------------------------------------------------------------
+# What a checkpoint may ask for (see docs/security.md)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadableArg:
+    """A builder keyword argument a checkpoint may set: its type and range, or its choices.
+
+    ``kind`` is ``bool``, ``int``, ``float`` (ints accepted) or ``str``; numbers lie in
+    ``[low, high]``; ``choices``, when given, lists every accepted value; ``length > 0`` means
+    a list of exactly that many values, each checked as above.
+    """
+
+    kind: type
+    low: float = 0.0
+    high: float = 1.0
+    choices: tuple[object, ...] = ()
+    length: int = 0
+
+    def accepts(self, value: object) -> bool:
+        if self.length:
+            return (isinstance(value, (list, tuple)) and len(value) == self.length
+                    and all(LoadableArg(self.kind, self.low, self.high, self.choices).accepts(v) for v in value))
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool):
+            return False
+        kinds: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
+        if not isinstance(value, kinds):
+            return False
+        if self.choices:
+            return value in self.choices
+        return isinstance(value, str) or self.low <= value <= self.high  # type: ignore[operator]
+
+
+_FRACTION = LoadableArg(float, 0.0, 1.0)
+_FLAG = LoadableArg(bool)
+# Keyword arguments a checkpoint may pass to a torchvision / timm builder: plain values that shape
+# the network within bounds.  Never a path, URL, pretrained switch, config override or callable:
+# nothing here makes a builder open a file, reach the network or allocate without bound.
+LOADABLE_KWARGS: dict[str, dict[str, LoadableArg]] = {
+    "torchvision": {
+        "dropout": _FRACTION, "drop_rate": _FRACTION, "stochastic_depth_prob": _FRACTION,
+        "aux_logits": _FLAG, "init_weights": _FLAG, "transform_input": _FLAG, "zero_init_residual": _FLAG,
+        "memory_efficient": _FLAG, "reduced_tail": _FLAG, "dilated": _FLAG,
+        "width_mult": LoadableArg(float, 0.05, 4.0), "round_nearest": LoadableArg(int, 1, 64),
+        "groups": LoadableArg(int, 1, 64), "width_per_group": LoadableArg(int, 1, 512),
+        "bn_size": LoadableArg(int, 1, 16), "replace_stride_with_dilation": LoadableArg(bool, length=3),
+    },
+    "timm": {
+        "drop_rate": _FRACTION, "drop_path_rate": _FRACTION, "drop_block_rate": _FRACTION,
+        "global_pool": LoadableArg(str, choices=("avg", "max", "avgmax", "catavgmax", "fast", "")),
+        "output_stride": LoadableArg(int, choices=(8, 16, 32)), "in_chans": LoadableArg(int, 1, 16),
+        "channel_multiplier": LoadableArg(float, 0.05, 4.0), "depth_multiplier": LoadableArg(float, 0.05, 4.0),
+        "stem_type": LoadableArg(str, choices=("", "deep", "deep_tiered")),
+    },
+}
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 60, 60, 4, 4
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)`` cut to a few dozen characters, on one line (a file's strings may be anything)."""
+    return _SHORT.repr(value)
+
+
+def _is_plain(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+
+
+def check_rebuildable(spec: ModelSpec, own_kwargs: bool = False) -> None:
+    """Raise :class:`ModelError` unless ``spec`` (read from a file) is safe to build: known source,
+    well-formed name, ``num_classes`` in ``1..MAX_NUM_CLASSES``, ``width`` in ``(0, 4]``, plain
+    kwargs and, for torchvision and timm, only kwargs of :data:`LOADABLE_KWARGS` within their
+    bounds.  ``own_kwargs``: the caller chose exactly these kwargs (its own params.yaml entry),
+    so they need not be on the allow-list.  Imports nothing and allocates nothing; whether a
+    ``python`` source may run is the caller's decision (see :func:`slimcore.checkpoint.load_model`).
+    """
+    if not isinstance(spec.source, str) or spec.source not in SOURCES:
+        raise ModelError(f"model source must be one of {', '.join(SOURCES)}, got {short_repr(spec.source)}")
+    if not isinstance(spec.name, str):
+        raise ModelError(f"model name must be a string, got {short_repr(spec.name)}")
+    try:
+        check_name(spec.source, spec.name)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
+    classes = spec.num_classes
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_NUM_CLASSES:
+        raise ModelError(f"num_classes is {short_repr(classes)}, not an integer in 1..{MAX_NUM_CLASSES}")
+    if spec.stem not in STEMS:
+        raise ModelError(f"stem must be one of {list(STEMS)}, got {short_repr(spec.stem)}")
+    if isinstance(spec.width, bool) or not isinstance(spec.width, (int, float)) or not 0 < spec.width <= 4:
+        raise ModelError(f"width is {short_repr(spec.width)}, not a number in (0, 4]")
+    if not _is_plain(dict(spec.kwargs)):
+        raise ModelError(f"kwargs {short_repr(dict(spec.kwargs))} are not plain data")
+    allowed = LOADABLE_KWARGS.get(spec.source)
+    if allowed is None or own_kwargs:
+        return
+    for key, value in spec.kwargs.items():
+        arg = allowed.get(key)
+        if arg is None:
+            raise ModelError(f"{spec.arch} kwarg {short_repr(key)} is not one a checkpoint may pass to "
+                             f"{spec.source} (allowed: {', '.join(sorted(allowed))})")
+        if not arg.accepts(value):
+            bound = (f"one of {list(arg.choices)}" if arg.choices else "true or false" if arg.kind is bool
+                     else f"a {arg.kind.__name__} in [{arg.low:g}, {arg.high:g}]")
+            many = f"{arg.length} values, each " if arg.length else ""
+            raise ModelError(f"{spec.arch} kwarg {key}={short_repr(value)} is not {many}{bound}")
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """True when the model has at least one BatchNorm2d layer (network slimming needs them)."""
     return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 __all__ = [
-    "PLAN_ATTR", "REFERENCE_ARCHS", "SPEC_ATTR", "STEMS", "TIMM_INSTALL_HINT", "TRACE_ATTR", "ModelSpec",
-    "build_model", "classification_archs", "has_batchnorm", "min_image_size", "resolve_factory",
-    "scale_channels", "spec_of",
+    "LOADABLE_KWARGS", "MAX_NUM_CLASSES", "PLAN_ATTR", "REFERENCE_ARCHS", "SPEC_ATTR", "STEMS", "TIMM_INSTALL_HINT",
+    "TRACE_ATTR", "LoadableArg", "ModelSpec", "build_model", "check_rebuildable", "classification_archs",
+    "has_batchnorm", "min_image_size", "resolve_factory", "scale_channels", "short_repr", "spec_of",
 ]

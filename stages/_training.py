@@ -154,7 +154,8 @@ def starting_model(params: Params, arch: str, num_classes: int, start: Start) ->
 
     choice = params.model_for(arch)
     if start.init is not None:  # its classes are checked against the data by the caller
-        return load_model(start.init, expected_arch=choice.arch), f"continues from {start.init}"
+        model = load_model(start.init, expected_arch=choice.arch, trusted=choice)  # the pipeline's own entry
+        return model, f"continues from {start.init}"
     model = ModelSpec(choice.source, choice.name, num_classes, choice.stem, choice.width, choice.kwargs).build()
     if start.weights is not None:
         return model, load_weights(model, start.weights).message()

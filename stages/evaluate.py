@@ -63,7 +63,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         for arch in params.archs:
             evals[arch], gammas[arch], histories[arch] = {}, {}, {}
             for label, path in paths.model_files(arch, targets).items():
-                model, meta = load_model_and_meta(path, expected_arch=params.model_for(arch).arch)
+                choice = params.model_for(arch)  # the pipeline's own entry: its python factory may run
+                model, meta = load_model_and_meta(path, expected_arch=choice.arch, trusted=choice)
                 check_num_classes(splits, spec_of(model).num_classes, str(path))
                 model = model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last
                                  else torch.preserve_format)

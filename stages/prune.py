@@ -92,7 +92,8 @@ def main(
         from slimcore.models import spec_of
         from slimcore.prune import slim, slim_to
 
-        sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=params.model_for(arch).arch)
+        choice = params.model_for(arch)  # the pipeline's own entry: its python factory may run
+        sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=choice.arch, trusted=choice)
         check_disk(paths.pruned(arch, goal).parent, 2 * tensor_bytes(sparse), "the two pruned checkpoints")
         size = params.data.image_size
         example = trace_inputs(params)

@@ -42,7 +42,8 @@ def main(
         from slimcore.sensitivity import SensitivityPoint, ratio_grid, sensitivity
 
         sparse_path = paths.checkpoint(arch, "sparse")
-        sparse = load_model(sparse_path, expected_arch=params.model_for(arch).arch)
+        choice = params.model_for(arch)  # the pipeline's own entry: its python factory may run
+        sparse = load_model(sparse_path, expected_arch=choice.arch, trusted=choice)
         splits = load_splits(params.data)
         check_num_classes(splits, spec_of(sparse).num_classes, str(sparse_path))
         if len(splits.val) == 0:

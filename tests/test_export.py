@@ -193,21 +193,32 @@ def test_default_image_size(pruned_ckpt: Path, tmp_path: Path) -> None:
     params.write_text(yaml.safe_dump({"data": {"image_size": 24}}))
     assert default_image_size(model, {}, params) == (24, f"{params} data.image_size")
     assert default_image_size(model, {"image_size": 32}, params)[0] == 32
+    assert default_image_size(model, {"image_size": 32}, params, trace_size=(16, 16)) == \
+        (16, "the checkpoint's trace_size")
+    assert default_image_size(model, {}, params, trace_size=(16, 12))[0] == 24  # not square: the next source
 
 
 runner = CliRunner()
 
 
-def test_cli_exports_with_the_projects_image_size(pruned_ckpt: Path, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def _onnx_input_dims(path: str) -> list[int]:
+    return [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+
+
+def test_cli_takes_the_size_the_checkpoint_was_traced_with_then_the_projects(
+        pruned_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("params.yaml").write_text(yaml.safe_dump({"data": {"image_size": 16}}))
-    result = runner.invoke(app, [str(pruned_ckpt), "model.onnx"])
+    Path("params.yaml").write_text(yaml.safe_dump({"data": {"image_size": 24}}))  # another project's size
+    result = runner.invoke(app, [str(pruned_ckpt), "model.onnx"])  # pruned (traced) at 16px
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
-    assert "BatchNorm layers folded" in said and "params.yaml data.image_size" in said, said
-    dims = [d.dim_value for d in onnx.load("model.onnx").graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 3, 16, 16]
+    assert "BatchNorm layers folded" in said and "input size from the checkpoint's trace_size" in said, said
+    assert _onnx_input_dims("model.onnx") == [1, 3, 16, 16]
+    unpruned = save_model(tmp_path / "baseline.pt", build_model("mobilenet_v2", 10, "cifar", 0.125))
+    result = runner.invoke(app, [str(unpruned), "baseline.onnx"])  # no plan, no trace size: params.yaml
+    assert result.exit_code == 0, result.output
+    assert "params.yaml data.image_size" in " ".join(result.output.split())
+    assert _onnx_input_dims("baseline.onnx") == [1, 3, 24, 24]
 
 
 @pytest.mark.parametrize("content,message", [
@@ -269,3 +280,10 @@ def test_profile_stage_reports_onnxruntime_latency_in_timings_only(tmp_path: Pat
     table = paths.latency_table().read_text()
     assert "onnxruntime ms" in table and table.count("x |") == 4  # two speedups per model
     assert "onnxruntime" not in paths.profile_report().read_text()  # deterministic figures only
+
+
+def test_half_precision_checkpoint_exports_in_float32(pruned_ckpt: Path, tmp_path: Path) -> None:
+    half = save_model(tmp_path / "half.pt", load_model(pruned_ckpt).half())
+    assert next(load_model(half).parameters()).dtype == torch.float16  # restored as saved
+    report, _ = export_checkpoint(half, tmp_path / "half.onnx", image_size=16)
+    assert report.max_abs_diff <= report.atol

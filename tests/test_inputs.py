@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from slimcore import checks
-from slimcore.checkpoint import load_model, read_checkpoint, safe_torch_load, save_model
+from slimcore.checkpoint import content_digest, load_model, read_checkpoint, safe_torch_load, save_model
 from slimcore.config import load_params
 from slimcore.data import load_splits
 from slimcore.errors import CheckpointError, DataError, ModelError, ParamsError
@@ -192,6 +192,7 @@ def _checkpoint(path: Path, **edit: Any) -> Path:
             del raw[key]
         else:
             raw[key] = value
+    raw["digest"] = content_digest(raw)  # a hand-made file: what it says is checked, not only its bytes
     torch.save(raw, path)
     return path
 

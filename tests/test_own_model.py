@@ -112,9 +112,10 @@ def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
     log = " ".join(repro.output.split())
     assert "not loaded" in log and "1000 classes" in log, repro.tail()  # the head was left at random init
     results = (proj / "metrics" / "results.md").read_text()
-    for arch in extra["models"]:
-        model = load_model(proj / "models" / arch / "finetuned-0.4.pt")
-        baseline = load_model(proj / "models" / arch / "baseline.pt")
+    for arch, entry in extra["models"].items():
+        trusted = entry["name"] if entry["source"] == "python" else None  # README's own module: trusted
+        model = load_model(proj / "models" / arch / "finetuned-0.4.pt", trusted=trusted)
+        baseline = load_model(proj / "models" / arch / "baseline.pt", trusted=trusted)
         bn = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
         bn0 = sum(m.num_features for m in baseline.modules() if isinstance(m, torch.nn.BatchNorm2d))
         assert bn < 0.8 * bn0, (arch, bn, bn0)  # physically smaller

@@ -15,7 +15,15 @@ import torch
 import yaml
 from torch import nn
 
-from slimcore.checkpoint import FORMAT, CheckpointError, checkpoint_spec, load_model, save_model
+from slimcore.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    UnverifiedCheckpointWarning,
+    checkpoint_spec,
+    content_digest,
+    load_model,
+    save_model,
+)
 from slimcore.config import ParamsError, parse_params
 from slimcore.errors import ModelError
 from slimcore.models import TRACE_ATTR, ModelSpec, build_model, spec_of
@@ -125,10 +133,11 @@ def _prune_round_trip(tmp_path: Path, arch: str, size: int,
     assert report.removed_bn_channels > 0
     path = save_model(tmp_path / "m.pt", pruned)
     assert torch.load(path, weights_only=True)["trace_size"] == [size, size]
-    loaded = load_model(path, expected_arch=arch)
+    trusted = arch if spec_of(pruned).source == "python" else None  # the caller's own factory
+    loaded = load_model(path, expected_arch=arch, trusted=trusted)
     assert spec_of(loaded) == spec_of(pruned)
     assert torch.equal(_out(loaded, x), _out(pruned, x))
-    again = load_model(save_model(tmp_path / "again.pt", loaded))  # a fine-tuned child keeps plan and size
+    again = load_model(save_model(tmp_path / "again.pt", loaded), trusted=trusted)  # a child keeps plan and size
     assert torch.equal(_out(again, x), _out(pruned, x))
     return pruned, loaded
 
@@ -160,20 +169,21 @@ def test_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
     old = {"format": FORMAT, "version": 1, "plan": new["plan"], "state_dict": new["state_dict"], "meta": {},
            "spec": {"arch": "vgg16_bn", "num_classes": 10, "stem": "cifar", "width": 0.125}}
     torch.save(old, tmp_path / "v1.pt")
-    loaded = load_model(tmp_path / "v1.pt", expected_arch="vgg16_bn")
+    with pytest.warns(UnverifiedCheckpointWarning, match=r"v1\.pt: a version-1 checkpoint has no digest"):
+        loaded = load_model(tmp_path / "v1.pt", expected_arch="vgg16_bn")
     assert spec_of(loaded) == ModelSpec("torchvision", "vgg16_bn", 10, "cifar", 0.125)
     assert torch.equal(_out(loaded, x), _out(pruned, x))
-    old["version"] = 3
-    torch.save(old, tmp_path / "v3.pt")
-    with pytest.raises(CheckpointError, match="version 3"):
-        load_model(tmp_path / "v3.pt")
+    old["version"] = 4
+    torch.save(old, tmp_path / "v4.pt")
+    with pytest.raises(CheckpointError, match="version 4"):
+        load_model(tmp_path / "v4.pt")
 
 
 def test_expected_arch_compares_the_resolved_model(tmp_path: Path) -> None:
     path = save_model(tmp_path / "p.pt", build_model(f"{NETS}:small_cnn", 3))
     assert checkpoint_spec(path).source == "python"
-    load_model(path, expected_arch=f"{NETS}:small_cnn")
-    load_model(path, expected_arch=f"python:{NETS}:small_cnn")
+    load_model(path, expected_arch=f"{NETS}:small_cnn", trusted=f"{NETS}:small_cnn")
+    load_model(path, expected_arch=f"python:{NETS}:small_cnn", trusted=f"{NETS}:small_cnn")
     with pytest.raises(CheckpointError, match=f"holds a {NETS}:small_cnn model, but mynet was requested"):
         load_model(path, expected_arch="mynet")  # a short name must be resolved first (Params.model_for)
 
@@ -183,9 +193,10 @@ def test_unbuildable_source_on_load_names_the_file(tmp_path: Path) -> None:
     save_model(path, build_model(f"{NETS}:small_cnn", 3))
     raw = torch.load(path, weights_only=True)
     raw["spec"]["name"] = "tests.helpers.gone:small_cnn"
+    raw["digest"] = content_digest(raw)
     torch.save(raw, path)
     with pytest.raises(CheckpointError, match=r"gone\.pt: cannot rebuild .*is not importable"):
-        load_model(path)
+        load_model(path, trusted="tests.helpers.gone:small_cnn")
 
 
 def test_kwargs_that_are_not_plain_data_cannot_be_saved(tmp_path: Path) -> None:
