@@ -45,15 +45,17 @@ def share_for_targets(model: nn.Module, targets: Iterable[Target | float | str],
     """
     from slimcore.prune import slim_to  # torch-pruning: only when a FLOPs or params search is needed
 
-    shares = []
-    for target in parse_targets(list(targets)):
-        if target.kind == "safe":
-            continue
-        if target.kind == "ratio":
-            shares.append(float(target.value))  # type: ignore[arg-type]
-            continue
-        _, report = slim_to(model, target, example_inputs, input_size=input_size, **policy)
-        shares.append(float(report.ratio_all_bn))
+    parsed = parse_targets(list(targets))
+    shares = [float(t.value) for t in parsed if t.kind == "ratio"]  # type: ignore[arg-type]
+    # of the FLOPs-like targets (flopsF, speedupS) and the params targets, only the one keeping the
+    # least needs the search: it removes the most
+    flops = [t for t in parsed if t.flops_fraction is not None]
+    params = [t for t in parsed if t.kind == "params"]
+    for group in (flops, params):
+        if group:
+            least = min(group, key=lambda t: t.flops_fraction if t.flops_fraction is not None else t.value)
+            _, report = slim_to(model, least, example_inputs, input_size=input_size, **policy)
+            shares.append(float(report.ratio_all_bn))
     if not shares:
         return SAFE_ONLY_SHARE
     return min(MAX_SHARE, max(shares) + margin)

@@ -180,6 +180,9 @@ class Trainer:
     sparsity_ramp_epochs: float = 0.0
     sparsity_target: float = 0.0  # prox/group: shrink only the lowest units holding this fraction of BN channels
     test_loader: DataLoader | None = None  # evaluated after every epoch too (train.eval_test)
+    # prox/group: re-resolves sparsity_target from the model at the start of every epoch (penalty.target
+    # auto: the share of BN channels the prune targets remove from the model as it is then)
+    retarget: Callable[[nn.Module], float] | None = None
 
     def __post_init__(self) -> None:
         self.model.to(self.ctx.device)
@@ -306,6 +309,8 @@ class Trainer:
         try:
             with progress:
                 for epoch in range(self.start_epoch, self.cfg.epochs):
+                    if self.retarget is not None and self.penalty.active:
+                        self.penalty.target = float(self.retarget(self.model))
                     rec, timing = self._run_epoch(epoch, progress)
                     self.history.append(rec)
                     self.timings.append(timing)

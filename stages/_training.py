@@ -233,8 +233,9 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
     """Train a model and save it to ``out``: from the checkpoint ``init``, else built through
     params' ``models`` and initialised from the ``weights`` file (random init without one).
 
-    ``units`` and ``penalty_target`` give the penalty's coupled channels and the share of BN
-    channels it shrinks, from the starting model (sparse-train only).
+    ``units`` gives the penalty's coupled channels (from the starting model) and
+    ``penalty_target`` the share of BN channels it shrinks, re-resolved from the model at the
+    start of every epoch (sparse-train with ``penalty.target: auto`` only).
     Resumes from the run's last finished epoch if an earlier attempt was interrupted (only with
     the same settings, arch, start checkpoint and weights file).  With ``runtime.nproc > 1`` the
     stage ``module`` first relaunches itself under torchrun.
@@ -281,13 +282,17 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
                                  runtime=params.runtime, device=ctx.device.type) if len(part) else None
                      for part in (splits.val, splits.test if train_cfg.eval_test else []))
         coupled = units(model) if units is not None and sparsity > 0 else None
-        share = penalty_target(model) if penalty_target is not None and sparsity > 0 else 0.0
+        # penalty.target auto: re-resolved from the model at the start of every epoch (the set of
+        # channels the penalty zeroes drifts, and with it the MACs they hold)
+        retarget = penalty_target if penalty_target is not None and sparsity > 0 else None
+        share = "auto" if retarget is not None else float(params.penalty.target)
         trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=f"{run}@{arch}",
                           sparsity_method=params.penalty.method, sparsity_units=coupled,
-                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=share,
-                          test_loader=test)
+                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=0.0 if retarget else share,
+                          test_loader=test, retarget=retarget)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
-        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity, share,
+        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
+                          params.prune.model_dump() if retarget else None,
                           init if init is not None else "scratch", weights if weights is not None else "no weights",
                           code_signature(), data_signature(params.data.root))
         state = paths.resume_state(arch, run)

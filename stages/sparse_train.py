@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -52,9 +53,17 @@ def penalty_share(model: nn.Module, params: Params, arch: str) -> float:
 
     share = share_for_targets(model, params.prune.parsed_targets(), trace_inputs(params),
                               input_size=params.data.image_size, **params.prune.policy())
-    console.log(f"sparse-train@{arch}: penalty.target auto: shrink the {share:.1%} of BN channels "
-                f"that prune.targets {list(params.prune.targets)} remove from this model, plus a margin")
+    console.log(f"sparse-train@{arch}: penalty.target auto: {share:.1%} of the BN channels (what prune.targets "
+                f"{', '.join(map(str, params.prune.targets))} remove from the model as it is now, plus a margin)")
     return share
+
+
+def auto_share(params: Params, arch: str) -> Callable[[nn.Module], float] | None:
+    """For ``penalty.target: auto`` (prox/group): the function the trainer calls at the start of
+    every epoch to re-resolve the share from the model as it is; None otherwise."""
+    if params.penalty.target != "auto" or params.penalty.method == "l1":
+        return None
+    return lambda model: penalty_share(model, params, arch)
 
 
 @app.command()
@@ -77,7 +86,7 @@ def main(
                             train_cfg=params.train, sparsity=params.sparsity[arch], init=start.init,
                             weights=start.weights, module="stages.sparse_train",
                             units=lambda model: coupled_channels(model, params, arch),
-                            penalty_target=lambda model: penalty_share(model, params, arch))
+                            penalty_target=auto_share(params, arch))
 
 
 if __name__ == "__main__":
