@@ -255,3 +255,47 @@ def test_cli_passes_dvc_failures_on(cifar: Path, gpus, monkeypatch: pytest.Monke
     code, output = _cli("--cifar-root", str(cifar))
     assert code == 255
     assert "dvc exp run exited with 255" in output and "--in-place" in output
+
+
+# --------------------------------------------------------------------------------------------
+# the Fashion-MNIST CPU preset (make fashion-mnist)
+# --------------------------------------------------------------------------------------------
+
+FASHION_PRESET = ROOT / "configs" / "fashion-mnist.yaml"
+
+
+def _tiny_fashion(folder: Path, per_class: int = 4) -> Path:
+    """The four idx files (gzipped, flat, as Debian installs them) with a few 28x28 images."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10 * per_class), ("t10k", 10)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        for kind, array, magic in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
+            header = bytes([0, 0, 0x08, magic]) + struct.pack(f">{magic}I", *array.shape)
+            (folder / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+    return folder
+
+
+def test_fashion_mnist_preset_runs_on_cpu_as_an_experiment(tmp_path: Path, no_gpu: None,
+                                                           dvc_calls: list[list[str]]) -> None:
+    """What `make fashion-mnist` runs: the preset, validated, on CPU, as `dvc exp run --temp` overrides
+    that DVC turns back into exactly the preset; the data checked before anything starts."""
+    root = _tiny_fashion(tmp_path / "fashion")
+    target = resolve_preset(FASHION_PRESET, root)
+    assert (target.data.name, target.data.image_size, target.data.train_per_class) == ("fashionmnist", 28, 300)
+    assert target.prune.targets == ["speedup2", "speedup4"] and target.penalty.target == "auto"
+    overrides = overrides_for(target, PARAMS)
+    check_round_trip(overrides, target, PARAMS)
+    result = CliRunner().invoke(app, [str(FASHION_PRESET), "--params", str(PARAMS), "--data-root", str(root),
+                                      "--allow-cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(dvc_calls) == 1, result.output
+    args = dvc_calls[0]
+    assert args[args.index("exp") + 1] == "run" and "--temp" in args and "fashion-mnist" in args
+    assert "data.name=fashionmnist" in args and "prune.targets=[speedup2,speedup4]" in args
