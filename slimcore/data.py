@@ -14,7 +14,8 @@
   read; label 10 is digit 0, as torchvision).
 - ``stl10``: torchvision's ``root/stl10_binary/{train,test}_{X,y}.bin`` (the unlabeled split is
   not read); 96x96 colour.
-- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the test split).
+- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the test split); hidden
+  files and folders (``.ipynb_checkpoints/``) are skipped, 16-bit images scaled from 0..65535.
 
 Every format gives three splits (:class:`Splits`): ``train``, ``val`` and ``test``.  With
 ``data.train_per_class`` > 0 only a stratified subset of the format's training images is used
