@@ -38,9 +38,13 @@ from slimcore.archs import (
 )
 from slimcore.errors import ParamsError
 from slimcore.targets import Target, parse_targets
-from slimcore.yamlio import DuplicateKeyError, safe_load_unique
+from slimcore.yamlio import AliasBombError, DuplicateKeyError, safe_load_unique
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
+# a params file holds settings (a few KB); beyond this it is refused unread (parsing 1 MB of YAML
+# takes seconds, and every stage and `dvc status` reads it)
+MAX_PARAMS_BYTES = 256 * 1024
+MIN_SENSITIVITY_STEP = 0.01  # the finest sensitivity grid: 99 ratios, each one slim and one validation pass
 DATASETS = ("digits", "mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
 # formats whose images are glyphs (a mirrored digit is another glyph): augment auto never flips them
 GLYPH_DATASETS = ("digits", "mnist", "kmnist", "svhn")
@@ -247,7 +251,7 @@ class PruneConfig(_Section):
     max_drop: NonNegFloat = 2.0  # pt of validation top-1 a safe ratio may lose before fine-tuning
     warn_gamma: NonNegFloat = 1e-2  # warn when slimming removes channels whose |gamma| score exceeds this
     # the sensitivity stage's grid of ratios: step, 2*step, ... up to 1 - step (0.05: 0.05 ... 0.95)
-    sensitivity_step: Annotated[float, Field(gt=0, le=0.5)] = 0.05
+    sensitivity_step: float = 0.05
 
     @model_validator(mode="before")
     @classmethod
@@ -255,6 +259,15 @@ class PruneConfig(_Section):
         if isinstance(v, dict) and "ratios" in v:
             raise ValueError("prune.ratios was renamed to prune.targets (same values: ratios as decimals; "
                              "also flopsF, paramsF, speedupS or safe)")
+        return v
+
+    @field_validator("sensitivity_step")
+    @classmethod
+    def _grid(cls, v: float) -> float:
+        if not MIN_SENSITIVITY_STEP <= v <= 0.5:  # NaN fails too
+            raise ValueError(f"must be in [{MIN_SENSITIVITY_STEP}, 0.5]: the grid slims and evaluates the model "
+                             f"once per ratio, so {MIN_SENSITIVITY_STEP} already means "
+                             f"{round(1 / MIN_SENSITIVITY_STEP) - 1} runs; use e.g. 0.05 (19 ratios)")
         return v
 
     @field_validator("targets", mode="before")
@@ -453,9 +466,13 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, mtime_ns: int) -> Params:
     file = Path(path)
+    size = file.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: {size / 1e6:.1f} MB, over the {MAX_PARAMS_BYTES // 1024} KiB a params file may "
+                          "hold (settings take a few KB): move data out of it")
     try:
         raw = safe_load_unique(file.read_text())
-    except DuplicateKeyError as err:
+    except (DuplicateKeyError, AliasBombError) as err:
         raise ParamsError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None

@@ -14,7 +14,8 @@
   read; label 10 is digit 0, as torchvision).
 - ``stl10``: torchvision's ``root/stl10_binary/{train,test}_{X,y}.bin`` (the unlabeled split is
   not read); 96x96 colour.
-- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the test split).
+- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the test split); hidden
+  files and folders (``.ipynb_checkpoints/``) are skipped, 16-bit images scaled from 0..65535.
 
 Every format gives three splits (:class:`Splits`): ``train``, ``val`` and ``test``.  With
 ``data.train_per_class`` > 0 only a stratified subset of the format's training images is used
@@ -39,6 +40,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -305,17 +307,42 @@ _NUMPY_GLOBALS = {(prefix + mod, name) for prefix in ("numpy.core.", "numpy._cor
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Reads CIFAR's pickled batches while refusing anything but numpy arrays and builtins."""
+    """Reads CIFAR's pickled batches while refusing anything but numpy arrays and builtins.
+
+    Every array is bounded before it is allocated: numpy's ``_reconstruct`` allocates the shape it
+    is given (a real pickle passes ``(0,)`` and fills the array from bytes it holds), so a shape
+    whose size exceeds ``max_bytes`` (the file's own size: its data must be in the file) is refused
+    instead of allocating terabytes.
+    """
+
+    def __init__(self, file: Any, max_bytes: int, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.max_bytes = max_bytes
 
     def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
-        if (module, name) in _NUMPY_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        if (module, name) not in _NUMPY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        found = super().find_class(module, name)
+        if name != "_reconstruct":
+            return found
+        limit = self.max_bytes
+
+        def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+            dims = (shape,) if isinstance(shape, int) else tuple(shape)
+            if not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise pickle.UnpicklingError(f"an array of shape {dims!r}: not a shape")
+            nbytes = math.prod(dims) * np.dtype(dtype).itemsize
+            if nbytes > limit:
+                raise pickle.UnpicklingError(f"an array of shape {dims} would take {nbytes:,} bytes, more than "
+                                             f"the file's {limit:,}: a crafted or corrupt file")
+            return found(subtype, shape, dtype)
+
+        return reconstruct
 
 
 def _read_batch(path: Path) -> dict:
     with path.open("rb") as fh:
-        return _ArraysOnlyUnpickler(fh, encoding="latin1").load()
+        return _ArraysOnlyUnpickler(fh, max_bytes=max(path.stat().st_size, 1), encoding="latin1").load()
 
 
 class ArrayImages(Dataset):
@@ -359,13 +386,22 @@ class CifarFolder(ArrayImages):
                 f"(expected torchvision's layout {folder_name}/{{{', '.join([*files, meta_file])}}}); "
                 "set data.download: true to fetch it, or point data.root at your copy"
             )
+        current = folder / meta_file
         try:
-            batches = [_read_batch(folder / f) for f in files]
-            self.classes = list(_read_batch(folder / meta_file)[names_key])
+            batches = []
+            for f in files:
+                current = folder / f
+                batches.append(_read_batch(current))
+            current = folder / meta_file
+            self.classes = list(_read_batch(current)[names_key])
+            current = folder
             data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
             self.targets = [int(t) for b in batches for t in b[labels_key]]
-        except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as err:
-            raise DataError(f"data.root: {folder} holds an unreadable {name} file: {err}") from None
+        except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                MemoryError, RecursionError) as err:
+            what = f"{type(err).__name__}: {err}" if isinstance(err, (KeyError, MemoryError)) else str(err)
+            raise DataError(f"data.root: {current}: unreadable {name} file ({' '.join(what.split())}); "
+                            "replace it with torchvision's copy") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(self.targets):
             raise DataError(f"data.root: {folder}: expected N x 3072 uint8 images and N labels, got images of "
                             f"shape {data.shape} and {len(self.targets)} labels")

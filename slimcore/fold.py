@@ -65,7 +65,10 @@ def _bias_sink(dg: tp.DependencyGraph, module: nn.Module) -> tuple[str, nn.Modul
         return "bias", module
     outputs = dg.module2node[module].outputs
     if len(outputs) == 1 and isinstance(outputs[0].module, nn.BatchNorm2d):
-        return "bn", outputs[0].module
+        bn = outputs[0].module
+        # without running statistics (track_running_stats=False) a BN subtracts each batch's mean,
+        # which cancels a constant shift of its input exactly: nothing to fold
+        return ("bn", bn) if bn.running_mean is not None else ("cancelled", bn)
     return "new_bias", module
 
 
@@ -101,6 +104,8 @@ def fold_constants(dg: tp.DependencyGraph, groups: list[_Group], tap_means: dict
             sink.bias = nn.Parameter(sink.bias.detach() + delta.to(sink.bias.dtype))
         elif kind == "bn":  # BN(x + d) == BN'(x), mean' = mean - d
             sink.running_mean = sink.running_mean - delta.to(sink.running_mean.dtype)
+        elif kind == "cancelled":
+            continue
         else:
             sink.bias = nn.Parameter(delta.to(module.weight.dtype))
 

@@ -118,9 +118,10 @@ class ModelSpec:
             model = _build_timm(self)
         else:
             model = _build_python(self)
-        if self.source != "torchvision" and not has_batchnorm(model):
-            raise ModelError(f"{self.source} model {self.name!r} has no BatchNorm2d layers: network slimming "
-                             "ranks channels by BN scale factors")
+        if self.source != "torchvision":
+            problem = batchnorm_problem(model) or input_channels_problem(model, 3)
+            if problem:
+                raise ModelError(f"{self.source} model {self.name!r} {problem}")
         setattr(model, SPEC_ATTR, self)
         return model
 
@@ -500,8 +501,60 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def batchnorm_problem(model: nn.Module) -> str | None:
+    """Why ``model`` has no BatchNorm2d layer with a learnable scale (gamma) for network slimming to
+    rank channels by (``has ...: what to do``); None when it has one."""
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if any(m.affine for _, m in bns):
+        return None
+    sync = [name for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if sync:
+        return (f"has SyncBatchNorm layers ({len(sync)}: {_some(sync)}) and no BatchNorm2d: slimming ranks "
+                "BatchNorm2d scale factors; build it with nn.BatchNorm2d (SyncBatchNorm is a multi-GPU training "
+                "wrapper: copy each layer's state_dict into a BatchNorm2d of the same size)")
+    if bns:
+        return (f"has {len(bns)} BatchNorm2d layers ({_some([n for n, _ in bns])}), all with affine=False: no "
+                "learnable scale (gamma) to rank channels by; build them with affine=True")
+    return "has no BatchNorm2d layers: network slimming ranks channels by BN scale factors"
+
+
+def input_channels_problem(model: nn.Module, channels: int, given: str | None = None,
+                           fix: str | None = None) -> str | None:
+    """Why ``model`` cannot take ``channels``-channel input (its first convolution takes another
+    count and no convolution takes ``channels``), else None; ``given`` says what the input is."""
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs or any(m.in_channels == channels for _, m in convs):
+        return None
+    name, first = convs[0]
+    given = given or f"{channels}-channel images (every dataset is read as RGB, grayscale as 3 equal channels)"
+    fix = fix or f"build it with {channels} input channels (in_chans / in_channels)"
+    return f"takes {first.in_channels}-channel input (its first convolution {name!r}) but is given {given}: {fix}"
+
+
 __all__ = [
-    "LOADABLE_KWARGS", "MAX_NUM_CLASSES", "PLAN_ATTR", "REFERENCE_ARCHS", "SPEC_ATTR", "STEMS", "TIMM_INSTALL_HINT",
-    "TRACE_ATTR", "LoadableArg", "ModelSpec", "build_model", "check_rebuildable", "classification_archs",
-    "has_batchnorm", "min_image_size", "resolve_factory", "scale_channels", "short_repr", "spec_of",
+    "LOADABLE_KWARGS",
+    "MAX_NUM_CLASSES",
+    "PLAN_ATTR",
+    "REFERENCE_ARCHS",
+    "SPEC_ATTR",
+    "STEMS",
+    "TIMM_INSTALL_HINT",
+    "TRACE_ATTR",
+    "LoadableArg",
+    "ModelSpec",
+    "batchnorm_problem",
+    "build_model",
+    "check_rebuildable",
+    "classification_archs",
+    "has_batchnorm",
+    "input_channels_problem",
+    "min_image_size",
+    "resolve_factory",
+    "scale_channels",
+    "short_repr",
+    "spec_of",
 ]

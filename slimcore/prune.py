@@ -40,9 +40,10 @@ from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
 from torch_pruning.ops import OPTYPE
 
+from slimcore.errors import ModelError
 from slimcore.fold import fold_constants as _fold_constants
 from slimcore.fold import tap_means as _tap_means
-from slimcore.models import PLAN_ATTR
+from slimcore.models import PLAN_ATTR, batchnorm_problem, input_channels_problem
 from slimcore.plan import build_graph, plain_plan, replay_plan
 from slimcore.profile import count_flops, count_params
 from slimcore.surgery import Snapshot as _Snapshot
@@ -547,7 +548,9 @@ def _collect_groups(model: nn.Module, dg: tp.DependencyGraph, classifier: nn.Mod
                 consumers.append((module, *_index_pair(item)))
         held = _bn_channels_of(group)
         if not bn_items:
-            skipped.append({"group": root_name, "reason": "no BatchNorm2d (no gamma to rank)", "channels": held})
+            reason = ("its BatchNorm2d layers have affine=False (no gamma to rank)" if held else
+                      "no BatchNorm2d (no gamma to rank)")
+            skipped.append({"group": root_name, "reason": reason, "channels": held})
             continue
         reason = _unsafe_reason(group, dg)
         atoms, min_keep, atom_problem = (None, 0, None) if reason else _grouped_atoms(group, dg, channels)
@@ -722,6 +725,46 @@ def _untraceable(ratio: float, total_bn: int, pol: SlimPolicy, cause: str,
                       policy=asdict(pol), ratio_all_bn=0.0)
 
 
+def _why_none(model: nn.Module, skipped: list[dict[str, Any]]) -> str:
+    """Why no group is prunable: the model's batch norm layers first (none with a gamma:
+    SyncBatchNorm, affine=False), else the skipped groups' reasons."""
+    problem = batchnorm_problem(model)
+    if problem:
+        return f"the model {problem}"
+    return _skip_summary(skipped) if skipped else "it has no BatchNorm2d layer"
+
+
+def _check_inputs(model: nn.Module, example_inputs: Any) -> None:
+    """Refuse, in one line, what would make ``slim`` fail deep inside or quietly change the
+    model: lazy layers not yet initialised (tracing would initialise the copy with new random
+    weights) and an example batch whose channel count the model's convolutions cannot take."""
+    from torch.nn.parameter import is_lazy
+
+    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
+    if lazy:
+        some = ", ".join(lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+        raise ModelError(f"the model has uninitialised lazy parameters ({some}): slimming would trace "
+                         "it with new random weights; run one forward pass on a real batch (or load its "
+                         "weights) before slimming")
+    if isinstance(example_inputs, torch.Tensor) and example_inputs.dim() == 4:
+        problem = input_channels_problem(model, int(example_inputs.shape[1]),
+                                         f"an example input of shape {tuple(example_inputs.shape)}",
+                                         "pass example inputs with as many channels as the model takes")
+        if problem:
+            raise ModelError(f"the model {problem}")
+
+
+def _check_runs_on(model: nn.Module, example_inputs: Any) -> None:
+    """Run ``model`` on ``example_inputs``; a failure is the caller's (a :class:`ModelError`)."""
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    except Exception as err:
+        shape = tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs)
+        raise ModelError(f"the model cannot run on the example input of shape {shape}: {type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]}; pass a batch the model accepts") from None
+
+
 def _skip_summary(skipped: list[dict[str, Any]]) -> str:
     reasons = sorted({s["reason"].split(" (")[0] for s in skipped})
     return "; ".join(reasons[:4]) + ("; ..." if len(reasons) > 4 else "")
@@ -843,21 +886,20 @@ def _slim_work(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol
         traced = _trace(model, example_inputs, fold=pol.fold_constants and (ratio > 0 or goal is not None))
         groups, skipped = _collect_groups(model, traced.graph, traced.classifier, pol.group_score)
     except Exception as err:  # torch-pruning cannot model this graph at all
-        with torch.no_grad():
-            model(example_inputs)  # a model that cannot run on example_inputs is the caller's error
+        _check_runs_on(model, example_inputs)  # a model that cannot run on example_inputs is the caller's error
         return _untraceable(ratio, total_bn, pol, f"torch-pruning cannot trace the model: "
                             f"{type(err).__name__}: {err}", [])
     if ratio > 0 and not groups:
-        why = _skip_summary(skipped) if skipped else "it has no BatchNorm2d layer"
-        return _untraceable(ratio, total_bn, pol, f"no channel group can be pruned ({why})", skipped)
+        return _untraceable(ratio, total_bn, pol, f"no channel group can be pruned ({_why_none(model, skipped)})",
+                            skipped)
     dg, expected = traced.graph, traced.output_shape
     probe = _probe_input(model, example_inputs, expected)
     snapshot = _Snapshot(model, dg)
     search_bound: list[str] = []
     if goal is not None:
         if not groups:
-            why = _skip_summary(skipped) if skipped else "it has no BatchNorm2d layer"
-            return _untraceable(0.0, total_bn, pol, f"no channel group can be pruned ({why})", skipped)
+            return _untraceable(0.0, total_bn, pol, f"no channel group can be pruned ({_why_none(model, skipped)})",
+                                skipped)
         ratio, search_bound = _search_ratio(model, dg, groups, traced.tap_means, pol, goal, snapshot, skipped)
     by_name = {g.root_name: g for g in groups}
     excluded: dict[str, str] = {}
@@ -942,6 +984,7 @@ def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
 def _slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy,
           goal: _Goal | None) -> tuple[nn.Module, SlimReport]:
     start = time.perf_counter()
+    _check_inputs(model, example_inputs)
     was_training = model.training
     work = model if pol.inplace else copy.deepcopy(model)
     work.eval()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from slimcore.config import MIN_SENSITIVITY_STEP
 from slimcore.evaluate import evaluate
 from slimcore.profile import count_flops, count_params
 from slimcore.prune import SlimError, slim
@@ -43,11 +44,13 @@ RATIO_DIGITS, ACCURACY_DIGITS, MFLOPS_DIGITS = 6, 4, 6
 
 
 def ratio_grid(step: float) -> list[float]:
-    """``step, 2*step, ...`` up to ``1 - step`` (0.05: 0.05, 0.10, ..., 0.95), rounded to 6 decimals."""
-    if not 0 < step <= 0.5:
-        raise ValueError(f"sensitivity step must be in (0, 0.5], got {step}")
+    """``step, 2*step, ...`` up to ``1 - step`` (0.05: 0.05, 0.10, ..., 0.95), rounded to 6 decimals,
+    each ratio once (and never 0).  ``step`` is at least ``MIN_SENSITIVITY_STEP`` (0.01: 99 ratios,
+    each one slim and one validation pass)."""
+    if not MIN_SENSITIVITY_STEP <= step <= 0.5:
+        raise ValueError(f"sensitivity step must be in [{MIN_SENSITIVITY_STEP}, 0.5], got {step}")
     count = math.floor((1 - step) / step + 1e-9)
-    return [round(k * step, RATIO_DIGITS) for k in range(1, count + 1)]
+    return sorted({r for r in (round(k * step, RATIO_DIGITS) for k in range(1, count + 1)) if 0 < r < 1})
 
 
 def _round(x: float | None, digits: int) -> float | None:

@@ -160,6 +160,8 @@ def _speedup(s: float, text: str) -> Target:
 
 
 def _ratio(x: float, text: str) -> Target:
+    if x == 0 and math.copysign(1.0, x) < 0:  # -0.0 would name its outputs pruned--0.0.pt
+        raise ValueError(f"{text}: negative zero; write it 0.0")
     if not math.isfinite(x) or not 0 <= x < 1:
         raise ValueError(f"{text}: a channel ratio is the fraction of prunable BN channels to remove, in [0, 1)")
     return Target("ratio", float(x))

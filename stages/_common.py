@@ -37,9 +37,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 TEMP_ROOTS = ("models", "metrics", ".slimcore")  # where atomic writers of killed stages leave temp files
 
 
+TRAINING_STAGES = ("baseline-train", "sparse-train", "finetune")  # they save every finished epoch
+
+
 def _interrupted(name: str) -> NoReturn:
-    console.print(f"[yellow]{name}: interrupted[/]; every finished epoch is saved: "
-                  "run the stage again (or `dvc repro`) to resume")
+    if name.partition("@")[0] in TRAINING_STAGES:
+        what = "every finished epoch is saved: run the stage again (or `dvc repro`) to resume"
+    else:
+        what = "it stopped before finishing (no half-written file is left): run the stage again (or `dvc repro`)"
+    console.print(f"[yellow]{name}: interrupted[/]; {what}")
     raise typer.Exit(EXIT_INTERRUPTED)
 
 

@@ -56,6 +56,8 @@ def main(
         example = trace_inputs(params)  # the prune stage's batch
         cfg = params.prune
         grid = ratio_grid(cfg.sensitivity_step)
+        console.log(f"sensitivity@{arch}: {len(grid)} ratios (prune.sensitivity_step {cfg.sensitivity_step:g}), "
+                    f"each one slim and one pass over the {len(splits.val)} validation images")
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[last]}"), TimeRemainingColumn(),
                             console=console, transient=True, disable=not console.is_terminal)

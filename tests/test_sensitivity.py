@@ -219,6 +219,8 @@ def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_proje
     assert report["warn_gamma"] == params["prune"].get("warn_gamma", 0.01)
     assert 0.25 <= report["gammas_below_warn"] <= 1  # half the channels were zeroed
     assert "reached no sparsity" not in result.output
+    said = " ".join(result.output.split())  # the cost, said before the work
+    assert f"sensitivity@{arch}: 3 ratios (prune.sensitivity_step 0.25), each one slim and one pass over the" in said
     assert (report["arch"], report["max_drop"], report["step"], report["val_images"]) == (arch, 2.0, 0.25, calls[0])
     assert report["policy"] == PruneConfig(**params["prune"]).policy()
     assert [p["ratio"] for p in report["points"]] == [0.25, 0.5, 0.75]

@@ -60,3 +60,17 @@ def not_a_module(num_classes: int) -> object:
 
 
 NOT_CALLABLE = 3
+
+
+def bn_variant(num_classes: int, kind: str = "plain", in_channels: int = 3) -> nn.Module:
+    """conv-BN-ReLU, 1x1 conv-BN-ReLU, pool, linear; ``kind``: ``plain``, ``affine_free``
+    (BatchNorm2d(affine=False)), ``sync`` (SyncBatchNorm), ``batch_stats``
+    (track_running_stats=False: normalised with each batch's statistics, even in eval)."""
+    def bn(c: int) -> nn.Module:
+        if kind == "sync":
+            return nn.SyncBatchNorm(c)
+        return nn.BatchNorm2d(c, affine=kind != "affine_free", track_running_stats=kind != "batch_stats")
+
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), bn(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 1, bias=False), bn(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
