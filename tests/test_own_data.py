@@ -44,8 +44,9 @@ def readme_section(title: str = "Your own data") -> str:
 def readme_settings() -> dict[str, object]:
     """The ``-S key=value`` pairs of the section's ``dvc exp run`` command, values parsed like DVC (YAML)."""
     blocks = re.findall(r"```bash\n(.*?)```", readme_section(), re.DOTALL)
-    commands = [b for b in blocks if "dvc exp run" in b]
-    assert len(commands) == 1, f"expected one `dvc exp run` block in README's 'Your own data', got {len(commands)}"
+    commands = [b for b in blocks if "dvc exp run" in b and "data.name=imagefolder" in b]
+    assert len(commands) == 1, ("expected one `dvc exp run -S data.name=imagefolder` block in README's "
+                                f"'Your own data', got {len(commands)}")
     args = shlex.split(commands[0].replace("\\\n", " "))
     pairs = [args[i + 1] for i, a in enumerate(args) if a == "-S"]
     return {key: yaml.safe_load(value) for key, value in (p.split("=", 1) for p in pairs)}
