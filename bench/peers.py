@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -178,11 +179,13 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
 
 
 class Bench:
-    """One arch's runs, cached under ``work/ARCH``."""
+    """One arch's runs, cached under ``work/SETTINGS/ARCH`` (SETTINGS: a digest of the params)."""
 
     def __init__(self, params: Params, arch: str, work: Path, splits: Any, ctx: Any) -> None:
         self.params, self.arch, self.ctx, self.splits = params, arch, ctx, splits
-        self.dir = work / arch
+        # cached by the settings too: another params file or --set never reuses these runs
+        digest = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True, default=str).encode()).hexdigest()
+        self.dir = work / digest[:12] / arch
         self.dir.mkdir(parents=True, exist_ok=True)
         size = params.data.image_size
         self.size = size
@@ -225,7 +228,9 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
                paper_strength: float) -> dict[str, Any]:
     """Sparse-train from the baseline, prune to each speed-up, fine-tune; test top-1 at each step."""
     label = method + (":" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) if overrides else "")
-    cache = bench.dir / f"{label.replace(':', '_').replace(',', '_').replace('=', '-')}.json"
+    name = label.replace(":", "_").replace(",", "_").replace("=", "-")
+    extra = f"_paper{paper_strength:g}" if method == "paper" else ""
+    cache = bench.dir / f"{name}_x{'-'.join(f'{s:g}' for s in speedups)}{extra}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     bench_opts = {k.removeprefix("bench."): v for k, v in overrides.items() if k.startswith("bench.")}
@@ -248,7 +253,8 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
                                              input_size=bench.size, **params.prune.policy())
             kw = {"sparsity": params.sparsity[arch], "sparsity_method": pen.method, "sparsity_units": units,
                   "sparsity_ramp_epochs": pen.ramp_epochs,
-                  "sparsity_target": 0.0 if retarget else float(pen.target), "retarget": retarget}
+                  "sparsity_target": 0.0 if retarget else float(pen.target), "retarget": retarget,
+                  "sparsity_close": pen.close}
         else:
             kw = {"sparsity": paper_strength, "sparsity_method": "l1"}
         bench.train(sparse, params.train, f"sparse-{label}@{arch}", penalty=kw)
@@ -307,15 +313,23 @@ def table(results: dict[str, dict[str, Any]], speedups: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="configs/fashion-mnist.yaml")
+    ap.add_argument("--params", default="configs/fashion-mnist.yaml", help="the settings (a params file or preset)")
     ap.add_argument("--archs", nargs="*", default=None, help="default: the params file's archs")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--speedups", nargs="*", type=float, default=[2.0, 4.0])
+    ap.add_argument("--methods", nargs="*", default=list(METHODS),
+                    help=f"of {', '.join(METHODS)}, each with optional :key=value,... params overrides")
+    ap.add_argument("--speedups", nargs="*", type=float, default=[2.0, 4.0], help="MAC speed-ups to prune to")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the params file for every method, e.g. runtime.threads=1")
     ap.add_argument("--paper-strength", type=float, default=1e-4)
-    ap.add_argument("--work", type=Path, default=Path(".slimcore/bench-peers"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/peers.json"))
+    ap.add_argument("--work", type=Path, default=Path(".slimcore/bench-peers"),
+                    help="cache of checkpoints and finished runs (a second call computes only what is new)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/peers.json"), help="every figure, as JSON")
     args = ap.parse_args()
     params = load_params(args.params)
+    if args.sets:
+        from slimcore.preset import parse_sets
+
+        params = with_overrides(params, parse_sets(args.sets))
     ctx = current_context(params.runtime)
     splits = load_splits(params.data)
     methods = [parse_method(m) for m in args.methods]

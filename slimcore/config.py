@@ -306,6 +306,7 @@ class PenaltyConfig(_Section):
     method: Literal["group", "prox", "l1"] = "group"
     ramp_epochs: NonNegFloat = 0.0
     target: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = 0.0
+    close: bool = False  # with a target: the targeted channels are exactly zero after sparse-train's last step
 
 
 class ProfileConfig(_Section):

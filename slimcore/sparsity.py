@@ -57,11 +57,15 @@ class GammaPenalty:
         ramp_steps: optimizer steps over which the strength grows linearly from 0.
         target: ``prox``/``group`` only: shrink only the units of lowest RMS |gamma| that hold
             this fraction of all BN channels (re-ranked every step); 0 shrinks every unit.
+        close_steps: with a ``target``, the optimizer step by which the targeted units must be
+            exactly zero (the run's last step): each step pulls a targeted unit by at least
+            ``norm / steps left``, so the penalty can stay gentle early (``strength``) and pruning
+            at the target is still lossless at the end; 0: no such guarantee.
     """
 
     def __init__(self, model: nn.Module, strength: float, method: SparsityMethod = "l1",
                  units: list[tuple[nn.BatchNorm2d, torch.Tensor]] | None = None, ramp_steps: int = 0,
-                 target: float = 0.0) -> None:
+                 target: float = 0.0, close_steps: int = 0) -> None:
         if strength < 0:
             raise ValueError(f"sparsity strength must be >= 0, got {strength}")
         if method not in SPARSITY_METHODS:
@@ -72,6 +76,7 @@ class GammaPenalty:
         self.method = method
         self.ramp_steps = max(0, int(ramp_steps))
         self.target = float(target)
+        self.close_steps = max(0, int(close_steps))
         self.steps = 0
         layers = [m for _, m in batchnorm_layers(model)]
         self.gammas = [m.weight for m in layers]
@@ -129,7 +134,11 @@ class GammaPenalty:
         weight = self._weight
         pull = torch.full_like(norm, shrink)
         if self.target > 0:
-            pull = pull * self._lowest_units(norm / weight)
+            chosen = self._lowest_units(norm / weight)
+            pull = pull * chosen
+            if self.close_steps:  # at least norm / steps left: exactly zero by the last step
+                left = max(1, self.close_steps - self.steps)
+                pull = torch.maximum(pull, chosen * norm / (weight * left))
         factor = (1 - pull * weight / norm.clamp_min(1e-30)).clamp_(min=0)
         scaled = (flat * factor[self._ids]).split([g.numel() for g in gammas])
         torch._foreach_copy_(gammas, [t.view_as(g).to(g.dtype) for t, g in zip(scaled, gammas)])

@@ -125,3 +125,26 @@ def test_recalibrate_bn_replaces_stale_running_stats_with_the_batch_average() ->
     expected_mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
     assert torch.allclose(bn.running_mean, expected_mean, atol=1e-5)
     assert not model.training and bn.momentum == 0.1
+
+
+def test_close_steps_bring_the_targeted_units_to_exactly_zero_on_the_last_step() -> None:
+    """A gentle strength alone leaves the targeted gammas above zero; close_steps zeroes them by the
+    last step (gradually: half way they are still about half way) and leaves the others alone."""
+    bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bn)
+    start = torch.tensor([0.5, -0.4, 1.0, 2.0])
+    with torch.no_grad():
+        bn.weight.copy_(start)
+    gentle = GammaPenalty(model, 0.01, "prox", target=0.5)
+    for _ in range(10):
+        gentle.after_step_(lr=0.1)
+    assert bool((bn.weight[:2].abs() > 0.3).all())  # 10 x 0.001: nowhere near zero
+    with torch.no_grad():
+        bn.weight.copy_(start)
+    closing = GammaPenalty(model, 0.01, "prox", target=0.5, close_steps=10)
+    for step in range(10):
+        closing.after_step_(lr=0.1)
+        if step == 4:
+            assert 0.15 < float(bn.weight[0].abs()) < 0.35
+    assert bn.weight[:2].tolist() == [0.0, 0.0]
+    assert bn.weight[2:].tolist() == pytest.approx([1.0, 2.0])
