@@ -254,7 +254,7 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
             kw = {"sparsity": params.sparsity[arch], "sparsity_method": pen.method, "sparsity_units": units,
                   "sparsity_ramp_epochs": pen.ramp_epochs,
                   "sparsity_target": 0.0 if retarget else float(pen.target), "retarget": retarget,
-                  "sparsity_close": pen.close}
+                  "sparsity_close_epochs": pen.close_epochs}
         else:
             kw = {"sparsity": paper_strength, "sparsity_method": "l1"}
         bench.train(sparse, params.train, f"sparse-{label}@{arch}", penalty=kw)

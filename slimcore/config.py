@@ -306,7 +306,9 @@ class PenaltyConfig(_Section):
     method: Literal["group", "prox", "l1"] = "group"
     ramp_epochs: NonNegFloat = 0.0
     target: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = 0.0
-    close: bool = False  # with a target: the targeted channels are exactly zero after sparse-train's last step
+    # with a target: the targeted channels fade linearly to exactly zero over sparse-train's last close_epochs
+    # epochs (0: off), so a gentle strength still leaves pruning at the target lossless
+    close_epochs: NonNegFloat = 0.0
 
 
 class ProfileConfig(_Section):

@@ -58,14 +58,16 @@ class GammaPenalty:
         target: ``prox``/``group`` only: shrink only the units of lowest RMS |gamma| that hold
             this fraction of all BN channels (re-ranked every step); 0 shrinks every unit.
         close_steps: with a ``target``, the optimizer step by which the targeted units must be
-            exactly zero (the run's last step): each step pulls a targeted unit by at least
-            ``norm / steps left``, so the penalty can stay gentle early (``strength``) and pruning
-            at the target is still lossless at the end; 0: no such guarantee.
+            exactly zero (the run's last step): over the last ``close_window`` steps before it
+            (0: all of them) each step pulls a targeted unit by at least ``norm / steps left``,
+            a linear fade to zero, so the penalty can stay gentle (``strength``) and pruning at
+            the target is still lossless at the end; 0: no such guarantee.
+        close_window: see ``close_steps``.
     """
 
     def __init__(self, model: nn.Module, strength: float, method: SparsityMethod = "l1",
                  units: list[tuple[nn.BatchNorm2d, torch.Tensor]] | None = None, ramp_steps: int = 0,
-                 target: float = 0.0, close_steps: int = 0) -> None:
+                 target: float = 0.0, close_steps: int = 0, close_window: int = 0) -> None:
         if strength < 0:
             raise ValueError(f"sparsity strength must be >= 0, got {strength}")
         if method not in SPARSITY_METHODS:
@@ -77,6 +79,7 @@ class GammaPenalty:
         self.ramp_steps = max(0, int(ramp_steps))
         self.target = float(target)
         self.close_steps = max(0, int(close_steps))
+        self.close_from = max(0, self.close_steps - int(close_window)) if close_window > 0 else 0
         self.steps = 0
         layers = [m for _, m in batchnorm_layers(model)]
         self.gammas = [m.weight for m in layers]
@@ -136,7 +139,7 @@ class GammaPenalty:
         if self.target > 0:
             chosen = self._lowest_units(norm / weight)
             pull = pull * chosen
-            if self.close_steps:  # at least norm / steps left: exactly zero by the last step
+            if self.close_steps and self.steps >= self.close_from:  # a linear fade: zero by the last step
                 left = max(1, self.close_steps - self.steps)
                 pull = torch.maximum(pull, chosen * norm / (weight * left))
         factor = (1 - pull * weight / norm.clamp_min(1e-30)).clamp_(min=0)

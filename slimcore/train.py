@@ -183,7 +183,9 @@ class Trainer:
     # prox/group: re-resolves sparsity_target from the model at the start of every epoch (penalty.target
     # auto: the share of BN channels the prune targets remove from the model as it is then)
     retarget: Callable[[nn.Module], float] | None = None
-    sparsity_close: bool = False  # with a target: the targeted units are exactly zero after the last step
+    # with a target: the targeted units fade linearly to exactly zero over the last sparsity_close_epochs
+    # epochs (0: off; >= epochs: over the whole run)
+    sparsity_close_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         self.model.to(self.ctx.device)
@@ -203,7 +205,8 @@ class Trainer:
         self.penalty = GammaPenalty(self.model, self.sparsity, self.sparsity_method, self.sparsity_units,
                                     ramp_steps=round(self.sparsity_ramp_epochs * self.steps_per_epoch),
                                     target=self.sparsity_target,
-                                    close_steps=self.cfg.epochs * self.steps_per_epoch if self.sparsity_close else 0)
+                                    close_steps=self.cfg.epochs * self.steps_per_epoch if self.sparsity_close_epochs else 0,
+                                    close_window=round(self.sparsity_close_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(self.cfg, s, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.ctx.use_grad_scaler)

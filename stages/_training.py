@@ -289,7 +289,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=f"{run}@{arch}",
                           sparsity_method=params.penalty.method, sparsity_units=coupled,
                           sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=0.0 if retarget else share,
-                          test_loader=test, retarget=retarget, sparsity_close=params.penalty.close)
+                          test_loader=test, retarget=retarget, sparsity_close_epochs=params.penalty.close_epochs)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
         key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
                           params.prune.model_dump() if retarget else None,

@@ -141,10 +141,24 @@ def test_close_steps_bring_the_targeted_units_to_exactly_zero_on_the_last_step()
     assert bool((bn.weight[:2].abs() > 0.3).all())  # 10 x 0.001: nowhere near zero
     with torch.no_grad():
         bn.weight.copy_(start)
-    closing = GammaPenalty(model, 0.01, "prox", target=0.5, close_steps=10)
+    closing = GammaPenalty(model, 0.01, "prox", target=0.5, close_steps=10, close_window=10)
     for step in range(10):
         closing.after_step_(lr=0.1)
         if step == 4:
             assert 0.15 < float(bn.weight[0].abs()) < 0.35
     assert bn.weight[:2].tolist() == [0.0, 0.0]
     assert bn.weight[2:].tolist() == pytest.approx([1.0, 2.0])
+
+
+def test_close_window_starts_the_fade_late() -> None:
+    bn = nn.BatchNorm2d(2)
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), bn)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 2.0]))
+    penalty = GammaPenalty(model, 0.0001, "prox", target=0.5, close_steps=10, close_window=4)
+    for _ in range(6):
+        penalty.after_step_(lr=0.1)
+    assert float(bn.weight[0]) == pytest.approx(0.5, abs=1e-3)  # before the window: only the gentle strength
+    for _ in range(4):
+        penalty.after_step_(lr=0.1)
+    assert bn.weight.tolist() == [0.0, pytest.approx(2.0)]
