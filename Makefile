@@ -70,7 +70,7 @@ bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/train_speed.py
 
 plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
-	$(BIN)/python -m slimcore.render_plots --out docs/plots
+	$(BIN)/python -m slimcore.render_plots --out docs/plots --docs docs/plots.md
 	$(BIN)/dvc plots show
 
 # A checkpoint as ONNX, BatchNorm folded, checked with onnxruntime (docs/export.md):

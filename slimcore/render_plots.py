@@ -207,11 +207,42 @@ def chart_problems(spec: dict[str, Any], name: str = "chart") -> list[str]:
     without tick labels, overlapping text labels. Empty: the chart shows its data."""
     import vl_convert
 
+    problems = _unmatched_filters(spec, name)
     scene = vl_convert.vegalite_to_scenegraph(spec, vl_version=VEGA_LITE_VERSION)
     cells = list(_cells(scene["scenegraph"], name))
     if not cells:
-        return [f"{name}: no panel with data marks"]
-    return [problem for cell, where in cells for problem in _cell_problems(cell, where)]
+        return [*problems, f"{name}: no panel with data marks"]
+    return problems + [problem for cell, where in cells for problem in _cell_problems(cell, where)]
+
+
+def _unmatched_filters(spec: dict[str, Any], name: str) -> list[str]:
+    """A row or layer whose filter (``{"field": F, "equal"/"oneOf": ...}``) selects none of the
+    data draws nothing, and Vega lays out no panel to check: e.g. curves without ``val_top1`` rows.
+    (Filters on ``label`` select optional marks, such as the bar of exact zeros, and are skipped.)"""
+    values = (spec.get("data") or {}).get("values")
+    if not isinstance(values, list):
+        return []
+    problems = []
+    stack: list[Any] = [spec]
+    seen: set[tuple[str, str]] = set()
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack += node
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack += list(node.values())
+        flt = node.get("filter")
+        if not isinstance(flt, dict) or "field" not in flt or flt["field"] == "label":
+            continue
+        wanted = [flt["equal"]] if "equal" in flt else flt.get("oneOf", [])
+        for value in wanted:
+            key = (flt["field"], str(value))
+            if key not in seen and not any(str(row.get(flt["field"])) == str(value) for row in values):
+                seen.add(key)
+                problems.append(f"{name}: no data has {flt['field']} = {value!r}: what it selects is not drawn")
+    return problems
 
 
 def compact_png(data: bytes) -> bytes:
@@ -248,6 +279,72 @@ def render_all(specs: dict[str, dict[str, Any]], out: Path, formats: Sequence[st
     return written
 
 
+# ---------------------------------------------------------------------------------------------
+# what docs/plots.md says about the charts: generated from the metrics, never typed by hand
+# ---------------------------------------------------------------------------------------------
+
+DOC_BLOCKS = ("tradeoff", "gamma", "sensitivity")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def describe(metrics: Path = Path("metrics")) -> dict[str, str]:
+    """The sentences of docs/plots.md about each chart's data, from ``metrics`` (eval.json, prune/,
+    sensitivity/): ``{block name: markdown}``. ``make plots`` writes them between the page's
+    ``<!-- generated: NAME -->`` markers; tests/test_plots.py checks the page against the metrics."""
+    from slimcore.noise import image_points, within_noise
+
+    evals = json.loads((metrics / "eval.json").read_text())
+    prunes: dict[str, dict[str, Any]] = {}
+    for path in sorted((metrics / "prune").glob("*.json")):
+        report = json.loads(path.read_text())
+        arch = path.stem[: -len(report["target"]) - 1]
+        prunes.setdefault(arch, {})[report["target"]] = report
+    tradeoff, gamma, sensitivity = [], [], []
+    for arch, ev in evals.items():
+        n = ev["baseline"].get("test_images")
+        tags = sorted(prunes.get(arch, {}), key=lambda t: prunes[arch][t]["requested_ratio"])
+        size = (f"{n} test images, one image = {image_points(n):.2f} pt" if n else "test-set size not recorded")
+        cells = []
+        for tag in tags:
+            pruned, tuned = ev[f"pruned-{tag}"]["top1"], ev[f"finetuned-{tag}"]["top1"]
+            base = ev["baseline"]["top1"]
+            verdict = ("within noise of" if n and within_noise(tuned, base, n) else
+                       "equal to" if tuned == base else "above" if tuned > base else "below")
+            cells.append(f"{100 * prunes[arch][tag]['requested_ratio']:.4g}%: {_pct(pruned)} before, "
+                         f"{_pct(tuned)} after fine-tuning ({verdict} the baseline)")
+        tradeoff.append(f"- **{arch}** ({size}): dense baseline {_pct(ev['baseline']['top1'])}, sparse-trained "
+                        f"{_pct(ev['sparse']['top1'])}; " + "; ".join(cells) + ".")
+        marks = []
+        for tag in tags:
+            t = prunes[arch][tag]["threshold"]
+            marks.append(f"{100 * prunes[arch][tag]['requested_ratio']:.4g}%: "
+                         + ("0 (only channels zeroed by sparse training removed)" if t <= 0 else f"{t:.3g}"))
+        if marks:
+            gamma.append(f"- **{arch}**: thresholds " + "; ".join(marks) + ".")
+        sens_path = metrics / "sensitivity" / f"{arch}.json"
+        if sens_path.is_file():
+            sens = json.loads(sens_path.read_text())
+            vn = sens.get("val_images")
+            sensitivity.append(
+                f"- **{arch}**: unpruned validation top-1 {sens['reference_top1']:.2f}%, safe ratio "
+                f"{100 * sens['safe_ratio']:.4g}% (drop <= {sens['max_drop']:g} pt)"
+                + (f"; {vn} validation images, one image = {image_points(vn):.2f} pt." if vn else "."))
+    return {"tradeoff": "\n".join(tradeoff), "gamma": "\n".join(gamma), "sensitivity": "\n".join(sensitivity)}
+
+
+def fill_doc(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with each ``<!-- generated: NAME -->...<!-- /generated -->`` block replaced."""
+    for name, body in blocks.items():
+        pattern = re.compile(rf"(<!-- generated: {re.escape(name)} -->)(?:(?!<!--).)*?(<!-- /generated -->)", re.S)
+        if not pattern.search(text):
+            raise PlotsError(f"no <!-- generated: {name} --> block to fill")
+        text = pattern.sub(lambda m, body=body: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
+    return text
+
+
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
@@ -259,6 +356,8 @@ def main(
                                                           "(repeatable)")] = None,
     strict: Annotated[bool, typer.Option(help="exit 1 when a chart fails its check (an empty panel, "
                                               "overlapping labels...)")] = False,
+    docs: Annotated[Path | None, typer.Option(help="a page whose generated blocks to refresh from metrics/ "
+                                                   "(make plots: docs/plots.md)")] = None,
 ) -> None:
     """Render dvc.yaml's plots (the workspace, or several revisions) to static images."""
     fmt, rev = fmt or ["png"], rev or []
@@ -276,6 +375,11 @@ def main(
         console.print(f"[yellow]warning:[/] {line}")
     for path in written:
         console.print(f"wrote {path}")
+    if docs is not None and not rev:
+        from slimcore.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(docs, fill_doc(docs.read_text(), describe()).encode())
+        console.print(f"wrote {docs} (the sentences about the charts, from metrics/)")
     problems = [p for name, spec in specs.items() for p in chart_problems(spec, name)]
     for line in problems:
         console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)

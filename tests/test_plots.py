@@ -494,6 +494,11 @@ def test_the_check_finds_an_empty_panel_an_unplaceable_mark_and_overlapping_labe
                                                   "text": {"field": "t", "type": "nominal"}}}
     points = {"mark": "point", "encoding": {"x": {"field": "x", "type": "quantitative"},
                                            "y": {"field": "y", "type": "quantitative"}}}
+    curves = render_plots.fill_specs(plotdata.plot_tables(**_inputs()), ("workspace",), ROOT / "dvc.yaml",
+                                     ROOT / ".dvc" / "plots")["training curves"]
+    curves["data"]["values"] = [r for r in curves["data"]["values"] if r["metric"] != "val_top1"]
+    assert "training curves: no data has metric = 'val_top1': what it selects is not drawn" in \
+        render_plots.chart_problems(curves, "training curves")
     crowded = spec([{"p": "a", "x": 1, "y": 1, "t": "40%"}, {"p": "a", "x": 1.02, "y": 1, "t": "20%"}], [points, text])
     assert render_plots.chart_problems(crowded, "t") == ["t panel 1: labels '40%' and '20%' overlap"]
 
