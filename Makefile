@@ -46,8 +46,13 @@ peers: $(STAMP)  ## slimcore vs the paper's recipe and Torch-Pruning at 2x/4x MA
 push: $(STAMP)   ## upload the DVC-cached outputs (checkpoints under models/) to the default remote
 	$(BIN)/dvc push
 
+REMOTE_HINT = make pull: the DVC remote does not hold these outputs (it is a folder only the machine that pushed has): run `make repro` to build them, or point the remote at the shared storage: `dvc remote modify --local storage url PATH` (docs/remote.md)
 pull: $(STAMP)   ## fetch them back and check them out: a fresh clone's workspace without training
-	$(BIN)/dvc pull
+	@url=$$($(BIN)/dvc config "remote.$$($(BIN)/dvc remote default).url" 2>/dev/null); \
+	case "$$url" in *://*) ;; *) case "$$url" in /*) ;; *) url=".dvc/$$url";; esac; \
+	  if [ -z "$$(ls -A "$$url" 2>/dev/null)" ]; then echo '$(REMOTE_HINT)' "(remote: $$url, empty or missing)"; exit 2; fi;; esac; \
+	mkdir -p .slimcore; $(BIN)/dvc pull > .slimcore/pull.log 2>&1 || { echo '$(REMOTE_HINT) (dvc: .slimcore/pull.log)'; exit 2; }; \
+	tail -n 3 .slimcore/pull.log
 
 test: $(STAMP)   ## unit tests + end-to-end DVC pipeline test
 	$(BIN)/python -m pytest -q
@@ -65,7 +70,7 @@ bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/train_speed.py
 
 plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
-	$(BIN)/python -m slimcore.render_plots --out docs/plots
+	$(BIN)/python -m slimcore.render_plots --out docs/plots --docs docs/plots.md
 	$(BIN)/dvc plots show
 
 # A checkpoint as ONNX, BatchNorm folded, checked with onnxruntime (docs/export.md):

@@ -50,6 +50,15 @@ def finetune_run(target: TargetLike) -> str:
     return f"finetune-{target_tag(target)}"
 
 
+def stage_name(run: str, arch: str) -> str:
+    """The DVC stage that writes ``run`` of ``arch``, as ``dvc repro`` names it: ``finetune-0.2``
+    -> ``finetune@vgg16_bn-0.2``, ``sparse-train`` -> ``sparse-train@vgg16_bn``."""
+    for kind in ("finetune", "prune"):
+        if run.startswith(f"{kind}-"):
+            return f"{kind}@{arch}-{run[len(kind) + 1:]}"
+    return f"{run}@{arch}"
+
+
 def prune_run(target: TargetLike) -> str:
     return f"prune-{target_tag(target)}"
 

@@ -7,18 +7,22 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
 
 ``tradeoff.csv`` -- top-1 against FLOPs (template ``slimcore_tradeoff``)::
 
-    arch, series, ratio, label, true_ratio, mflops, top1, top5
+    arch, series, ratio, label, true_ratio, mflops, top1, top5, top1_lo, top1_hi, images, label_row
 
   ``series`` is one of :data:`TRADEOFF_SERIES`: the dense baseline and the sparse-trained model
   (``ratio`` 0, ``label`` empty, ``true_ratio`` empty), then per prune target the pruned model
   before fine-tuning and after it. ``ratio``/``true_ratio``: the channel ratio the target resolved
   to and the measured share of BN channels removed (%); ``label``: the target as the chart prints
   it (``20%``, ``FLOPs 50%``, ``params 30%``, ``safe (45%)``); ``mflops``: thop's count / 10^6;
-  ``top1``, ``top5``: test accuracy (%).
+  ``top1``, ``top5``: test accuracy (%); ``top1_lo``, ``top1_hi``: its 95% Wilson interval (%) on
+  ``images`` test images (empty when the evaluation did not record its size), drawn as error bars
+  and, for the dense baseline, as a band: one test image is ``100 / images`` points. ``label_row``
+  (fine-tuned rows only): the row, from the top of the panel, of the point's ratio label, chosen so
+  that labels of nearby points never overlap (:func:`label_rows`).
 
 ``curves.csv`` -- training curves (template ``slimcore_curves``)::
 
-    arch, run, order, epoch, run_epoch, metric, value
+    arch, run, order, epoch, run_epoch, metric, value, lo, hi
 
   One row per (run, epoch, metric). ``metric`` is one of :data:`CURVE_METRICS`: ``train_loss``,
   ``val_top1`` (%, the validation split each epoch evaluates; an empty cell where it had no
@@ -29,26 +33,35 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
   training both start at 1, fine-tuning starts from the pruned sparse model, so its epochs follow
   the last sparse-training epoch. ``order``
   sorts the runs (baseline, sparse, then fine-tunings: by ratio, then FLOPs, params and safe
-  targets) for the legend.
+  targets) for the legend. ``lo``, ``hi`` (``val_top1`` rows only): the 95% Wilson interval (%) of
+  the validation top-1 on the validation split's images (the sensitivity report's ``val_images``),
+  drawn as a band; empty when the size is unknown.
 
 ``gamma_hist.csv`` -- |gamma| histograms and pruning thresholds (template ``slimcore_gamma``)::
 
-    arch, kind, model, label, bin_lo, bin_hi, gamma, pct
+    arch, kind, model, label, bin_lo, bin_hi, gamma, pct, label_row
 
   ``kind=bin`` rows: ``model`` (``baseline``/``sparse``), a log-spaced bin ``[bin_lo, bin_hi)``,
   its geometric centre ``gamma`` and ``pct``, the share of the model's BN channels in it (%).
   Bins are shared by both models of an arch: edges ``10**(k / BINS_PER_DECADE)`` for whole ``k``,
   from the last edge at or below the smallest non-zero |gamma| (at most :data:`MAX_DECADES`
-  decades below the largest) to the first edge at or above the largest; smaller values (exact
-  zeros included) are counted in the first bin. ``kind=threshold`` rows:
-  the |gamma| threshold (``gamma``) at which the sparse model was pruned for the target ``label``
-  (``20%``, ``FLOPs 50%``); channels whose (group) score is at most this were removed.
+  decades below the largest) to the first edge at or above the largest; smaller non-zero values
+  are counted in the first bin. Exact zeros (what the proximal penalties leave) have a bin of
+  their own, ``label`` :data:`ZERO_BIN` and ``gamma`` 0, drawn left of the first edge, between the
+  decade below it and the one before, at least two bins away (``bin_lo``/``bin_hi`` are then its
+  place on the log axis, not |gamma| values: the axis labels decades only); it is there
+  when a model has an exact zero or a threshold is 0. ``kind=threshold`` rows: the threshold
+  (``gamma``) at which the sparse model was pruned for the target ``label`` (``20%``,
+  ``FLOPs 50%``): the score of the last unit slimming removed in its ranking (a channel's |gamma|,
+  combined over coupled BN layers by ``prune.group_score``); a 0 is drawn at the zero bin.
+  ``label_row``: the row of the threshold's label, so that the labels of equal or nearby
+  thresholds stack instead of overlapping.
 
 ``sensitivity.csv`` -- validation top-1 before fine-tuning at each ratio of the sensitivity grid
 (template ``slimcore_sensitivity``, drawn against ``ratio`` and against ``mflops``)::
 
     arch, ratio, label, true_ratio, ratio_all_bn, mflops, params, top1, top5, drop, within_budget,
-    safe_ratio, budget_top1
+    safe_ratio, budget_top1, top1_lo, top1_hi, images, legend
 
   One row per (arch, grid ratio), after one ``ratio`` 0 row for the unpruned (sparse-trained)
   model (``label`` ``unpruned``). ``ratio``, ``true_ratio``, ``ratio_all_bn``: requested and
@@ -56,7 +69,10 @@ only filters and encodes. Accuracies and ratios are in percent, as in ``metrics/
   ``top1``, ``top5``: validation accuracy (%), empty where slimming failed; ``drop``: points lost
   against the unpruned model; ``within_budget``: 1 or 0; ``safe_ratio`` (%) and ``budget_top1``
   (the unpruned top-1 minus ``prune.max_drop``) repeat the arch's figures on every row, so the
-  template can mark the safe point and the budget line. Data: ``metrics/sensitivity/ARCH.json``.
+  template can mark the safe point and the budget line; ``top1_lo``, ``top1_hi``: the 95% Wilson
+  interval (%) on the ``images`` validation images (``val_images``), drawn as a band; ``legend``:
+  the arch and its safe ratio as the legend names the line (``vgg16_bn (safe 60%)``). Data:
+  ``metrics/sensitivity/ARCH.json``.
 
 Numbers are written with 6 significant digits and files are replaced atomically, so the same
 inputs give the same bytes.
@@ -82,21 +98,29 @@ SENSITIVITY_CSV = "sensitivity.csv"
 BASELINE, SPARSE = "dense baseline", "sparse-trained"
 PRUNED, FINETUNED = "pruned, before fine-tune", "pruned + fine-tuned"
 TRADEOFF_SERIES = (BASELINE, SPARSE, PRUNED, FINETUNED)
-TRADEOFF_FIELDS = ("arch", "series", "ratio", "label", "true_ratio", "mflops", "top1", "top5")
+TRADEOFF_FIELDS = ("arch", "series", "ratio", "label", "true_ratio", "mflops", "top1", "top5", "top1_lo", "top1_hi",
+                   "images", "label_row")
 
 CURVE_METRICS = ("train_loss", "val_top1", "lr")  # drawn, one row of panels each
 TEST_CURVE_METRIC = "test_top1"  # only for epochs that evaluated the test split (eval_test); not drawn
-CURVE_FIELDS = ("arch", "run", "order", "epoch", "run_epoch", "metric", "value")
+CURVE_FIELDS = ("arch", "run", "order", "epoch", "run_epoch", "metric", "value", "lo", "hi")
 TRAINING_RUNS = ("baseline-train", "sparse-train")
 
 GAMMA_MODELS = ("baseline", "sparse")
-GAMMA_FIELDS = ("arch", "kind", "model", "label", "bin_lo", "bin_hi", "gamma", "pct")
+GAMMA_FIELDS = ("arch", "kind", "model", "label", "bin_lo", "bin_hi", "gamma", "pct", "label_row")
+ZERO_BIN = "0"  # the label of the bin of exact zeros
 SENSITIVITY_FIELDS = ("arch", "ratio", "label", "true_ratio", "ratio_all_bn", "mflops", "params", "top1", "top5",
-                      "drop", "within_budget", "safe_ratio", "budget_top1")
+                      "drop", "within_budget", "safe_ratio", "budget_top1", "top1_lo", "top1_hi", "images",
+                      "legend")
 UNPRUNED = "unpruned"
 
 BINS_PER_DECADE = 5
 MAX_DECADES = 8
+
+# Label placement (pixels of the templates' panels): tradeoff and gamma panels are 300 wide.
+PANEL_WIDTH = 300.0
+CHAR_WIDTH = 7.0  # an 11px bold label's mean character width, generously
+LABEL_GAP = 4.0
 
 Row = dict[str, Any]
 
@@ -134,6 +158,34 @@ def _pct(fraction: float | None) -> float | None:
     return None if fraction is None else 100 * float(fraction)
 
 
+def interval_pct(top1_pct: float | None, images: int | None) -> tuple[float | None, float | None]:
+    """The 95% Wilson interval (%) of an accuracy given in %, measured on ``images`` images;
+    (None, None) when either is unknown (no band is drawn)."""
+    from slimcore.noise import accuracy_interval
+
+    if top1_pct is None or not images or not math.isfinite(float(top1_pct)):
+        return None, None
+    lo, hi = accuracy_interval(float(top1_pct) / 100, int(images))
+    return 100 * lo, 100 * hi
+
+
+def label_rows(centres: Sequence[float], widths: Sequence[float], gap: float = LABEL_GAP) -> list[int]:
+    """Rows for labels centred at ``centres`` (pixels) with ``widths`` so that no two labels in a row
+    overlap: each label, taken left to right, goes to the first row whose last label ends ``gap``
+    before it starts. Equal centres always get different rows."""
+    rows = [0] * len(centres)
+    ends: list[float] = []  # right edge of the last label of each row
+    for i in sorted(range(len(centres)), key=lambda i: (centres[i], i)):
+        left, right = centres[i] - widths[i] / 2, centres[i] + widths[i] / 2
+        row = next((r for r, end in enumerate(ends) if end + gap <= left), len(ends))
+        if row == len(ends):
+            ends.append(right)
+        else:
+            ends[row] = right
+        rows[i] = row
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # top-1 vs FLOPs
 # --------------------------------------------------------------------------------------------
@@ -152,17 +204,27 @@ def tradeoff_rows(arch: str, targets: Sequence[Target | float | str], evals: Map
 
     def row(series: str, label: str, target: Target | None = None) -> Row:
         pr = prunes[target.tag] if target is not None else {}
+        top1 = _pct(evals[label]["top1"])
+        images = evals[label].get("test_images") or evals.get("baseline", {}).get("test_images")
+        lo, hi = interval_pct(top1, images)
         return {"arch": arch, "series": series,
                 "ratio": _pct(_resolved_ratio(target, pr)) if target is not None else 0.0,
                 "label": "" if target is None else target_label(target, pr),
                 "true_ratio": _pct(pr.get("true_ratio")),
-                "mflops": profile[label]["flops"] / 1e6, "top1": _pct(evals[label]["top1"]),
-                "top5": _pct(evals[label]["top5"])}
+                "mflops": profile[label]["flops"] / 1e6, "top1": top1,
+                "top5": _pct(evals[label]["top5"]), "top1_lo": lo, "top1_hi": hi,
+                "images": int(images) if images else None}
 
     rows = [row(BASELINE, "baseline"), row(SPARSE, "sparse")]
     for target in map(parse_target, targets):
         rows.append(row(PRUNED, f"pruned-{target.tag}", target))
         rows.append(row(FINETUNED, f"finetuned-{target.tag}", target))
+    # the x axis runs from 0 to the largest MFLOPs of the panel: ratio labels in rows that never overlap
+    labelled = [r for r in rows if r["series"] == FINETUNED]
+    scale = PANEL_WIDTH / max((r["mflops"] for r in rows), default=1.0)
+    for r, label_row in zip(labelled, label_rows([r["mflops"] * scale for r in labelled],
+                                                 [CHAR_WIDTH * len(r["label"]) for r in labelled])):
+        r["label_row"] = label_row
     return rows
 
 
@@ -191,8 +253,10 @@ def _run_sort_key(run: str) -> tuple[int, tuple[int, float], str]:
         else (len(TRAINING_RUNS) + 1, (0, 0.0), run)
 
 
-def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[Row]:
-    """One arch's rows of ``curves.csv``; fine-tuning epochs continue after sparse training's last."""
+def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]],
+               val_images: int | None = None) -> list[Row]:
+    """One arch's rows of ``curves.csv``; fine-tuning epochs continue after sparse training's last
+    (``val_images``: the validation split's size, for the 95% band of ``val_top1``)."""
     sparse = histories.get("sparse-train") or histories.get("baseline-train") or []
     offset = max((int(e["epoch"]) for e in sparse), default=0)
     rows: list[Row] = []
@@ -205,8 +269,10 @@ def curve_rows(arch: str, histories: Mapping[str, Sequence[Mapping[str, Any]]]) 
             if math.isfinite(test):
                 values[TEST_CURVE_METRIC] = _pct(test)
             for metric, value in values.items():
+                lo, hi = interval_pct(value, val_images) if metric == "val_top1" else (None, None)
                 rows.append({"arch": arch, "run": run, "order": order, "epoch": int(epoch["epoch"]) + shift,
-                             "run_epoch": int(epoch["epoch"]), "metric": metric, "value": float(value)})
+                             "run_epoch": int(epoch["epoch"]), "metric": metric, "value": float(value),
+                             "lo": lo, "hi": hi})
     return rows
 
 
@@ -233,16 +299,30 @@ def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[str, fl
     threshold (``thresholds``: the target's label, e.g. ``20%`` or ``FLOPs 50%`` -> threshold)."""
     arrays = {model: np.abs(np.asarray(g, dtype=np.float64).ravel()) for model, g in gammas.items()}
     edges = log_bin_edges(list(arrays.values()))
+    zero_bin = any(bool((v == 0).any()) for v in arrays.values()) or any(t <= 0 for t in thresholds.values())
+    # the zero bar lies strictly between two decades (the axis labels only decades) and 2+ bins left of the rest
+    decade = math.floor(round(math.log10(edges[0]), 9))
+    zero_lo, zero_hi = 10 ** (decade - 0.6), 10 ** (decade - 0.4)
     rows: list[Row] = []
     for model, values in arrays.items():
-        counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
         total = max(values.size, 1)
+        if zero_bin:
+            rows.append({"arch": arch, "kind": "bin", "model": model, "label": ZERO_BIN, "bin_lo": zero_lo,
+                         "bin_hi": zero_hi, "gamma": 0.0, "pct": 100 * int((values == 0).sum()) / total})
+        counted = values[values > 0] if zero_bin else values
+        counts, _ = np.histogram(np.clip(counted, edges[0], edges[-1]), bins=edges)
         for lo, hi, count in zip(edges[:-1], edges[1:], counts):
             rows.append({"arch": arch, "kind": "bin", "model": model, "label": "", "bin_lo": float(lo),
                          "bin_hi": float(hi), "gamma": math.sqrt(lo * hi), "pct": 100 * int(count) / total})
-    for label, threshold in thresholds.items():
+    # where each rule is drawn, in pixels of the log axis: its labels (rotated, 10px wide) stack when close
+    left, right = math.log10(zero_lo if zero_bin else edges[0]), math.log10(edges[-1])
+    scale = PANEL_WIDTH / max(right - left, 1e-9)
+    at = [math.sqrt(zero_lo * zero_hi) if t <= 0 else min(max(float(t), edges[0]), edges[-1])
+          for t in thresholds.values()]
+    placed = label_rows([(math.log10(x) - left) * scale for x in at], [12.0] * len(at), gap=0.0)
+    for (label, threshold), label_row in zip(thresholds.items(), placed):
         rows.append({"arch": arch, "kind": "threshold", "model": "sparse", "label": label,
-                     "gamma": float(threshold)})
+                     "gamma": float(threshold), "label_row": label_row})
     return rows
 
 
@@ -254,8 +334,10 @@ def gamma_rows(arch: str, gammas: Mapping[str, Any], thresholds: Mapping[str, fl
 def sensitivity_rows(arch: str, report: Mapping[str, Any]) -> list[Row]:
     """One arch's rows of ``sensitivity.csv`` from its ``metrics/sensitivity/ARCH.json``."""
     reference = float(report["reference_top1"])
+    images = report.get("val_images")
     shared = {"arch": arch, "safe_ratio": _pct(report["safe_ratio"]),
-              "budget_top1": reference - float(report["max_drop"])}
+              "budget_top1": reference - float(report["max_drop"]), "images": images,
+              "legend": f"{arch} (safe {percent_label(float(report['safe_ratio']))})"}
     rows: list[Row] = [{**shared, "ratio": 0.0, "label": UNPRUNED, "true_ratio": 0.0, "ratio_all_bn": 0.0,
                         "mflops": float(report["reference_mflops"]), "params": int(report["reference_params"]),
                         "top1": reference, "top5": float(report["reference_top5"]), "drop": 0.0,
@@ -265,6 +347,8 @@ def sensitivity_rows(arch: str, report: Mapping[str, Any]) -> list[Row]:
                      "true_ratio": _pct(point["true_ratio"]), "ratio_all_bn": _pct(point["ratio_all_bn"]),
                      "mflops": point["mflops"], "params": point["params"], "top1": point["top1"],
                      "top5": point["top5"], "drop": point["drop"], "within_budget": int(bool(point["within_budget"]))})
+    for row in rows:
+        row["top1_lo"], row["top1_hi"] = interval_pct(row["top1"], images)
     return rows
 
 
@@ -280,7 +364,8 @@ def plot_tables(*, archs: list[str], targets: Sequence[Target | float | str], ev
     parsed = [parse_target(t) for t in targets]
     for arch in archs:
         tradeoff += tradeoff_rows(arch, parsed, evals[arch], profile[arch], prunes[arch])
-        curves += curve_rows(arch, histories.get(arch, {}))
+        val_images = (sensitivity or {}).get(arch, {}).get("val_images")
+        curves += curve_rows(arch, histories.get(arch, {}), val_images)
         models = {m: gammas[arch][m] for m in GAMMA_MODELS if m in gammas[arch]}
         thresholds = {target_label(t, prunes[arch][t.tag]): prunes[arch][t.tag]["threshold"] for t in parsed}
         hist += gamma_rows(arch, models, thresholds)
@@ -322,6 +407,7 @@ def write_plot_data(directory: Path, *, archs: list[str], targets: Sequence[Targ
         atomic_write_bytes(Path(directory) / name, content)
 
 
-__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "SENSITIVITY_FIELDS", "TEST_CURVE_METRIC", "TRADEOFF_SERIES",
-           "curve_rows", "gamma_rows", "log_bin_edges", "percent_label", "plot_tables", "render_csv",
+__all__ = ["CURVE_METRICS", "GAMMA_MODELS", "SENSITIVITY_FIELDS", "TEST_CURVE_METRIC", "TRADEOFF_SERIES", "ZERO_BIN",
+           "curve_rows", "gamma_rows", "interval_pct", "label_rows", "log_bin_edges", "percent_label", "plot_tables",
+           "render_csv",
            "sensitivity_rows", "target_label", "tradeoff_rows", "write_plot_data"]

@@ -66,6 +66,39 @@ def _resolve_amp(cfg: RuntimeConfig, device: torch.device) -> torch.dtype | None
     return torch.float16
 
 
+STAGE_MARK = "-m stages."  # how the command line of a pipeline stage reads (dvc.yaml's cmd)
+
+
+def running_stages() -> int:
+    """Pipeline stage processes running on this machine now (this one included): every
+    ``python -m stages.X`` in ``/proc``, whichever workspace, queue worker or experiment runs it.
+    Torchrun's workers of one stage count once each. 1 where ``/proc`` cannot be read."""
+    count = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = open(f"/proc/{entry.name}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                count += STAGE_MARK in cmdline and "python" in cmdline.split(" ", 1)[0]
+    return max(count, 1)
+
+
+def fair_threads(world: int = 1, cores: int | None = None, running: int | None = None) -> tuple[int, str]:
+    """runtime.threads 0: this process's fair share of the cores, and why.
+
+    The cores (those this process may use) divided by the stage processes running now (queued
+    experiments run stages side by side: ``dvc exp run --run-all -j N``, ``dvc queue start -j N``)
+    and by the processes of this stage (``runtime.nproc``); at least 1. Oversubscribing costs far
+    more than it gains: on 2 busy cores, two concurrent training processes ran ~10x faster with 1
+    thread each than with 2 (docs/performance.md).
+    """
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    running = running if running is not None else running_stages()
+    share = max(1, cores // max(running, world, 1))
+    return share, f"{cores} cores / {max(running, world, 1)} running stage processes"
+
+
 def current_context(cfg: RuntimeConfig) -> Context:
     """Resolve the runtime settings for this process (reads torchrun's RANK/WORLD_SIZE)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -74,8 +107,8 @@ def current_context(cfg: RuntimeConfig) -> Context:
     device = _resolve_device(cfg, local_rank)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    elif world > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    else:
+        torch.set_num_threads(fair_threads(world)[0])
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     return Context(device, _resolve_amp(cfg, device), channels_last, rank, world, local_rank)
 

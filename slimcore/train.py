@@ -326,11 +326,14 @@ class Trainer:
                         evaluated = "".join(f"  {name} {value:.2%}" for name, value in
                                             (("val", rec.val_top1), ("test", rec.test_top1))
                                             if not math.isnan(value))
+                        left = self.cfg.epochs - epoch - 1  # ETA: the mean of the last 3 epochs
+                        recent = [t.seconds for t in self.timings[-3:]]
+                        eta = f"  ETA {left * sum(recent) / len(recent):.0f}s" if left else "  last epoch"
                         console.log(
                             f"{self.desc} epoch {epoch + 1}/{self.cfg.epochs}  loss {rec.train_loss:.4f}  "
                             f"train {rec.train_top1:.2%}{evaluated}  lr {rec.lr:.4g}  "
                             f"|gamma|<1e-2 {rec.gamma_small:.1%}  {timing.seconds:.1f}s "
-                            f"({timing.images_per_second:.0f} img/s)"
+                            f"({timing.images_per_second:.0f} img/s){eta}"
                         )
         finally:
             curves.close()

@@ -59,10 +59,13 @@ def stage(name: str) -> Iterator[None]:
     * it holds the exclusive lock of its outputs (``.slimcore/locks/NAME.lock``) for its whole run:
       a second instance exits 2 at once, naming the pid that holds it;
     * it first removes temp files that killed writers left under models/, metrics/ and .slimcore/;
-    * expected failures (:class:`SlimcoreError`) print one line and exit 2 (3: non-finite loss).
+    * expected failures (:class:`SlimcoreError`) print one line and exit 2 (3: non-finite loss);
+    * it prints where the run is ("stage N/M", elapsed, an estimate of what is left) and records
+      its duration (slimcore/progress.py); torchrun's workers leave that to their launcher.
     """
     from slimcore import process
     from slimcore.locks import OutputLock, held_by_launcher
+    from slimcore.progress import announce
 
     old_handlers = process.install_stop_handlers()
     lock = None
@@ -72,7 +75,8 @@ def stage(name: str) -> Iterator[None]:
                 lock = OutputLock(name).acquire()
                 for path in process.remove_stale_temp_files(TEMP_ROOTS):
                     console.log(f"{name}: removed {path} (a temp file left by a killed run)")
-            yield
+            with announce(name, console.log) if lock is not None else contextlib.nullcontext():
+                yield
         finally:
             process.hold_stops()  # the exit below is never cut short: it says what happened
         if process.stop_requested():  # a stop whose KeyboardInterrupt was swallowed, or still pending

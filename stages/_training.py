@@ -211,8 +211,10 @@ def chance_warning(run: str, arch: str, *, top1: float, train_top1: float, num_c
     if not near_chance(train_top1, num_classes):  # it learned the training set but not the held-out one
         causes.insert(0, f"train top-1 is {100 * train_top1:.1f}%: the {split} images may not match the "
                          "training ones (labels, folders, preprocessing) or the model overfits")
-    return (f"{run}@{arch}: {split} top-1 {100 * top1:.1f}% is within {CHANCE_MARGIN_PT:g} pt of chance "
-            f"({chance:.1f}% for {num_classes} classes); likely causes: " + "; ".join(causes))
+    from slimcore.paths import stage_name
+
+    return (f"{stage_name(run, arch)}: {split} top-1 {100 * top1:.1f}% is within {CHANCE_MARGIN_PT:g} pt of "
+            f"chance ({chance:.1f}% for {num_classes} classes); likely causes: " + "; ".join(causes))
 
 
 def data_summary(splits: Any, eval_test: bool, section: str) -> str:
@@ -270,7 +272,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         if init is not None:
             check_num_classes(splits, spec_of(model).num_classes, str(init))
         if ctx.is_main:
-            console.log(f"{run}@{arch}: {params.model_for(arch).arch}, {how}")
+            console.log(f"{paths.stage_name(run, arch)}: {params.model_for(arch).arch}, {how}")
             console.log(data_summary(splits, train_cfg.eval_test, section))
             for note in splits.notes:
                 console.print(f"[yellow]note:[/] {note}")
@@ -286,7 +288,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         # channels the penalty zeroes drifts, and with it the MACs they hold)
         retarget = penalty_target if penalty_target is not None and sparsity > 0 else None
         share = "auto" if retarget is not None else float(params.penalty.target)
-        trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=f"{run}@{arch}",
+        trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=paths.stage_name(run, arch),
                           sparsity_method=params.penalty.method, sparsity_units=coupled,
                           sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=0.0 if retarget else share,
                           test_loader=test, retarget=retarget, sparsity_close_epochs=params.penalty.close_epochs)
@@ -305,7 +307,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
                        sparsity=sparsity, normalization=splits.normalization, torch_version=str(torch.__version__))
             write_timings(paths.timings(arch, run), trainer.timings, ctx)
             state.unlink(missing_ok=True)
-            console.log(f"{run}@{arch}: saved {out}")
+            console.log(f"{paths.stage_name(run, arch)}: saved {out}")
             split, top1 = ("test", final.test_top1) if final and math.isnan(final.val_top1) else \
                 ("validation", final.val_top1 if final else math.nan)
             warning = final and chance_warning(

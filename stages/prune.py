@@ -43,14 +43,50 @@ def safe_ratio_hint(arch: str, max_drop: float) -> str:
         return f"run the sensitivity stage (dvc repro sensitivity@{arch}) for the safe ratio"
 
 
-def gamma_warning(name: str, report: Any, hint: str) -> str | None:
-    """The one line that says slimming removed channels whose |gamma| was not negligible."""
-    if not report.nonnegligible_removed:
+def gamma_warning(name: str, report: Any, hint: str, safe_ratio: float | None = None) -> str | None:
+    """The one line that says slimming removed channels whose |gamma| was not negligible; None when
+    the sensitivity stage measured this ratio within prune.max_drop (``safe_ratio`` at or above it):
+    the measurement outranks the |gamma| heuristic (:func:`gamma_note` says so instead)."""
+    if not report.nonnegligible_removed or within_safe(report.requested_ratio, safe_ratio):
         return None
     n = report.nonnegligible_removed
     return (f"warning: {name}: removes {n} channel{'s' if n != 1 else ''} whose |gamma| score exceeds "
             f"prune.warn_gamma={report.warn_gamma:g} (threshold {report.threshold:.3g}): they were not "
             f"negligible and accuracy may drop; {hint}")
+
+
+def within_safe(ratio: float, safe_ratio: float | None) -> bool:
+    """The ratio is at or below the measured safe ratio (a tolerance for float spellings)."""
+    return safe_ratio is not None and ratio <= safe_ratio + 1e-9
+
+
+def gamma_note(name: str, report: Any, safe_ratio: float | None, max_drop: float) -> str | None:
+    """Why channels above prune.warn_gamma go without a warning: the ratio was measured safe."""
+    if not report.nonnegligible_removed or not within_safe(report.requested_ratio, safe_ratio):
+        return None
+    n = report.nonnegligible_removed
+    return (f"{name}: {n} removed channel{'s' if n != 1 else ''} score above prune.warn_gamma="
+            f"{report.warn_gamma:g}, but ratio {100 * report.requested_ratio:.4g}% is within the safe ratio "
+            f"{100 * safe_ratio:.4g}% (validation top-1 drop <= {max_drop:g} pt before fine-tuning, measured by "
+            f"the sensitivity stage): no warning")
+
+
+def threshold_text(report: Any, group_score: str) -> str:
+    """The threshold in the ranking's own units: the score of the last unit removed."""
+    if report.removed_bn_channels == 0:
+        return "nothing removed"
+    if report.threshold <= 0:
+        return "every removed channel has |gamma| score 0 (zeroed by sparse training)"
+    return (f"last removed unit's score {report.threshold:.3g} (|gamma|, the {group_score} over coupled BN "
+            f"layers; every removed channel scores at most this)")
+
+
+def measured_safe_ratio(arch: str) -> float | None:
+    """The sensitivity stage's safe ratio, or None when it has not run (or its report is unreadable)."""
+    try:
+        return read_safe_ratio(arch)
+    except ValueError:
+        return None
 
 
 def target_warning(name: str, report: Any, target: Any) -> str | None:
@@ -136,7 +172,7 @@ def main(
         write_json(paths.timings(arch, paths.prune_run(goal)),
                    {"seconds": round(report.seconds, 3), "search_steps": report.search_steps})
         console.log(f"{name}: removed {report.true_ratio:.2%} of {report.prunable_bn_channels} BN channels "
-                    f"(ratio {ratio:.4g}, threshold |gamma| <= {report.threshold:.3g})")
+                    f"(ratio {ratio:.4g}; {threshold_text(report, params.prune.group_score)})")
         console.log(f"{name}: kept {report.flops_fraction:.2%} of the FLOPs and {report.params_fraction:.2%} of the "
                     f"params ({report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M)")
         lines = [target_warning(name, report, goal)]
@@ -144,7 +180,11 @@ def main(
             lines.append(f"warning: {name}: only {report.ratio_all_bn:.2%} of all {report.total_bn_channels} BN "
                          f"channels removed for a requested {ratio:.0%}: {report.skipped_bn_channels} BN channels "
                          f"are held fixed in skipped groups (see 'skipped' in {paths.prune_report(arch, goal)})")
-        lines.append(gamma_warning(name, report, safe_ratio_hint(arch, params.prune.max_drop)))
+        measured = safe if safe is not None else measured_safe_ratio(arch)
+        lines.append(gamma_warning(name, report, safe_ratio_hint(arch, params.prune.max_drop), measured))
+        note = gamma_note(name, report, measured, params.prune.max_drop)
+        if note:
+            console.log(note)
         from rich.markup import escape
 
         for line in lines:

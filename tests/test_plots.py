@@ -37,7 +37,7 @@ TRAIN_EPOCHS, FT_EPOCHS = 4, 2
 
 
 def _ev(top1: float, top5: float = 1.0) -> dict[str, float]:
-    return {"top1": top1, "top5": top5, "loss": 0.5}
+    return {"top1": top1, "top5": top5, "loss": 0.5, "test_images": 359}
 
 
 def _history(epochs: int, top1: float, lr: float) -> list[dict[str, float]]:
@@ -149,6 +149,12 @@ def test_gamma_histogram_uses_shared_log_bins_and_marks_every_threshold(tables: 
     rows = [r for r in tables["gamma_hist.csv"] if r["arch"] == "vgg16_bn"]
     assert list(rows[0]) == list(GAMMA_FIELDS)
     bins = {m: [r for r in rows if r["kind"] == "bin" and r["model"] == m] for m in ("baseline", "sparse")}
+    zeros = {m: bins[m].pop(0) for m in bins}  # the exact zeros' own bar comes first
+    assert {z["label"] for z in zeros.values()} == {plotdata.ZERO_BIN} and zeros["sparse"]["gamma"] == "0"
+    assert float(zeros["sparse"]["pct"]) == pytest.approx(100 * 3 / 503, abs=1e-3) and zeros["baseline"]["pct"] == "0"
+    zero_hi, first_lo = float(zeros["sparse"]["bin_hi"]), float(bins["sparse"][0]["bin_lo"])
+    assert zero_hi * 10 ** (2 / plotdata.BINS_PER_DECADE) <= first_lo * 1.0001  # a gap of 2+ bins
+    assert np.floor(np.log10(float(zeros["sparse"]["bin_lo"]))) == np.floor(np.log10(zero_hi))  # within a decade
     edges = {m: [(r["bin_lo"], r["bin_hi"]) for r in rs] for m, rs in bins.items()}
     assert edges["baseline"] == edges["sparse"]
     lo = np.array([float(r["bin_lo"]) for r in bins["sparse"]])
@@ -160,12 +166,11 @@ def test_gamma_histogram_uses_shared_log_bins_and_marks_every_threshold(tables: 
     assert lo[0] <= smallest < lo[0] * step * 1.0001 and hi[-1] / step / 1.0001 < largest <= hi[-1]  # tight
     centre = np.array([float(r["gamma"]) for r in bins["sparse"]])
     assert np.allclose(centre, np.sqrt(lo * hi), rtol=1e-5)
-    for model, n_small in (("baseline", 0), ("sparse", 300 + 3)):
-        pct = np.array([float(r["pct"]) for r in bins[model]])
-        assert pct.sum() == pytest.approx(100.0, abs=1e-3)
-        below = pct[hi <= 1e-3 * 1.0001].sum()  # channels under 1e-3 (the 3 zeros land in the first bin)
+    for model, n_small in (("baseline", 0), ("sparse", 300)):
+        pct = np.array([float(r["pct"]) for r in bins[model]]) + float(zeros[model]["pct"])
+        assert pct.sum() - (len(pct) - 1) * float(zeros[model]["pct"]) == pytest.approx(100.0, abs=1e-3)
+        below = pct[hi <= 1e-3 * 1.0001].sum() - (hi <= 1e-3 * 1.0001).sum() * float(zeros[model]["pct"])
         assert below == pytest.approx(100 * n_small / (500 + 3 * (model == "sparse")), abs=1e-3)
-    assert float(bins["sparse"][0]["pct"]) >= 100 * 3 / 503
     thresholds = [(r["label"], float(r["gamma"]), r["model"]) for r in rows if r["kind"] == "threshold"]
     assert thresholds == [("20%", 3.2e-5, "sparse"), ("50%", 0.0123, "sparse")]
 
@@ -248,7 +253,7 @@ def test_templates_are_valid_dvc_templates_reading_only_written_fields(tables: d
         parsed = set(template["data"]["format"]["parse"])
         numeric = {anchors.get(n["field"], n["field"]) for n in _walk(template)
                    if isinstance(n.get("field"), str) and n.get("type") == "quantitative"}
-        assert numeric - {"pruned_at"} <= parsed <= header, file
+        assert numeric - {"pruned_at"} - calculated <= parsed <= header, file
 
 
 def test_templates_filter_on_the_values_the_data_has(tables: dict) -> None:
@@ -256,10 +261,11 @@ def test_templates_filter_on_the_values_the_data_has(tables: dict) -> None:
                for t in ("slimcore_tradeoff", "slimcore_curves", "slimcore_gamma")}
     series = {v for f in filters["slimcore_tradeoff"] for v in ([f["equal"]] if "equal" in f else f["oneOf"])}
     assert series == set(TRADEOFF_SERIES)
-    domain = [n["scale"]["domain"] for n in _walk(_template("slimcore_tradeoff")) if "domain" in n.get("scale", {})]
+    domain = [n["scale"]["domain"] for n in _walk(_template("slimcore_tradeoff")) if "domain" in (n.get("scale") or {})]
     assert domain and all(d == list(TRADEOFF_SERIES) for d in domain)
     assert [f["equal"] for f in filters["slimcore_curves"]] == list(CURVE_METRICS)
-    assert {f["equal"] for f in filters["slimcore_gamma"]} == {r["kind"] for r in tables["gamma_hist.csv"]}
+    assert {f["equal"] for f in filters["slimcore_gamma"] if f["field"] == "kind"} == \
+        {r["kind"] for r in tables["gamma_hist.csv"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,3 +444,98 @@ def test_the_sensitivity_charts_render_one_line_per_arch_and_mark_the_safe_ratio
     svg = render_plots.render(_filled_spec(name, ("HEAD", "workspace")), "svg").decode()
     for text in (*texts, "vgg16_bn", "resnet50", "revision", "HEAD", "workspace"):
         assert text in svg, text
+
+
+# --------------------------------------------------------------------------------------------
+# every chart shows its data: Vega's layout, checked (render_plots.chart_problems)
+# --------------------------------------------------------------------------------------------
+
+
+def _pruned_only_zeros(inputs: dict[str, Any]) -> dict[str, Any]:
+    """What the proximal penalties give: many exact zeros, and thresholds of 0 (only zeros removed)."""
+    for arch in ARCHS:
+        sparse = inputs["gammas"][arch]["sparse"]
+        inputs["gammas"][arch]["sparse"] = torch.cat([torch.zeros(400), sparse[300:]])
+        for tag in ("0.2", "0.5"):
+            inputs["prunes"][arch][tag]["threshold"] = 0.0
+    return inputs
+
+
+@pytest.mark.parametrize("case", ["synthetic", "zero thresholds", "close ratios"])
+@pytest.mark.parametrize("revs", [("workspace",), ("HEAD", "workspace")])
+def test_every_chart_shows_data_in_every_panel_and_no_label_overlaps(case: str, revs: tuple[str, ...]) -> None:
+    inputs = _inputs()
+    if case == "zero thresholds":
+        inputs = _pruned_only_zeros(inputs)
+    if case == "close ratios":  # nearly the same FLOPs at both ratios: their labels would collide on one row
+        for arch in ARCHS:
+            for label in ("pruned-0.5", "pruned-0.5-nofold", "finetuned-0.5"):
+                inputs["profile"][arch][label]["flops"] = 63.5e6
+    specs = render_plots.fill_specs(plotdata.plot_tables(**inputs), revs, ROOT / "dvc.yaml", ROOT / ".dvc" / "plots")
+    assert len(specs) == 5
+    for name, spec in specs.items():
+        assert render_plots.chart_problems(spec, name) == [], name
+
+
+def test_the_check_finds_an_empty_panel_an_unplaceable_mark_and_overlapping_labels() -> None:
+    def spec(values: list[dict[str, Any]], layer: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"data": {"values": values}, "facet": {"column": {"field": "p", "type": "nominal"}},
+                "spec": {"width": 200, "height": 100, "layer": layer}, "resolve": {"scale": {"x": "independent"}}}
+
+    log_bars = {"mark": "bar", "encoding": {"x": {"field": "x", "type": "quantitative", "scale": {"type": "log"}},
+                                            "y": {"field": "y", "type": "quantitative"}}}
+    zero_on_log = spec([{"p": "a", "x": 0, "y": 1}, {"p": "a", "x": 1, "y": 2}], [log_bars])
+    problems = render_plots.chart_problems(zero_on_log, "gamma")
+    assert any("cannot be placed" in p for p in problems) and any("no visible data mark" in p for p in problems)
+    empty = spec([{"p": "a", "x": 1, "y": 0}, {"p": "b", "x": 2, "y": 3}], [{**log_bars, "mark": "bar"}])
+    assert render_plots.chart_problems(empty, "c") == ["c panel 1: no visible data mark"]
+    text = {"mark": {"type": "text"}, "encoding": {"x": {"field": "x", "type": "quantitative"},
+                                                  "y": {"field": "y", "type": "quantitative"},
+                                                  "text": {"field": "t", "type": "nominal"}}}
+    points = {"mark": "point", "encoding": {"x": {"field": "x", "type": "quantitative"},
+                                           "y": {"field": "y", "type": "quantitative"}}}
+    curves = render_plots.fill_specs(plotdata.plot_tables(**_inputs()), ("workspace",), ROOT / "dvc.yaml",
+                                     ROOT / ".dvc" / "plots")["training curves"]
+    curves["data"]["values"] = [r for r in curves["data"]["values"] if r["metric"] != "val_top1"]
+    assert "training curves: no data has metric = 'val_top1': what it selects is not drawn" in \
+        render_plots.chart_problems(curves, "training curves")
+    crowded = spec([{"p": "a", "x": 1, "y": 1, "t": "40%"}, {"p": "a", "x": 1.02, "y": 1, "t": "20%"}], [points, text])
+    assert render_plots.chart_problems(crowded, "t") == ["t panel 1: labels '40%' and '20%' overlap"]
+
+
+def test_accuracies_carry_their_95_percent_interval_from_the_set_size(tables: dict) -> None:
+    from slimcore.noise import accuracy_interval
+
+    tuned = next(r for r in tables["tradeoff.csv"] if r["series"] == FINETUNED and r["arch"] == "vgg16_bn")
+    lo, hi = accuracy_interval(0.8912, 359)
+    assert tuned["images"] == "359"
+    assert float(tuned["top1_lo"]) == pytest.approx(100 * lo, abs=1e-3)
+    assert float(tuned["top1_hi"]) == pytest.approx(100 * hi, abs=1e-3)
+    val = next(r for r in tables["curves.csv"] if r["metric"] == "val_top1")
+    lo, hi = accuracy_interval(float(val["value"]) / 100, 144)  # the sensitivity report's val_images
+    assert (float(val["lo"]), float(val["hi"])) == pytest.approx((100 * lo, 100 * hi), abs=1e-3)
+    sens = next(r for r in tables["sensitivity.csv"] if r["label"] == "unpruned")
+    assert sens["images"] == "144" and float(sens["top1_lo"]) < 98 < float(sens["top1_hi"])
+    assert sens["legend"] == "vgg16_bn (safe 50%)"
+    assert plotdata.interval_pct(None, 10) == (None, None) and plotdata.interval_pct(90.0, None) == (None, None)
+
+
+def test_label_rows_never_put_two_overlapping_labels_in_one_row() -> None:
+    assert plotdata.label_rows([10, 100, 200], [20, 20, 20]) == [0, 0, 0]
+    assert plotdata.label_rows([100, 105, 110, 300], [28, 28, 28, 28]) == [0, 1, 2, 0]
+    assert plotdata.label_rows([50, 50], [12, 12], gap=0) == [0, 1]  # equal thresholds stack
+
+
+def test_the_committed_charts_show_their_data() -> None:
+    """metrics/plots as committed, drawn by the templates of this checkout (after `dvc repro`)."""
+    tables = {p.name: p.read_bytes() for p in (ROOT / "metrics" / "plots").glob("*.csv")}
+    fields = {"tradeoff.csv": TRADEOFF_FIELDS, "curves.csv": CURVE_FIELDS, "gamma_hist.csv": GAMMA_FIELDS,
+              "sensitivity.csv": plotdata.SENSITIVITY_FIELDS}
+    stale = [name for name, want in fields.items()
+             if name not in tables or tables[name].split(b"\n", 1)[0].decode() != ",".join(want)]
+    if stale:
+        pytest.skip(f"metrics/plots/{', '.join(stale)} predate slimcore/plotdata.py's columns: `dvc repro` "
+                    "rewrites them")
+    specs = render_plots.fill_specs(tables, ("workspace",), ROOT / "dvc.yaml", ROOT / ".dvc" / "plots")
+    for name, spec in specs.items():
+        assert render_plots.chart_problems(spec, name) == [], name
