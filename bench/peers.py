@@ -178,14 +178,21 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+def settings_digest(params: Params, sections: tuple[str, ...]) -> str:
+    """12 hex digits that change with any of these params sections (``runtime`` is left out: it
+    says how to compute, not what)."""
+    dump = params.model_dump(include=set(sections))
+    return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class Bench:
     """One arch's runs, cached under ``work/SETTINGS/ARCH`` (SETTINGS: a digest of the params)."""
 
     def __init__(self, params: Params, arch: str, work: Path, splits: Any, ctx: Any) -> None:
         self.params, self.arch, self.ctx, self.splits = params, arch, ctx, splits
-        # cached by the settings too: another params file or --set never reuses these runs
-        digest = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True, default=str).encode()).hexdigest()
-        self.dir = work / digest[:12] / arch
+        # cached by the settings every method shares (another data set or schedule never reuses these
+        # runs); slimcore's own settings are in its runs' file names (see run_method)
+        self.dir = work / settings_digest(params, ("seed", "data", "model", "train", "finetune")) / arch
         self.dir.mkdir(parents=True, exist_ok=True)
         size = params.data.image_size
         self.size = size
@@ -228,14 +235,15 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
                paper_strength: float) -> dict[str, Any]:
     """Sparse-train from the baseline, prune to each speed-up, fine-tune; test top-1 at each step."""
     label = method + (":" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) if overrides else "")
-    name = label.replace(":", "_").replace(",", "_").replace("=", "-")
-    extra = f"_paper{paper_strength:g}" if method == "paper" else ""
-    cache = bench.dir / f"{name}_x{'-'.join(f'{s:g}' for s in speedups)}{extra}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
     bench_opts = {k.removeprefix("bench."): v for k, v in overrides.items() if k.startswith("bench.")}
     overrides = {k: v for k, v in overrides.items() if not k.startswith("bench.")}
     params = with_overrides(bench.params, overrides) if overrides else bench.params
+    name = label.replace(":", "_").replace(",", "_").replace("=", "-")
+    extra = {"paper": f"_paper{paper_strength:g}",
+             "slimcore": "_" + settings_digest(params, ("penalty", "sparsity", "prune"))}.get(method, "")
+    cache = bench.dir / f"{name}_x{'-'.join(f'{s:g}' for s in speedups)}{extra}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     arch, start = bench.arch, time.perf_counter()
     sparse = load_model(bench.dir / "baseline.pt")
     if method in ("slimcore", "paper"):
