@@ -68,6 +68,7 @@ bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/targets.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/determinism.py
 
 plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
 	$(BIN)/python -m slimcore.render_plots --out docs/plots --docs docs/plots.md

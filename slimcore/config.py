@@ -330,6 +330,7 @@ class RuntimeConfig(_Section):
     pin_memory: Literal["auto", "on", "off"] = "auto"
     persistent_workers: bool = True
     threads: NonNegInt = 0
+    cpu_isa: Literal["avx2", "native"] = "avx2"  # slimcore/cpumath.py
 
 
 class Params(_Section):

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from slimcore import cpumath
 from slimcore.config import Params, load_params, with_overrides
 from slimcore.console import console
 from slimcore.errors import ParamsError, SlimcoreError
@@ -135,7 +136,8 @@ def fit_schedule(params: Params, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def params_for(path: Path, arch: str | None = None, **overrides: Any) -> Params:
-    """Validated params (with by-hand option overrides), checking ``arch`` is one of ``archs``.
+    """Validated params (with by-hand option overrides), checking ``arch`` is one of ``archs``;
+    then the CPU math pinned as ``runtime`` says (:mod:`slimcore.cpumath`) and torch imported.
 
     A by-hand ``SECTION.epochs`` fits the section's milestones to it (see :func:`fit_schedule`).
     """
@@ -146,7 +148,11 @@ def params_for(path: Path, arch: str | None = None, **overrides: Any) -> Params:
         params = with_overrides(params, fit_schedule(params, overrides))
     if arch is not None and arch not in params.archs:
         raise ParamsError(f"--arch {arch!r} is not in {path}'s archs: {', '.join(params.archs)}")
+    cpumath.pin_isa(params.runtime)  # before torch's first CPU operation: the same bytes on any AVX2 CPU
     start_up_done()  # torch imported with stop signals held; a SIGINT/SIGTERM that came meanwhile lands here
+    cpumath.apply_threads(params.runtime)
+    if (why := cpumath.check_pinned(params.runtime)) is not None:
+        console.log(f"[yellow]warning:[/] {why}")
     return params
 
 

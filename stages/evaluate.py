@@ -40,7 +40,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         import torch
         from rich.table import Table
 
-        from slimcore import paths, report
+        from slimcore import cpumath, paths, report
         from slimcore.checkpoint import atomic_write_bytes, load_model_and_meta
         from slimcore.data import check_num_classes, load_splits, make_loader
         from slimcore.evaluate import evaluate
@@ -81,6 +81,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         write_plot_data(paths.plots_dir(), archs=params.archs, targets=targets, evals=evals,
                         profile=profile, prunes=prunes, histories=histories, gammas=gammas, sensitivity=sensitivity)
         markdown = report.results_markdown(params, evals, profile, prunes, sensitivity)
+        markdown += "\n" + cpumath.provenance(params.runtime, ctx.device.type)  # the one machine-specific line
         atomic_write_bytes(paths.results_table(), markdown.encode())
 
         table = Table(title="slimcore results (test top-1 %)")
