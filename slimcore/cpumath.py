@@ -51,7 +51,8 @@ def pin_isa(cfg: RuntimeConfig, environ: MutableMapping[str, str] | None = None)
 
 
 def apply_threads(cfg: RuntimeConfig) -> None:
-    """``torch.set_num_threads(cfg.threads)`` (0: torch's default); torch must be importable."""
+    """``torch.set_num_threads(cfg.threads)`` (0: left to :func:`slimcore.runtime.current_context`, a fair
+    share of the cores); torch must be importable."""
     if cfg.threads > 0:
         import torch
 
