@@ -301,21 +301,36 @@ def fmt(r: dict[str, Any]) -> str:
     return f"{r['top1']:.2f} [{r['low']:.1f}, {r['high']:.1f}]"
 
 
+def versus(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """``+2.56`` (beyond noise) or ``~ -1.01`` (within noise: :func:`slimcore.noise.within_noise`)."""
+    from slimcore.noise import within_noise
+
+    diff = ours["top1"] - theirs["top1"]
+    same = within_noise(ours["top1"] / 100, theirs["top1"] / 100, int(ours["n"]))
+    return f"{'~ ' if same else ''}{diff:+.2f}"
+
+
 def table(results: dict[str, dict[str, Any]], speedups: list[float]) -> str:
-    lines = ["| arch | MACs | method | sparse | MACs kept | pruned, before FT | after FT |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    """The markdown table: per arch and speed-up, every method's test top-1 (95% interval) of the
+    sparse model, the pruned one before and after fine-tuning; slimcore's rows also say how far
+    they are from the best peer (``~``: within noise)."""
+    lines = ["| arch | MACs | method | sparse | MACs kept | pruned, before FT | after FT | after FT vs best peer |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for arch, per in results.items():
-        lines.append(f"| {arch} | 1x | baseline | {fmt(per['baseline'])} | 100% | | |")
+        lines.append(f"| {arch} | 1x | baseline | {fmt(per['baseline'])} | 100% | | | |")
         for s in speedups:
-            rows = [(m, r) for m, r in per["methods"].items()]
+            rows = list(per["methods"].items())
+            peers = [r["cells"][f"{s:g}"] for m, r in rows if not m.startswith("slimcore")]
+            best_peer = max(peers, key=lambda c: c["after"]["top1"]) if peers else None
             best = max(r["cells"][f"{s:g}"]["after"]["top1"] for _, r in rows)
             for m, r in rows:
                 c = r["cells"][f"{s:g}"]
                 after = fmt(c["after"])
                 if c["after"]["top1"] == best:
                     after = f"**{after}**"
+                gap = versus(c["after"], best_peer["after"]) if best_peer and m.startswith("slimcore") else ""
                 lines.append(f"| {arch} | {s:g}x | {m} | {fmt(r['sparse'])} | {100 * c['macs_kept']:.1f}% | "
-                             f"{fmt(c['before'])} | {after} |")
+                             f"{fmt(c['before'])} | {after} | {gap} |")
     return "\n".join(lines)
 
 
