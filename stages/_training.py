@@ -287,10 +287,12 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         # penalty.target auto: re-resolved from the model at the start of every epoch (the set of
         # channels the penalty zeroes drifts, and with it the MACs they hold)
         retarget = penalty_target if penalty_target is not None and sparsity > 0 else None
-        share = "auto" if retarget is not None else float(params.penalty.target)
+        # a fixed share; none without a penalty, and none for auto (retarget sets it) or auto under l1
+        target = params.penalty.target
+        share = float(target) if sparsity > 0 and target != "auto" else 0.0
         trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=paths.stage_name(run, arch),
                           sparsity_method=params.penalty.method, sparsity_units=coupled,
-                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=0.0 if retarget else share,
+                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=share,
                           test_loader=test, retarget=retarget, sparsity_close_epochs=params.penalty.close_epochs)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
         key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
