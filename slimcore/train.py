@@ -205,7 +205,8 @@ class Trainer:
         self.penalty = GammaPenalty(self.model, self.sparsity, self.sparsity_method, self.sparsity_units,
                                     ramp_steps=round(self.sparsity_ramp_epochs * self.steps_per_epoch),
                                     target=self.sparsity_target,
-                                    close_steps=self.cfg.epochs * self.steps_per_epoch if self.sparsity_close_epochs else 0,
+                                    close_steps=(self.cfg.epochs * self.steps_per_epoch
+                                                 if self.sparsity_close_epochs else 0),
                                     close_window=round(self.sparsity_close_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(self.cfg, s, self.steps_per_epoch))
