@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro seed seed-smoke fashion-mnist peers push pull test test-fast lint bench plots export clean
+.PHONY: install repro seed seed-smoke fashion-mnist peers push pull test test-fast lint bench plots compare dag export clean
 
 install: $(STAMP)
 
@@ -73,6 +73,17 @@ bench: $(STAMP)  ## the figures in README's Performance section
 plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
 	$(BIN)/python -m slimcore.render_plots --out docs/plots --docs docs/plots.md
 	$(BIN)/dvc plots show
+
+# Two runs side by side, one row per arch and target slot (README, Compare two runs):
+#   make compare A=main B=targets-0.3-0.5     (default: HEAD and the workspace)
+A ?=
+B ?=
+compare: $(STAMP)  ## two runs side by side: per arch and target, top-1 and MACs kept: make compare A=main B=NAME
+	@$(BIN)/python -m slimcore.compare $(A) $(B)
+
+ARCH ?=
+dag: $(STAMP)  ## one arch's stages as a mermaid flowchart (dvc dag draws all archs at once): make dag ARCH=resnet50
+	@$(BIN)/python -m slimcore.dag $(ARCH)
 
 # A checkpoint as ONNX, BatchNorm folded, checked with onnxruntime (docs/export.md):
 #   make export CKPT=models/resnet50/finetuned-0.4.pt OUT=resnet50.onnx [EXPORT_ARGS="--image-size 32"]

@@ -116,6 +116,16 @@ def summary(arch: str) -> Path:
     return summaries() / f"{arch}.json"
 
 
+def details_dir() -> Path:
+    """Per arch, every figure of the summary and more, keyed the same way (slimcore.report.details):
+    a plain output, so that ``dvc metrics show`` stays narrow."""
+    return METRICS / "details"
+
+
+def details(arch: str) -> Path:
+    return details_dir() / f"{arch}.json"
+
+
 def eval_report() -> Path:
     return METRICS / "eval.json"
 

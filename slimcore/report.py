@@ -220,13 +220,42 @@ def _pct2(x: float) -> float:
     return round(100 * x, 2)
 
 
+def macs_kept(before: float, after: float) -> float | None:
+    """MACs kept, in % of the unpruned model's (2 decimals); None when either count is missing."""
+    return round(100 * after / before, 2) if before and after else None
+
+
 def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
             prunes: Mapping[str, Mapping[str, Any]], sensitivity: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``metrics/summary/ARCH.json``, the pipeline's declared DVC metrics: accuracy (%), FLOPs and
-    parameters of the dense models, and per target, keyed by its position in ``prune.targets``
-    (``r1``, ``r2``, ...) so that runs with different target lists share metric names; ``ratio``
-    is the channel ratio the target resolved to; and (given the sensitivity stage's JSON)
-    ``safe_ratio``."""
+    """``metrics/summary/ARCH.json``, the pipeline's declared DVC metrics, small enough for a
+    160-column terminal: per target, keyed by its position in ``prune.targets`` (``r1``, ``r2``, ...)
+    so that runs with different target lists share names, the fine-tuned test top-1 (%) and the
+    MACs kept (% of the baseline's); then the baseline's top-1 and (given the sensitivity stage's
+    JSON) ``safe_ratio``.
+
+    The keys do not repeat the arch (the file name says it), so ``dvc metrics show`` is one row per
+    arch under shared columns; the order is the order of ``dvc exp show``'s columns: what each
+    target kept and cost first.  Everything else is in :func:`details`.
+    """
+    base = profile["baseline"]["flops"]
+    out: dict[str, Any] = {}
+    for i, target in enumerate(params.prune.parsed_targets(), start=1):
+        tag = target.tag
+        out[f"r{i}"] = {"top1": _pct2(evals[f"finetuned-{tag}"]["top1"]),
+                        "macs_kept": macs_kept(base, profile[f"finetuned-{tag}"]["flops"])}
+    out["baseline"] = {"top1": _pct2(evals["baseline"]["top1"])}
+    if sensitivity is not None:
+        out["safe_ratio"] = float(sensitivity["safe_ratio"])
+    return out
+
+
+def details(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapping[str, Any],
+            prunes: Mapping[str, Mapping[str, Any]], sensitivity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``metrics/details/ARCH.json`` (a plain output, not a declared metric: ``dvc metrics show
+    metrics/details/ARCH.json`` and ``dvc metrics diff --targets ...`` read it): accuracy (%), FLOPs
+    and parameters of the dense models, and per target, keyed by position as in :func:`summary`,
+    what it was (``target``), the channel ratio it resolved to (``ratio``), what it removed, its
+    top-1 before and after fine-tuning, FLOPs and parameters; and ``safe_ratio``."""
     def cost(label: str) -> dict[str, Any]:
         return {"mflops": round(profile[label]["flops"] / 1e6, 4), "params": int(profile[label]["params"])}
 
@@ -245,12 +274,13 @@ def summary(arch: str, params: Params, evals: Mapping[str, Any], profile: Mappin
             "top1_pruned": _pct2(evals[f"pruned-{tag}"]["top1"]),
             "top1": _pct2(evals[f"finetuned-{tag}"]["top1"]),
             "top5": _pct2(evals[f"finetuned-{tag}"]["top5"]),
+            "macs_kept": macs_kept(profile["baseline"]["flops"], profile[f"finetuned-{tag}"]["flops"]),
             **cost(f"finetuned-{tag}"),
         }
     if sensitivity is not None:
         out["safe_ratio"] = float(sensitivity["safe_ratio"])
-    return {arch: out}
+    return out
 
 
-__all__ = ["EXTRA_COLUMNS", "NOISE_MARK", "SEED_COLUMNS", "format_strength", "no_sparsity", "results_markdown",
-           "safe_ratio_line", "summary", "target_label", "test_images"]
+__all__ = ["EXTRA_COLUMNS", "NOISE_MARK", "SEED_COLUMNS", "details", "format_strength", "macs_kept", "no_sparsity",
+           "results_markdown", "safe_ratio_line", "summary", "target_label", "test_images"]

@@ -15,28 +15,31 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
                     prunes: dict[str, Any], sensitivity: dict[str, Any] | None = None) -> None:
-    """One ``metrics/summary/ARCH.json`` per arch (the declared metrics), and no other file there."""
+    """One ``metrics/summary/ARCH.json`` (the declared metrics) and one ``metrics/details/ARCH.json``
+    per arch, and no other file in either folder."""
     from slimcore import paths, report
 
-    folder = paths.summaries()
-    for stale in folder.glob("*.json") if folder.is_dir() else []:
-        if stale.stem not in params.archs:
-            stale.unlink()
+    for folder in (paths.summaries(), paths.details_dir()):
+        for stale in folder.glob("*.json") if folder.is_dir() else []:
+            if stale.stem not in params.archs:
+                stale.unlink()
     for arch in params.archs:
-        write_json(paths.summary(arch), report.summary(arch, params, evals[arch], profile[arch], prunes[arch],
-                                                       (sensitivity or {}).get(arch)))
+        args = (arch, params, evals[arch], profile[arch], prunes[arch], (sensitivity or {}).get(arch))
+        write_json(paths.summary(arch), report.summary(*args))
+        write_json(paths.details(arch), report.details(*args))
 
 
 @app.command()
 def main(params_file: Path = PARAMS_OPTION) -> None:
-    """Write metrics/eval.json, metrics/summary/ARCH.json, metrics/results.md and metrics/plots/*.csv
+    """Write metrics/eval.json, metrics/{summary,details}/ARCH.json, metrics/results.md and metrics/plots/*.csv
     (with the sensitivity curves of metrics/sensitivity/ARCH.json)."""
     with stage("evaluate"):
         params = params_for(params_file)
         from slimcore import paths
         from slimcore.checks import check_writable
 
-        check_writable(paths.eval_report().parent, paths.summaries(), paths.plots_dir(), paths.results_table().parent)
+        check_writable(paths.eval_report().parent, paths.summaries(), paths.details_dir(), paths.plots_dir(),
+                       paths.results_table().parent)
         import torch
         from rich.table import Table
 

@@ -227,12 +227,17 @@ def test_declared_metrics_are_one_small_summary_per_arch(pipeline: Pipeline) -> 
     data = json.loads(show.output[show.output.index("{"):])
     files = next(iter(data.values()))["data"]
     assert set(files) == {f"metrics/summary/{ARCH}.json"}, sorted(files)
-    summary = files[f"metrics/summary/{ARCH}.json"]["data"][ARCH]
-    assert [summary[f"r{i + 1}"]["ratio"] for i in range(len(RATIOS))] == list(RATIOS)
-    assert 0 < summary["r1"]["top1"] <= 100 and summary["r1"]["params"] < summary["baseline"]["params"]
+    summary = files[f"metrics/summary/{ARCH}.json"]["data"]
+    assert list(summary) == [f"r{i + 1}" for i in range(len(RATIOS))] + ["baseline", "safe_ratio"]
+    assert 0 < summary["r1"]["top1"] <= 100 and 0 < summary["r2"]["macs_kept"] < summary["r1"]["macs_kept"] < 100
+    details = json.loads((pipeline.proj / "metrics" / "details" / f"{ARCH}.json").read_text())
+    assert [details[f"r{i + 1}"]["ratio"] for i in range(len(RATIOS))] == list(RATIOS)
+    assert details["r1"]["params"] < details["baseline"]["params"] and details["r1"]["top1"] == summary["r1"]["top1"]
     sensitivity = json.loads((pipeline.proj / "metrics" / "sensitivity" / f"{ARCH}.json").read_text())
     assert summary["safe_ratio"] == sensitivity["safe_ratio"] and [p["ratio"] for p in sensitivity["points"]] == [
         0.25, 0.5, 0.75]
+    table = dvc("metrics", "show", cwd=pipeline.proj)  # no flags: one row per arch, under 160 columns
+    assert table.returncode == 0 and max(map(len, table.output.splitlines())) <= 160, table.tail()
 
 
 def test_prune_report_hits_the_requested_ratio(pipeline: Pipeline) -> None:
@@ -326,7 +331,7 @@ def test_metrics_diff_shows_accuracy_and_no_timing(experiment: Experiment) -> No
     diff = experiment.metrics_diff
     assert diff.returncode == 0, diff.tail()
     assert f"metrics/summary/{ARCH}.json" in diff.output, diff.tail()
-    assert f"{ARCH}.r1.ratio" in diff.output and f"{ARCH}.r1.top1" in diff.output, diff.tail()
+    assert "r1.top1" in diff.output and "r1.macs_kept" in diff.output, diff.tail()
     for noise in ("seconds", "latency", "median_ms", "timings"):
         assert noise not in diff.output, diff.tail()
 
@@ -354,3 +359,28 @@ def test_plots_show_renders_html(experiment: Experiment) -> None:
     assert (experiment.plots_dir / "index.html").is_file(), show.tail()
     html = (experiment.plots_dir / "index.html").read_text()  # the offline page (vendor/vega/): no CDN
     assert "cdn.jsdelivr" not in html and html.count("<script data-bundle=") == 3
+
+
+# --------------------------------------------------------------------------------------------
+# last (it changes the workspace): `dvc exp apply` of another targets experiment
+# --------------------------------------------------------------------------------------------
+
+
+def test_exp_apply_of_other_targets_leaves_status_clean(experiment: Experiment, pipeline: Pipeline) -> None:
+    """The workspace holds the (uncommitted) flops0.5 experiment; applying one with other targets
+    over it leaves flops0.5's plain outputs behind (git does not delete untracked files, DVC only
+    its cached ones), which must not make any stage look changed."""
+    proj = pipeline.proj
+    ok([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "only-0.5", "-S", "prune.targets=[0.5]"], proj)
+    ok([str(BIN / "dvc"), "exp", "apply", "only-0.5"], proj)
+    left = proj / "metrics" / "prune" / f"{ARCH}-{EXP_TARGET}.json"
+    assert left.is_file(), "the residue this test is about did not occur (DVC changed?)"
+    status = ok([str(BIN / "dvc"), "status"], proj)
+    assert "Data and pipelines are up to date" in status.output, status.tail()
+    summary = json.loads((proj / "metrics" / "summary" / f"{ARCH}.json").read_text())
+    assert list(summary) == ["r1", "baseline", "safe_ratio"], summary
+    compare = ok([sys.executable, "-m", "slimcore.compare", "HEAD"], proj)  # main's [0.2, 0.5] vs [0.5]
+    lines = compare.output.splitlines()
+    assert max(map(len, lines)) <= 160 and len(lines) == 1 + len(RATIOS), compare.tail()
+    assert lines[1].split()[:3] == [ARCH, "r1", "0.2"] and lines[1].split()[5] == "0.5", compare.tail()
+    assert lines[2].split()[:3] == [ARCH, "r2", "0.5"] and lines[2].split()[5] == "-", compare.tail()

@@ -172,24 +172,28 @@ def test_sparsity_is_written_as_the_seed_wrote_it(value: float, text: str) -> No
 
 
 def test_summary_keys_ratios_by_position_with_percent_accuracy() -> None:
-    """The declared metrics: names stable across ratio lists (r1, r2...), the ratio as a field."""
-    from slimcore.report import summary
+    """The declared metrics: names stable across ratio lists (r1, r2...) and across archs (the file
+    names the arch), fine-tuned top-1 and MACs kept first; the details keep the rest."""
+    from slimcore.report import details, summary
 
     out = summary("vgg16_bn", _params(), EVALS["vgg16_bn"], PROFILE["vgg16_bn"], PRUNES["vgg16_bn"])
-    assert list(out) == ["vgg16_bn"]
-    got = out["vgg16_bn"]
+    assert out == {"r1": {"top1": 80.67, "macs_kept": 10.33},
+                   "r2": {"top1": 77.62, "macs_kept": out["r2"]["macs_kept"]}, "baseline": {"top1": 81.06}}
+    assert list(out["r1"]) == ["top1", "macs_kept"] and 0 < out["r2"]["macs_kept"] < 100
+    got = details("vgg16_bn", _params(), EVALS["vgg16_bn"], PROFILE["vgg16_bn"], PRUNES["vgg16_bn"])
     assert list(got) == ["baseline", "sparse", "r1", "r2"]
     assert got["baseline"] == {"top1": 81.06, "top5": 95.77, "mflops": 150000.0, "params": 134_678_692}
     assert got["r1"] == {"target": "0.2", "ratio": 0.2, "removed_pct": 18.75, "removed_all_bn_pct": 18.75,
-                         "top1_pruned": 50.0, "top1": 80.67, "top5": 95.16, "mflops": 15500.0, "params": 130_310_000}
+                         "top1_pruned": 50.0, "top1": 80.67, "top5": 95.16, "macs_kept": 10.33, "mflops": 15500.0,
+                         "params": 130_310_000}
     assert got["r2"]["ratio"] == 0.5 and got["r2"]["top1"] == 77.62
-    flat = json.dumps(out)
+    flat = json.dumps([out, got])
     assert "latency" not in flat and "seconds" not in flat
 
 
 def test_targets_beyond_the_ratio_show_what_was_requested() -> None:
     """The requested column names the target: FLOPs 50%, params 30%, safe (the ratio it resolved to)."""
-    from slimcore.report import summary
+    from slimcore.report import details
 
     params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(),
                                                 "targets": [0.2, "flops0.5", "params0.3", "safe"]})
@@ -203,7 +207,7 @@ def test_targets_beyond_the_ratio_show_what_was_requested() -> None:
     rows = _tables(results_markdown(params, {"resnet50": evals}, {"resnet50": profile}, {"resnet50": prunes}))
     assert [row[4] for row in rows["resnet50"][1:]] == ["20%", "FLOPs 50%", "params 30%", "safe (45%)"]
     assert [row[5] for row in rows["resnet50"][1:]] == ["20.00%", "31.00%", "52.00%", "45.00%"]
-    got = summary("resnet50", params, evals, profile, prunes)["resnet50"]
+    got = details("resnet50", params, evals, profile, prunes)
     assert [(got[f"r{i}"]["target"], got[f"r{i}"]["ratio"]) for i in range(1, 5)] == [
         ("0.2", 0.2), ("flops0.5", 0.31), ("params0.3", 0.52), ("safe", 0.45)]
 
@@ -232,8 +236,8 @@ def test_each_arch_shows_its_safe_ratio_beside_its_pruning_table() -> None:
     assert _tables(markdown) == _tables(results_markdown(_params(), EVALS, PROFILE, PRUNES))  # tables unchanged
     assert "Safe ratio" not in results_markdown(_params(), EVALS, PROFILE, PRUNES)
     got = summary("vgg16_bn", _params(), EVALS["vgg16_bn"], PROFILE["vgg16_bn"], PRUNES["vgg16_bn"],
-                  sens["vgg16_bn"])["vgg16_bn"]
-    assert got["safe_ratio"] == 0.45 and list(got) == ["baseline", "sparse", "r1", "r2", "safe_ratio"]
+                  sens["vgg16_bn"])
+    assert got["safe_ratio"] == 0.45 and list(got) == ["r1", "r2", "baseline", "safe_ratio"]
 
 
 def _with_test_images(evals: dict[str, dict[str, dict[str, float]]], n: int) -> dict[str, Any]:
@@ -296,10 +300,12 @@ def test_speedup_targets_and_macs_kept_on_every_row() -> None:
     got = [(r[header.index("requested")], r[header.index("MACs kept")], r[header.index("speed-up")]) for r in rows]
     assert got == [("20%", "80.0%", "1.25x"), ("speed-up 2x", "49.3%", "2.03x"), ("FLOPs 50%", "49.3%", "2.03x"),
                    ("speed-up 1.5x", "66.7%", "1.50x")]
-    from slimcore.report import summary
+    from slimcore.report import details, summary
 
-    out = summary("resnet50", params, evals, profile, prunes)["resnet50"]
+    out = details("resnet50", params, evals, profile, prunes)
     assert out["r2"]["target"] == "speedup2" and out["r4"]["target"] == "speedup1.5"
+    assert [summary("resnet50", params, evals, profile, prunes)[f"r{i}"]["macs_kept"] for i in range(1, 5)] == [
+        80.0, 49.25, 49.25, 66.67]
 
 
 def _sparsity_report(**extra: Any) -> dict[str, Any]:
