@@ -40,9 +40,10 @@ def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[
         return None
 
 
-def penalty_share(model: nn.Module, params: Params, arch: str) -> float:
+def penalty_share(model: nn.Module, params: Params, arch: str, said: list[float] | None = None) -> float:
     """``penalty.target`` as a share of BN channels: the number itself, or for ``auto`` the share
-    ``prune.targets`` need on this starting model (:func:`slimcore.sparsity_target.share_for_targets`)."""
+    ``prune.targets`` need on this model (:func:`slimcore.sparsity_target.share_for_targets`),
+    logged when it differs from the last one in ``said``."""
     target = params.penalty.target
     if target != "auto":
         return float(target)
@@ -53,8 +54,11 @@ def penalty_share(model: nn.Module, params: Params, arch: str) -> float:
 
     share = share_for_targets(model, params.prune.parsed_targets(), trace_inputs(params),
                               input_size=params.data.image_size, **params.prune.policy())
-    console.log(f"sparse-train@{arch}: penalty.target auto: {share:.1%} of the BN channels (what prune.targets "
-                f"{', '.join(map(str, params.prune.targets))} remove from the model as it is now, plus a margin)")
+    if said is None or not said or said[-1] != share:
+        console.log(f"sparse-train@{arch}: penalty.target auto: {share:.1%} of the BN channels (what prune.targets "
+                    f"{', '.join(map(str, params.prune.targets))} remove from the model as it is now, plus a margin)")
+    if said is not None:
+        said.append(share)
     return share
 
 
@@ -63,7 +67,8 @@ def auto_share(params: Params, arch: str) -> Callable[[nn.Module], float] | None
     every epoch to re-resolve the share from the model as it is; None otherwise."""
     if params.penalty.target != "auto" or params.penalty.method == "l1":
         return None
-    return lambda model: penalty_share(model, params, arch)
+    said: list[float] = []
+    return lambda model: penalty_share(model, params, arch, said)
 
 
 @app.command()
