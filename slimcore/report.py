@@ -203,7 +203,7 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         "",
         "Noise: each arch's test-set size is under its training summary; 'top1 95% CI' is the fine-tuned "
         f"top-1's 95% Wilson score interval; '{NOISE_MARK}' marks a top-1 within noise of the dense baseline "
-        "(either lies inside the other's 95% interval: slimcore/noise.py), so only unmarked differences "
+        "(the 95% interval of their difference includes zero: slimcore/noise.py), so only unmarked differences "
         "are beyond noise.",
         "",
     ]
