@@ -310,6 +310,14 @@ def versus(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
     return f"{'~ ' if same else ''}{diff:+.2f}"
 
 
+def shown(label: str, arch: str) -> str:
+    """A method's label as the table prints it: without the other archs' ``sparsity.X`` overrides."""
+    name, _, rest = label.partition(":")
+    keep = [kv for kv in rest.split(",") if kv and not (kv.startswith("sparsity.") and
+                                                          not kv.startswith(f"sparsity.{arch}="))]
+    return name + (":" + ",".join(keep) if keep else "")
+
+
 def table(results: dict[str, dict[str, Any]], speedups: list[float]) -> str:
     """The markdown table: per arch and speed-up, every method's test top-1 (95% interval) of the
     sparse model, the pruned one before and after fine-tuning; slimcore's rows also say how far
@@ -329,8 +337,8 @@ def table(results: dict[str, dict[str, Any]], speedups: list[float]) -> str:
                 if c["after"]["top1"] == best:
                     after = f"**{after}**"
                 gap = versus(c["after"], best_peer["after"]) if best_peer and m.startswith("slimcore") else ""
-                lines.append(f"| {arch} | {s:g}x | {m} | {fmt(r['sparse'])} | {100 * c['macs_kept']:.1f}% | "
-                             f"{fmt(c['before'])} | {after} | {gap} |")
+                lines.append(f"| {arch} | {s:g}x | {shown(m, arch)} | {fmt(r['sparse'])} | "
+                             f"{100 * c['macs_kept']:.1f}% | {fmt(c['before'])} | {after} | {gap} |")
     return "\n".join(lines)
 
 
