@@ -298,6 +298,9 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
     ok = False
     try:
         params = smoke_params(opts, workspace / "data", nproc)
+        from slimcore.cpumath import pin_isa
+
+        pin_isa(params.runtime)  # before torch's first CPU op here, as each stage does: in-process runs match
         check_device(params.runtime, opts.allow_cpu, CPU_WHY)
         train_images = opts.train_images or train_images_default(params)
         if train_steps(train_images, params.train.batch_size, nproc) == 0:

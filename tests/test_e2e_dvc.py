@@ -291,13 +291,15 @@ def test_checkpoints_stay_out_of_git(experiment: Experiment) -> None:
     assert all(Path(f).name == ".gitignore" for f in experiment.tracked_models), experiment.tracked_models
 
 
-def test_exp_run_reruns_only_the_prune_side(experiment: Experiment) -> None:
+def test_exp_run_reruns_only_what_the_targets_reach(experiment: Experiment) -> None:
+    """New prune.targets reach the prune side and, through penalty.target auto (the share of channels
+    the targets remove), sparse-train and the sensitivity of its model; the baseline is untouched."""
     out = experiment.run.output
-    for stage in (f"prune@{ARCH}-{EXP_TARGET}", f"finetune@{ARCH}-{EXP_TARGET}", "profile", "evaluate"):
+    for stage in (f"sparse-train@{ARCH}", f"sensitivity@{ARCH}", f"prune@{ARCH}-{EXP_TARGET}",
+                  f"finetune@{ARCH}-{EXP_TARGET}", "profile", "evaluate"):
         assert f"Running stage '{stage}'" in out, experiment.run.tail()
-    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", f"sensitivity@{ARCH}"):  # no ratio in them
-        assert f"Running stage '{stage}'" not in out, experiment.run.tail()
-        assert re.search(rf"Stage '{re.escape(stage)}' didn't change", out), experiment.run.tail()
+    assert f"Running stage 'baseline-train@{ARCH}'" not in out, experiment.run.tail()
+    assert re.search(rf"Stage '{re.escape(f'baseline-train@{ARCH}')}' didn't change", out), experiment.run.tail()
 
 
 def test_exp_run_warns_only_of_the_new_ratios_outputs(experiment: Experiment) -> None:
@@ -331,7 +333,8 @@ def test_metrics_diff_shows_accuracy_and_no_timing(experiment: Experiment) -> No
     diff = experiment.metrics_diff
     assert diff.returncode == 0, diff.tail()
     assert f"metrics/summary/{ARCH}.json" in diff.output, diff.tail()
-    assert "r1.top1" in diff.output and "r1.macs_kept" in diff.output, diff.tail()
+    # the experiment's one target replaces two: its slot's MACs change, the second slot goes away
+    assert "r1.macs_kept" in diff.output and "r2.top1" in diff.output, diff.tail()
     for noise in ("seconds", "latency", "median_ms", "timings"):
         assert noise not in diff.output, diff.tail()
 
