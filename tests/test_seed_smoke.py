@@ -154,6 +154,9 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
             str(PRESET), "--allow-cpu", "--image-size", "32", "--width", "0.125", "--archs", "vgg16_bn",
             "--targets", "0.5", "--batch-size", "16", "--train-images", "128", "--test-images", "32",
             "--set", "runtime.num_workers=2", "--set", "runtime.threads=1",  # the same threads in both modes
+            # native kernels in both modes: earlier tests have already run torch in this process natively,
+            # after which its CPU kernels can no longer be pinned to AVX2 here (a fresh CLI process is)
+            "--set", "runtime.cpu_isa=native",
             "--set", "prune.sensitivity_step=0.25",
             "--workdir", str(workspace), "--keep", "--json", str(report),
             *([mode] if mode.startswith("--") else [])])
