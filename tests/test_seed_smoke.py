@@ -147,6 +147,8 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
     subprocess per stage (as DVC runs them), with the same bytes out; a table and JSON at the end."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # 2 shared cores: spinning thread pools double the time
         monkeypatch.setenv(var, "1")
+    for var in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR"):
+        monkeypatch.delenv(var, raising=False)  # set by stages earlier tests ran here: the subprocesses inherit them
     runs = {}
     for mode in ("in-process", "--subprocess"):
         workspace, report = tmp_path / mode.strip("-"), tmp_path / f"{mode.strip('-')}.json"
