@@ -28,16 +28,16 @@ CIFAR_ROOT ?= data
 ALLOW_CPU  ?=
 CPU_FLAG    = $(if $(filter 1 yes true,$(ALLOW_CPU)),--allow-cpu)
 seed: $(STAMP)  ## the seed CIFAR-100 preset as a DVC experiment (GPU): make seed CIFAR_ROOT=/data/cifar
-	$(BIN)/python -m slimcore.preset configs/seed-cifar100.yaml --cifar-root "$(CIFAR_ROOT)" $(CPU_FLAG) $(SEED_ARGS)
+	$(BIN)/python -m slimcore_pipeline.preset configs/seed-cifar100.yaml --cifar-root "$(CIFAR_ROOT)" $(CPU_FLAG) $(SEED_ARGS)
 
 seed-smoke: $(STAMP)  ## the seed preset end to end on synthetic CIFAR-100, a few steps per stage: images/s
-	$(BIN)/python -m slimcore.seed_smoke configs/seed-cifar100.yaml $(CPU_FLAG) $(SMOKE_ARGS)
+	$(BIN)/python -m slimcore_pipeline.seed_smoke configs/seed-cifar100.yaml $(CPU_FLAG) $(SMOKE_ARGS)
 
 # Real data on a laptop CPU (docs/benchmarks.md): Fashion-MNIST as Debian's dataset-fashion-mnist
 # installs it (`apt-get install dataset-fashion-mnist`), all three archs in about 30 minutes on 2 cores.
 # Runs `dvc exp run --temp`: params.yaml, dvc.lock and metrics/ here stay as committed.
 fashion-mnist: $(STAMP)  ## the Fashion-MNIST CPU preset as a DVC experiment (about 30 min on 2 cores)
-	$(BIN)/python -m slimcore.preset configs/fashion-mnist.yaml --allow-cpu $(PRESET_ARGS)
+	$(BIN)/python -m slimcore_pipeline.preset configs/fashion-mnist.yaml --allow-cpu $(PRESET_ARGS)
 
 peers: $(STAMP)  ## slimcore vs the paper's recipe and Torch-Pruning at 2x/4x MACs on Fashion-MNIST (docs/benchmarks.md)
 	$(BIN)/python bench/peers.py --params configs/fashion-mnist.yaml $(PEERS_ARGS)
@@ -71,7 +71,7 @@ bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/determinism.py
 
 plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plots/index.html (both offline)
-	$(BIN)/python -m slimcore.render_plots --out docs/plots --docs docs/plots.md
+	$(BIN)/python -m slimcore_pipeline.render_plots --out docs/plots --docs docs/plots.md
 	$(BIN)/dvc plots show
 
 # Two runs side by side, one row per arch and target slot (README, Compare two runs):
@@ -79,11 +79,11 @@ plots: $(STAMP)  ## charts of the last `dvc repro`: docs/plots/*.png and dvc_plo
 A ?=
 B ?=
 compare: $(STAMP)  ## two runs side by side: per arch and target, top-1 and MACs kept: make compare A=main B=NAME
-	@$(BIN)/python -m slimcore.compare $(A) $(B)
+	@$(BIN)/python -m slimcore_pipeline.compare $(A) $(B)
 
 ARCH ?=
 dag: $(STAMP)  ## one arch's stages as a mermaid flowchart (dvc dag draws all archs at once): make dag ARCH=resnet50
-	@$(BIN)/python -m slimcore.dag $(ARCH)
+	@$(BIN)/python -m slimcore_pipeline.dag $(ARCH)
 
 # A checkpoint as ONNX, BatchNorm folded, checked with onnxruntime (docs/export.md):
 #   make export CKPT=models/resnet50/finetuned-0.4.pt OUT=resnet50.onnx [EXPORT_ARGS="--image-size 32"]

@@ -39,8 +39,8 @@ def variants(threads: int) -> dict[str, tuple[str, int]]:
 
 
 def worker(arch: str, cpu_isa: str, threads: int, steps: int, size: int, batch: int) -> None:
-    from slimcore import cpumath
-    from slimcore.config import RuntimeConfig
+    from slimcore_pipeline import cpumath
+    from slimcore_pipeline.config import RuntimeConfig
 
     cfg = RuntimeConfig(cpu_isa=cpu_isa, threads=threads)  # type: ignore[arg-type]
     cpumath.pin_isa(cfg)  # as params_for does: before torch
@@ -98,7 +98,7 @@ def main() -> None:
         worker(arch, cpu_isa, int(threads), args.steps, args.size, args.batch)
         return
 
-    from slimcore.cpumath import cpu_name
+    from slimcore_pipeline.cpumath import cpu_name
 
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; {args.rounds} rounds x {args.steps} steps, "
           f"batch {args.batch} at {args.size}px")

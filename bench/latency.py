@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_speed import bimodal_gammas
 
 from slimcore.models import build_model
-from slimcore.profile import count_flops, measure_latencies
+from slimcore.flops import count_flops
+from slimcore_pipeline.latency import measure_latencies
 from slimcore.prune import slim
 
 

@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimcore.checkpoint import load_model, save_model  # noqa: E402
-from slimcore.config import Params, load_params, with_overrides  # noqa: E402
-from slimcore.data import load_splits, make_loader  # noqa: E402
-from slimcore.evaluate import evaluate  # noqa: E402
+from slimcore_pipeline.config import Params, load_params, with_overrides  # noqa: E402
+from slimcore_pipeline.data import load_splits, make_loader  # noqa: E402
+from slimcore_pipeline.runtime import evaluate  # noqa: E402
 from slimcore.models import ModelSpec  # noqa: E402
-from slimcore.profile import count_flops  # noqa: E402
-from slimcore.runtime import current_context  # noqa: E402
-from slimcore.train import Trainer  # noqa: E402
+from slimcore.flops import count_flops  # noqa: E402
+from slimcore_pipeline.runtime import current_context  # noqa: E402
+from slimcore_pipeline.train import Trainer  # noqa: E402
 
 METHODS = ("slimcore", "paper", "tp-bnscale", "tp-groupnorm")
 MAC_TOLERANCE = 0.02  # relative: a pruned model's MACs within 2% of baseline/S
@@ -250,7 +250,7 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
         from slimcore.prune import coupled_units
 
         if method == "slimcore":
-            from slimcore.sparsity_target import share_for_targets
+            from slimcore.penalty_target import share_for_targets
 
             pen = params.penalty
             units = coupled_units(sparse, bench.example) if pen.method == "group" else None
@@ -259,7 +259,7 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
                 def retarget(model: nn.Module) -> float:
                     return share_for_targets(model, [f"speedup{s:g}" for s in speedups], bench.example,
                                              input_size=bench.size, **params.prune.policy())
-            kw = {"sparsity": params.sparsity[arch], "sparsity_method": pen.method, "sparsity_units": units,
+            kw = {"sparsity": params.penalty.strength[arch], "sparsity_method": pen.method, "sparsity_units": units,
                   "sparsity_ramp_epochs": pen.ramp_epochs,
                   "sparsity_target": 0.0 if retarget else float(pen.target), "retarget": retarget,
                   "sparsity_close_epochs": pen.close_epochs}
@@ -302,8 +302,8 @@ def fmt(r: dict[str, Any]) -> str:
 
 
 def versus(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
-    """``+2.56`` (beyond noise) or ``~ -1.01`` (within noise: :func:`slimcore.noise.within_noise`)."""
-    from slimcore.noise import within_noise
+    """``+2.56`` (beyond noise) or ``~ -1.01`` (within noise: :func:`slimcore_pipeline.noise.within_noise`)."""
+    from slimcore_pipeline.noise import within_noise
 
     diff = ours["top1"] - theirs["top1"]
     same = within_noise(ours["top1"] / 100, theirs["top1"] / 100, int(ours["n"]))
@@ -358,7 +358,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     if args.sets:
-        from slimcore.preset import parse_sets
+        from slimcore_pipeline.preset import parse_sets
 
         params = with_overrides(params, parse_sets(args.sets))
     ctx = current_context(params.runtime)

@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimcore.config import load_params
-from slimcore.data import load_splits, make_loader
+from slimcore_pipeline.config import load_params
+from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.models import ModelSpec
 from slimcore.prune import coupled_units
-from slimcore.runtime import current_context
-from slimcore.train import Trainer
+from slimcore_pipeline.runtime import current_context
+from slimcore_pipeline.train import Trainer
 
 SETTINGS = [("l1, no recal", "l1", 0), ("l1, recal 8", "l1", 8), ("group, recal 8", "group", 8)]
 
@@ -45,7 +45,7 @@ def epoch_seconds(arch: str, method: str, recal: int) -> float:
     size = params.data.image_size
     units = coupled_units(model, torch.zeros(2, 3, size, size)) if method == "group" else None
     train = make_loader(splits.train, cfg.batch_size, train=True, seed=params.seed, runtime=params.runtime)
-    trainer = Trainer(model, cfg, current_context(params.runtime), train, None, sparsity=params.sparsity[arch],
+    trainer = Trainer(model, cfg, current_context(params.runtime), train, None, sparsity=params.penalty.strength[arch],
                       desc=arch, sparsity_method=method, sparsity_units=units,
                       sparsity_target=params.penalty.target if method != "l1" else 0.0)
     start = time.perf_counter()

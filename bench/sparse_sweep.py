@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slimcore.checkpoint import load_model
-from slimcore.config import load_params
-from slimcore.data import load_splits, make_loader
-from slimcore.evaluate import evaluate
+from slimcore_pipeline.config import load_params
+from slimcore_pipeline.data import load_splits, make_loader
+from slimcore.accuracy import evaluate
 from slimcore.models import ModelSpec
 from slimcore.prune import coupled_units, slim
-from slimcore.runtime import current_context
-from slimcore.train import Trainer
+from slimcore_pipeline.runtime import current_context
+from slimcore_pipeline.train import Trainer
 
 
 def parse_variant(text: str) -> dict:

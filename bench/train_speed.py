@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from slimcore.config import RuntimeConfig, TrainConfig
-from slimcore.console import console
-from slimcore.data import make_loader
+from slimcore_pipeline.config import RuntimeConfig, TrainConfig
+from slimcore_pipeline.console import console
+from slimcore_pipeline.data import make_loader
 from slimcore.models import build_model
-from slimcore.runtime import Context, current_context
-from slimcore.train import Trainer
+from slimcore_pipeline.runtime import Context, current_context
+from slimcore_pipeline.train import Trainer
 
 
 def bare_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, ctx: Context, lr: float) -> None:

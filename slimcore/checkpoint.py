@@ -38,7 +38,7 @@ from slimcore.archs import parse_arch
 from slimcore.checks import check_finite
 from slimcore.errors import CheckpointError, ModelError, SlimcoreError
 from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, check_rebuildable, short_repr, spec_of
-from slimcore.process import atomic_write_bytes  # the one writer of every output file
+from slimcore_pipeline.process import atomic_write_bytes  # the one writer of every output file
 
 FORMAT = "slimcore-checkpoint"
 VERSION = 3
@@ -48,11 +48,16 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")  # a model's parameters, 
 MAX_TRACE_SIDE = 1024  # pixels: a plan is replayed on one input of this size at most
 
 
-def atomic_torch_save(obj: Any, path: Path | str) -> None:
-    """``torch.save`` through :func:`atomic_write_bytes`."""
+def torch_bytes(obj: Any) -> bytes:
+    """What ``torch.save(obj, file)`` would write."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    """``torch.save`` through :func:`slimcore.files.atomic_write_bytes`."""
+    atomic_write_bytes(path, torch_bytes(obj))
 
 
 def safe_torch_load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
@@ -260,7 +265,18 @@ def model_dtype(model: nn.Module) -> str:
 def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None, **meta: Any) -> Path:
     """Save ``model`` as state_dict + spec + pruning plan + dtype (+ plain ``meta``) with the
     digest of it all, atomically.  A ``torch.compile`` / ``DataParallel`` / DDP wrapper is
-    unwrapped first: the file holds the model inside."""
+    unwrapped first: the file holds the model inside.
+
+    >>> save_model("models/slim.pt", slimmed, note="resnet50 at 0.3")  # doctest: +SKIP
+    PosixPath('models/slim.pt')
+    >>> model = load_model("models/slim.pt")  # rebuilt at its slimmed widths  # doctest: +SKIP
+    """
+    atomic_write_bytes(path, model_bytes(model, spec, **meta))
+    return Path(path)
+
+
+def model_bytes(model: nn.Module, spec: ModelSpec | None = None, **meta: Any) -> bytes:
+    """The bytes :func:`save_model` writes (for a caller with its own writer)."""
     model = unwrap_model(model)
     try:
         spec = spec or spec_of(model)
@@ -276,8 +292,7 @@ def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None
                             "trace_size": trace_size, "dtype": model_dtype(model), "state_dict": state,
                             "meta": meta}
     ckpt["digest"] = content_digest(ckpt)
-    atomic_torch_save(ckpt, path)
-    return Path(path)
+    return torch_bytes(ckpt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +301,7 @@ def save_model(path: Path | str, model: nn.Module, spec: ModelSpec | None = None
 
 class ModelEntry(Protocol):
     """A model named by source, name and builder kwargs: a :class:`ModelSpec`, or params.yaml's
-    ``models`` entry as :meth:`slimcore.config.Params.model_for` resolves it."""
+    ``models`` entry as :meth:`slimcore_pipeline.config.Params.model_for` resolves it."""
 
     @property
     def source(self) -> str: ...
@@ -409,7 +424,7 @@ def load_checkpoint(path: Path | str, expected_arch: str | None = None,
     weights, strict), with the file's ``meta``, spec, trace size, dtype and version.
 
     ``expected_arch`` (an arch string as :func:`slimcore.models.build_model` takes it, e.g. a
-    params.yaml short name resolved by :meth:`slimcore.config.Params.model_for`) must name the
+    params.yaml short name resolved by :meth:`slimcore_pipeline.config.Params.model_for`) must name the
     model the file holds.  ``trusted`` says which code the file may run: ``"module:function"``
     (a Python factory, called with the file's plain kwargs), an exact entry (a
     :class:`ModelSpec` or params.yaml's resolved ``models`` entry: that source, name and kwargs),
@@ -477,6 +492,7 @@ def checkpoint_meta(path: Path | str) -> dict[str, Any]:
 __all__ = [
     "DTYPES", "MAX_TRACE_SIDE", "CheckpointError", "LoadedCheckpoint", "ModelEntry", "Trusted",
     "UnverifiedCheckpointWarning", "atomic_torch_save", "atomic_write_bytes", "check_rebuild", "checked_checkpoint",
+    "model_bytes", "torch_bytes",
     "checkpoint_meta", "checkpoint_spec", "content_digest", "load_checkpoint", "load_model", "load_model_and_meta",
     "model_dtype", "read_checkpoint", "safe_torch_load", "same_arch", "save_model", "trusted_factory",
     "unwrap_model",

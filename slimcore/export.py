@@ -21,23 +21,23 @@ any other BN stays as it is.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import hashlib
 import io
+import re
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-import typer
-from rich.markup import escape
 from torch import nn
 
-from slimcore.console import console
 from slimcore.errors import SlimcoreError
 
 DEFAULT_OPSET = 17
@@ -327,16 +327,32 @@ def export_model(model: nn.Module, image_size: int, opset: int = DEFAULT_OPSET, 
 
 
 def _params_image_size(params_file: Path) -> int | None:
-    """``data.image_size`` of a slimcore params file, when there is a readable one."""
+    """``data.image_size`` of a slimcore params file, when there is a readable one.
+
+    Read line by line (the engine does not depend on a YAML parser): the ``image_size: N`` line
+    of the top-level ``data:`` block, in block style as slimcore writes its params files; any
+    other layout gives None (then the model's minimum size is used)."""
     if not params_file.is_file():
         return None
-    import yaml
-
     try:
-        size = (yaml.safe_load(params_file.read_text()) or {}).get("data", {}).get("image_size")
-    except (yaml.YAMLError, AttributeError):
+        lines = params_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
         return None
-    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    in_data, indent = False, None
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        depth = len(line) - len(line.lstrip(" "))
+        if depth == 0:
+            in_data, indent = re.fullmatch(r"data:\s*(#.*)?", line) is not None, None
+            continue
+        if not in_data:
+            continue
+        indent = depth if indent is None else indent
+        found = re.fullmatch(r"\s*image_size:\s*(\d+)\s*(#.*)?", line)
+        if found and depth == indent:
+            return int(found[1]) or None
+    return None
 
 
 def default_image_size(model: nn.Module, meta: dict[str, Any], params_file: Path = Path("params.yaml"),
@@ -390,58 +406,65 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, image_size: int |
 # CLI
 # --------------------------------------------------------------------------------------------
 
-app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    def positive(value: str) -> int:
+        if not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+        return int(value)
+
+    def opset(value: str) -> int:
+        if not value.isdigit() or not 7 <= int(value) <= 20:
+            raise argparse.ArgumentTypeError(f"{value!r} is not in the range 7 to 20")
+        return int(value)
+
+    parser = argparse.ArgumentParser(prog="python -m slimcore.export", description=(
+        "Export CHECKPOINT as ONNX with BatchNorm folded into the convolutions, checked with onnxruntime."))
+    parser.add_argument("checkpoint", type=Path, help="a slimcore checkpoint (models/ARCH/*.pt)")
+    parser.add_argument("out", type=Path, help="the ONNX file to write")
+    parser.add_argument("--image-size", type=positive, default=None, metavar="N",
+                        help="input side in pixels (default: the checkpoint's recorded size, else params.yaml's "
+                             "data.image_size, else the model's minimum)")
+    parser.add_argument("--opset", type=opset, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--batch", choices=("1", "dynamic"), default="1",
+                        help="1: a fixed batch of one (default); dynamic: any batch size")
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                        help=f"largest |onnxruntime - PyTorch| accepted (default {DEFAULT_ATOL:g})")
+    parser.add_argument("--trust-code", action="append", default=[], metavar="MODULE:FN",
+                        help="let the checkpoint rebuild its model by calling this Python factory (repeatable); "
+                             "only for files and code you trust")
+    return parser
 
 
-def _parse_batch(value: str) -> bool:
-    if value == "dynamic":
-        return True
-    if value == "1":
-        return False
-    raise typer.BadParameter("use 1 (fixed batch of one) or 'dynamic' (any batch size)", param_hint="--batch")
-
-
-@app.command()
-def main(
-    checkpoint: Annotated[Path, typer.Argument(help="a slimcore checkpoint (models/ARCH/*.pt)")],
-    out: Annotated[Path, typer.Argument(help="the ONNX file to write")],
-    image_size: Annotated[int | None, typer.Option(
-        min=1, help="input side in pixels (default: the checkpoint's recorded size, else params.yaml's "
-                    "data.image_size, else the model's minimum)")] = None,
-    opset: Annotated[int, typer.Option(min=7, max=20, help="ONNX opset")] = DEFAULT_OPSET,
-    batch: Annotated[str, typer.Option(help="1: a fixed batch of one; dynamic: any batch size")] = "1",
-    atol: Annotated[float, typer.Option(help="largest |onnxruntime - PyTorch| accepted")] = DEFAULT_ATOL,
-    trust_code: Annotated[list[str] | None, typer.Option(
-        "--trust-code", metavar="MODULE:FN",
-        help="let the checkpoint rebuild its model by calling this Python factory (repeatable); "
-             "only for files and code you trust")] = None,
-) -> None:
-    """Export CHECKPOINT as ONNX with BatchNorm folded into the convolutions, checked with onnxruntime."""
-    dynamic = _parse_batch(batch)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m slimcore.export CHECKPOINT OUT [options]``: 0 when exported, 2 on a clear error
+    (said in one ``error:`` line on stderr, nothing written)."""
+    args = _parser().parse_args(argv)  # a bad option: argparse's usage line and exit status 2
     from slimcore.checkpoint import trusted_factory
 
-    for item in trust_code or []:
+    for item in args.trust_code:
         try:
             trusted_factory(item)
         except ValueError as err:
-            console.print(f"[bold red]error:[/] --trust-code: {escape(str(err))}", soft_wrap=True)
-            raise typer.Exit(2) from None
-    if out.resolve() == checkpoint.resolve():
-        console.print("[bold red]error:[/] OUT would overwrite the checkpoint")
-        raise typer.Exit(2)
+            print(f"error: --trust-code: {err}", file=sys.stderr)
+            return 2
+    if args.out.resolve() == args.checkpoint.resolve():
+        print("error: OUT would overwrite the checkpoint", file=sys.stderr)
+        return 2
     try:
-        report, source = export_checkpoint(checkpoint, out, image_size, opset, dynamic, atol, trust_code or [])
+        report, source = export_checkpoint(args.checkpoint, args.out, args.image_size, args.opset,
+                                           args.batch == "dynamic", args.atol, args.trust_code)
     except SlimcoreError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    console.print(escape(f"{checkpoint} -> {out}: {report.summary()}; input size from {source}"), soft_wrap=True)
-    console.print(f"md5 {report.md5}", soft_wrap=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.checkpoint} -> {args.out}: {report.summary()}; input size from {source}")
+    print(f"md5 {report.md5}")
+    return 0
 
 
 __all__ = [
     "ExportError", "ExportReport", "conv_bn_pairs", "count_batchnorms", "default_image_size", "export_checkpoint",
-    "export_model", "fold_batchnorms", "fold_conv_bn", "max_abs_diff", "onnx_bytes", "ort_session",
+    "export_model", "fold_batchnorms", "fold_conv_bn", "main", "max_abs_diff", "onnx_bytes", "ort_session",
 ]
 
 if __name__ == "__main__":
-    app()
+    sys.exit(main())

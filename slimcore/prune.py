@@ -45,7 +45,7 @@ from slimcore.fold import fold_constants as _fold_constants
 from slimcore.fold import tap_means as _tap_means
 from slimcore.models import PLAN_ATTR, batchnorm_problem, input_channels_problem
 from slimcore.plan import build_graph, plain_plan, replay_plan
-from slimcore.profile import count_flops, count_params
+from slimcore.flops import count_flops, count_params
 from slimcore.surgery import Snapshot as _Snapshot
 from slimcore.surgery import apply_groups as _apply
 from slimcore.surgery import breaking_groups as _breaking_groups

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 SUFFIXES: tuple[str, ...] = (".pt", ".pth")
-DEFAULT_WEIGHTS = "weights"  # model.weights' default (slimcore.config): absent, it counts as an empty folder
+DEFAULT_WEIGHTS = "weights"  # model.weights' default (slimcore_pipeline.config): absent, it counts as an empty folder
 _WRAPPERS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "module")
 _PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 _SHOWN = 5  # names listed per kind of mismatch

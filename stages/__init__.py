@@ -1,7 +1,7 @@
 """The pipeline's stages, run as ``python -m stages.X`` (dvc.yaml).
 
 Python imports this package before the stage module, so this runs before anything heavy: stop
-signals are held until the stage's handlers are in place (slimcore.process.start_up_done), and
+signals are held until the stage's handlers are in place (slimcore_pipeline.process.start_up_done), and
 the stage is tied to the life of the process that started it (``dvc repro``).
 """
 
@@ -16,6 +16,6 @@ if _MISSING:
                      "first (or `make repro`, which uses .venv)\n")
     raise SystemExit(2)
 
-from slimcore.process import enter_stage_process  # noqa: E402
+from slimcore_pipeline.process import enter_stage_process  # noqa: E402
 
 enter_stage_process()

@@ -16,9 +16,9 @@ from typing import Any, NoReturn
 
 import typer
 
-from slimcore import cpumath
-from slimcore.config import Params, load_params, with_overrides
-from slimcore.console import console
+from slimcore_pipeline import cpumath
+from slimcore_pipeline.config import Params, load_params, with_overrides
+from slimcore_pipeline.console import console
 from slimcore.errors import ParamsError, SlimcoreError
 from slimcore.targets import Target
 
@@ -62,11 +62,11 @@ def stage(name: str) -> Iterator[None]:
     * it first removes temp files that killed writers left under models/, metrics/ and .slimcore/;
     * expected failures (:class:`SlimcoreError`) print one line and exit 2 (3: non-finite loss);
     * it prints where the run is ("stage N/M", elapsed, an estimate of what is left) and records
-      its duration (slimcore/progress.py); torchrun's workers leave that to their launcher.
+      its duration (slimcore_pipeline/progress.py); torchrun's workers leave that to their launcher.
     """
-    from slimcore import process
-    from slimcore.locks import OutputLock, held_by_launcher
-    from slimcore.progress import announce
+    from slimcore_pipeline import process
+    from slimcore_pipeline.locks import OutputLock, held_by_launcher
+    from slimcore_pipeline.progress import announce
 
     old_handlers = process.install_stop_handlers()
     lock = None
@@ -93,7 +93,7 @@ def stage(name: str) -> Iterator[None]:
             _interrupted(name)
         fail(f"{name}: {err}", EXIT_NUMERICS)
     except OSError as err:  # disk full or read-only where no writer of ours caught it (dvclive, a library)
-        from slimcore.checks import write_error
+        from slimcore_pipeline.resources import write_error
 
         clear = write_error(err.filename or "an output file", err, atomic=False)
         if clear is None:
@@ -137,11 +137,11 @@ def fit_schedule(params: Params, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def params_for(path: Path, arch: str | None = None, **overrides: Any) -> Params:
     """Validated params (with by-hand option overrides), checking ``arch`` is one of ``archs``;
-    then the CPU math pinned as ``runtime`` says (:mod:`slimcore.cpumath`) and torch imported.
+    then the CPU math pinned as ``runtime`` says (:mod:`slimcore_pipeline.cpumath`) and torch imported.
 
     A by-hand ``SECTION.epochs`` fits the section's milestones to it (see :func:`fit_schedule`).
     """
-    from slimcore.process import start_up_done
+    from slimcore_pipeline.process import start_up_done
 
     params = load_params(path)
     if any(v is not None for v in overrides.values()):
@@ -177,7 +177,7 @@ def trace_inputs(params: Params) -> Any:
 
 def write_json(path: Path, data: Any) -> None:
     """Pretty JSON, atomically."""
-    from slimcore.process import atomic_write_bytes
+    from slimcore_pipeline.process import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
@@ -189,7 +189,7 @@ def run_app(app: typer.Typer) -> None:
     with exit 130; from then on they are ignored, so that the interpreter's shutdown (which puts
     back the default handlers) cannot turn a finished run into a silent death by SIGTERM.
     """
-    from slimcore import process
+    from slimcore_pipeline import process
 
     name = f"stages.{Path(sys.argv[0]).stem}"
     try:

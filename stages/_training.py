@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from slimcore.config import Params
+from slimcore_pipeline.config import Params
 from slimcore.errors import ParamsError
 from stages._common import console, write_json
 
@@ -82,7 +82,7 @@ def fingerprint(*parts: Any) -> str:
 def relaunch_under_torchrun(params: Params, module: str) -> None:
     """With ``runtime.nproc > 1``, replace this process by ``torchrun`` running ``module`` N times.
 
-    torchrun (``python -m slimcore.launch --standalone``: torchrun that exits 130 when stopped) starts the workers, sets
+    torchrun (``python -m slimcore_pipeline.launch --standalone``: torchrun that exits 130 when stopped) starts the workers, sets
     RANK/WORLD_SIZE/LOCAL_RANK and forwards signals; each worker re-enters the stage, finds
     those variables and trains its shard under DistributedDataParallel.  A stage already
     started by torchrun (e.g. by hand, multi-node) never relaunches.
@@ -97,8 +97,8 @@ def relaunch_under_torchrun(params: Params, module: str) -> None:
 
         raise ParamsError(f"runtime.nproc: {nproc} processes but {torch.cuda.device_count()} GPU(s); "
                           "use at most one process per GPU")
-    # slimcore.launch: torchrun, ending in exit 130 without a traceback when stopped
-    argv = [sys.executable, "-m", "slimcore.launch", "--standalone", f"--nproc_per_node={nproc}",
+    # slimcore_pipeline.launch: torchrun, ending in exit 130 without a traceback when stopped
+    argv = [sys.executable, "-m", "slimcore_pipeline.launch", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, *sys.argv[1:]]
     console.log(f"runtime.nproc={nproc}: relaunching under torchrun: {' '.join(argv[1:])}")
     sys.stdout.flush()
@@ -125,7 +125,7 @@ def start_of(params: Params, arch: str, run: str) -> Start:
     sparse-train: ``model.sparse_start``: ``scratch`` (random init), ``baseline`` (the trained
     ``models/ARCH/baseline.pt``) or ``weights`` (the arch's weights file, which must exist).
     """
-    from slimcore import paths
+    from slimcore_pipeline import paths
     from slimcore.weights import weights_file
 
     if run == "baseline-train":
@@ -211,7 +211,7 @@ def chance_warning(run: str, arch: str, *, top1: float, train_top1: float, num_c
     if not near_chance(train_top1, num_classes):  # it learned the training set but not the held-out one
         causes.insert(0, f"train top-1 is {100 * train_top1:.1f}%: the {split} images may not match the "
                          "training ones (labels, folders, preprocessing) or the model overfits")
-    from slimcore.paths import stage_name
+    from slimcore_pipeline.paths import stage_name
 
     return (f"{stage_name(run, arch)}: {split} top-1 {100 * top1:.1f}% is within {CHANCE_MARGIN_PT:g} pt of "
             f"chance ({chance:.1f}% for {num_classes} classes); likely causes: " + "; ".join(causes))
@@ -229,33 +229,35 @@ def data_summary(splits: Any, eval_test: bool, section: str) -> str:
 
 
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
-                        sparsity: float, init: Path | None = None, weights: Path | None = None,
+                        strength: float, init: Path | None = None, weights: Path | None = None,
                         module: str, units: Callable[[nn.Module], Any] | None = None,
                         penalty_target: Callable[[nn.Module], float] | None = None) -> None:
     """Train a model and save it to ``out``: from the checkpoint ``init``, else built through
     params' ``models`` and initialised from the ``weights`` file (random init without one).
 
-    ``units`` gives the penalty's coupled channels (from the starting model) and
+    ``strength``: the penalty's (0: no penalty); ``units`` gives its coupled channels (from the starting model) and
     ``penalty_target`` the share of BN channels it shrinks, re-resolved from the model at the
     start of every epoch (sparse-train with ``penalty.target: auto`` only).
     Resumes from the run's last finished epoch if an earlier attempt was interrupted (only with
     the same settings, arch, start checkpoint and weights file).  With ``runtime.nproc > 1`` the
     stage ``module`` first relaunches itself under torchrun.
     """
-    from slimcore import paths
-    from slimcore.checks import check_writable
+    from slimcore_pipeline import paths
+    from slimcore_pipeline.resources import check_writable
 
     check_writable(out.parent, paths.curves(arch, run), paths.timings(arch, run).parent,
                    paths.resume_state(arch, run).parent)
     relaunch_under_torchrun(params, module)
     import torch
 
-    from slimcore.checkpoint import save_model
-    from slimcore.checks import check_batch_size, check_disk, check_finite, tensor_bytes
-    from slimcore.data import check_num_classes, load_splits, make_loader
+    from slimcore_pipeline.process import save_model
+    from slimcore.checks import check_finite
+    from slimcore_pipeline.resources import check_batch_size, check_disk, tensor_bytes
+    from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
     from slimcore.models import spec_of
-    from slimcore.runtime import barrier, current_context, distributed
-    from slimcore.train import Trainer
+    from slimcore_pipeline.runtime import barrier, current_context, distributed
+    from slimcore.penalty import PenaltySpec
+    from slimcore_pipeline.train import Trainer
 
     ctx = current_context(params.runtime)
     with distributed(ctx):
@@ -283,19 +285,19 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         val, test = (make_loader(part, max(256, train_cfg.batch_size), train=False, seed=params.seed,
                                  runtime=params.runtime, device=ctx.device.type) if len(part) else None
                      for part in (splits.val, splits.test if train_cfg.eval_test else []))
-        coupled = units(model) if units is not None and sparsity > 0 else None
+        coupled = units(model) if units is not None and strength > 0 else None
         # penalty.target auto: re-resolved from the model at the start of every epoch (the set of
         # channels the penalty zeroes drifts, and with it the MACs they hold)
-        retarget = penalty_target if penalty_target is not None and sparsity > 0 else None
+        retarget = penalty_target if penalty_target is not None and strength > 0 else None
         # a fixed share; none without a penalty, and none for auto (retarget sets it) or auto under l1
         target = params.penalty.target
-        share = float(target) if sparsity > 0 and target != "auto" else 0.0
-        trainer = Trainer(model, train_cfg, ctx, train, val, sparsity=sparsity, desc=paths.stage_name(run, arch),
-                          sparsity_method=params.penalty.method, sparsity_units=coupled,
-                          sparsity_ramp_epochs=params.penalty.ramp_epochs, sparsity_target=share,
-                          test_loader=test, retarget=retarget, sparsity_close_epochs=params.penalty.close_epochs)
+        share = float(target) if strength > 0 and target != "auto" else 0.0
+        penalty = PenaltySpec(strength, params.penalty.method, coupled, ramp_epochs=params.penalty.ramp_epochs,
+                              target=share, close_epochs=params.penalty.close_epochs)
+        trainer = Trainer(model, train_cfg, ctx, train, val, desc=paths.stage_name(run, arch), penalty=penalty,
+                          test_loader=test, retarget=retarget)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
-        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, sparsity,
+        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, strength,
                           params.prune.model_dump() if retarget else None,
                           init if init is not None else "scratch", weights if weights is not None else "no weights",
                           code_signature(), data_signature(params.data.root))
@@ -304,9 +306,10 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         if ctx.is_main:
             final = history[-1] if history else None
             # only what the same inputs reproduce exactly: no wall-clock figure goes in here
+            # (the strength goes in as meta "sparsity", the key every earlier checkpoint has)
             save_model(out, model.cpu(), run=run, history=[vars(h) for h in history],
                        val_top1=final.val_top1 if final else None, test_top1=final.test_top1 if final else None,
-                       sparsity=sparsity, normalization=splits.normalization, torch_version=str(torch.__version__))
+                       sparsity=strength, normalization=splits.normalization, torch_version=str(torch.__version__))
             write_timings(paths.timings(arch, run), trainer.timings, ctx)
             state.unlink(missing_ok=True)
             console.log(f"{paths.stage_name(run, arch)}: saved {out}")

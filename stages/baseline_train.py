@@ -1,4 +1,4 @@
-"""Stage ``baseline-train@ARCH``: train the arch without the sparsity penalty, from ``model.weights``."""
+"""Stage ``baseline-train@ARCH``: train the arch without the slimming penalty, from ``model.weights``."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ def main(
     models/ARCH/baseline.pt and metrics/ARCH/baseline-train/."""
     with stage(f"baseline-train@{arch}"):
         params = params_for(params_file, arch, **{"train.epochs": epochs, "train.lr": lr})
-        from slimcore import paths
+        from slimcore_pipeline import paths
 
         start = start_of(params, arch, "baseline-train")
         train_to_checkpoint(params, arch, "baseline-train", paths.checkpoint(arch, "baseline"),
-                            train_cfg=params.train, sparsity=0.0, init=start.init, weights=start.weights,
+                            train_cfg=params.train, strength=0.0, init=start.init, weights=start.weights,
                             module="stages.baseline_train")
 
 

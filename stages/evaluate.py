@@ -17,7 +17,7 @@ def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
                     prunes: dict[str, Any], sensitivity: dict[str, Any] | None = None) -> None:
     """One ``metrics/summary/ARCH.json`` (the declared metrics) and one ``metrics/details/ARCH.json``
     per arch, and no other file in either folder."""
-    from slimcore import paths, report
+    from slimcore_pipeline import paths, results_table
 
     for folder in (paths.summaries(), paths.details_dir()):
         for stale in folder.glob("*.json") if folder.is_dir() else []:
@@ -25,8 +25,8 @@ def write_summaries(params: Any, evals: dict[str, Any], profile: dict[str, Any],
                 stale.unlink()
     for arch in params.archs:
         args = (arch, params, evals[arch], profile[arch], prunes[arch], (sensitivity or {}).get(arch))
-        write_json(paths.summary(arch), report.summary(*args))
-        write_json(paths.details(arch), report.details(*args))
+        write_json(paths.summary(arch), results_table.summary(*args))
+        write_json(paths.details(arch), results_table.details(*args))
 
 
 @app.command()
@@ -35,22 +35,23 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     (with the sensitivity curves of metrics/sensitivity/ARCH.json)."""
     with stage("evaluate"):
         params = params_for(params_file)
-        from slimcore import paths
-        from slimcore.checks import check_writable
+        from slimcore_pipeline import paths
+        from slimcore_pipeline.resources import check_writable
 
         check_writable(paths.eval_report().parent, paths.summaries(), paths.details_dir(), paths.plots_dir(),
                        paths.results_table().parent)
         import torch
         from rich.table import Table
 
-        from slimcore import cpumath, paths, report
-        from slimcore.checkpoint import atomic_write_bytes, load_model_and_meta
-        from slimcore.data import check_num_classes, load_splits, make_loader
-        from slimcore.evaluate import evaluate
+        from slimcore_pipeline import cpumath, paths, results_table
+        from slimcore.checkpoint import load_model_and_meta
+        from slimcore_pipeline.process import atomic_write_bytes
+        from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
+        from slimcore_pipeline.runtime import evaluate
         from slimcore.models import spec_of
-        from slimcore.plotdata import write_plot_data
-        from slimcore.runtime import current_context
-        from slimcore.sparsity import gamma_magnitudes
+        from slimcore_pipeline.plotdata import write_plot_data
+        from slimcore_pipeline.runtime import current_context
+        from slimcore.penalty import gamma_magnitudes
 
         ctx = current_context(params.runtime)  # a GPU when there is one: 224px test sets are slow on CPU
         splits = load_splits(params.data)
@@ -83,7 +84,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         write_summaries(params, evals, profile, prunes, sensitivity)
         write_plot_data(paths.plots_dir(), archs=params.archs, targets=targets, evals=evals,
                         profile=profile, prunes=prunes, histories=histories, gammas=gammas, sensitivity=sensitivity)
-        markdown = report.results_markdown(params, evals, profile, prunes, sensitivity)
+        markdown = results_table.results_markdown(params, evals, profile, prunes, sensitivity)
         markdown += "\n" + cpumath.provenance(params.runtime, ctx.device.type)  # the one machine-specific line
         atomic_write_bytes(paths.results_table(), markdown.encode())
 

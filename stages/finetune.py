@@ -1,4 +1,4 @@
-"""Stage ``finetune@ARCH-TARGET``: train the pruned model (no sparsity penalty)."""
+"""Stage ``finetune@ARCH-TARGET``: train the pruned model (no slimming penalty)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def main(
     with stage(f"finetune@{arch}-{target}"):
         params = params_for(params_file, arch, **{"finetune.epochs": epochs, "finetune.lr": lr})
         goal = check_target(params, target)
-        from slimcore import paths
+        from slimcore_pipeline import paths
 
         train_to_checkpoint(params, arch, paths.finetune_run(goal), paths.finetuned(arch, goal),
-                            train_cfg=params.finetune, sparsity=0.0, init=paths.pruned(arch, goal),
+                            train_cfg=params.finetune, strength=0.0, init=paths.pruned(arch, goal),
                             module="stages.finetune")
 
 

@@ -31,7 +31,7 @@ def same_architecture(label: str) -> str:
 def remove_stale_outputs(archs: list[str], targets: list[Any]) -> list[Path]:
     """Delete the checkpoints, reports, curves and timings of targets no longer configured (their
     lines in DVC's ``.gitignore`` files stay: DVC owns those); returns what was removed."""
-    from slimcore import paths
+    from slimcore_pipeline import paths
 
     stale = paths.stale_target_outputs(archs, targets)
     for path in stale:
@@ -49,7 +49,7 @@ def onnxruntime_latencies(models: dict[str, Any], size: int, runs: int, warmup: 
     from rich.markup import escape
 
     from slimcore.export import ExportError, export_model, ort_session
-    from slimcore.profile import measure_ort_latencies
+    from slimcore_pipeline.latency import measure_ort_latencies
 
     sessions = {}
     for label, model in models.items():
@@ -96,10 +96,12 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     """
     with stage("profile"):
         params = params_for(params_file)
-        from slimcore import paths
-        from slimcore.checkpoint import atomic_write_bytes, load_model
-        from slimcore.checks import check_writable
-        from slimcore.profile import count_flops, count_params, file_bytes, measure_latencies
+        from slimcore_pipeline import paths
+        from slimcore.checkpoint import load_model
+        from slimcore_pipeline.process import atomic_write_bytes
+        from slimcore_pipeline.resources import check_writable
+        from slimcore.flops import count_flops, count_params
+        from slimcore_pipeline.latency import file_bytes, measure_latencies
 
         check_writable(paths.profile_report().parent, paths.latency_report().parent, paths.latency_table().parent)
         targets = params.prune.parsed_targets()

@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 def read_safe_ratio(arch: str) -> float:
     """``safe_ratio`` of ``metrics/sensitivity/ARCH.json`` (the ``sensitivity@ARCH`` stage's)."""
-    from slimcore import paths
+    from slimcore_pipeline import paths
     from slimcore.errors import SlimcoreError
 
     path = paths.sensitivity_report(arch)
@@ -34,7 +34,7 @@ def read_safe_ratio(arch: str) -> float:
 
 def safe_ratio_hint(arch: str, max_drop: float) -> str:
     """Where the warning points: the safe ratio when the sensitivity report exists."""
-    from slimcore import paths
+    from slimcore_pipeline import paths
 
     try:
         return (f"the safe ratio (top-1 drop within prune.max_drop={max_drop:g} pt) is "
@@ -119,12 +119,13 @@ def main(
         goal = check_target(params, target)
         name = f"prune@{arch}-{goal.tag}"
         safe = read_safe_ratio(arch) if goal.kind == "safe" else None
-        from slimcore import paths
-        from slimcore.checks import check_disk, check_writable, tensor_bytes
+        from slimcore_pipeline import paths
+        from slimcore_pipeline.resources import check_disk, check_writable, tensor_bytes
 
         check_writable(paths.pruned(arch, goal).parent, paths.prune_report(arch, goal).parent,
                        paths.timings(arch, paths.prune_run(goal)).parent)
-        from slimcore.checkpoint import load_model, save_model
+        from slimcore.checkpoint import load_model
+        from slimcore_pipeline.process import save_model
         from slimcore.models import spec_of
         from slimcore.prune import slim, slim_to
 

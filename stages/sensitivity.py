@@ -4,7 +4,7 @@ Slims ``models/ARCH/sparse.pt`` at ``prune.sensitivity_step, 2 * step, ..., 1 - 
 prune policy, measures each pruned model (before fine-tuning) on the validation split, and
 writes the curve and its ``safe_ratio`` (the largest ratio whose validation top-1 drop, and every
 smaller ratio's, stays within ``prune.max_drop`` points) to ``metrics/sensitivity/ARCH.json``;
-see :mod:`slimcore.sensitivity`.  Its wall-clock time goes to metrics/timings/ARCH/sensitivity.json.
+see :mod:`slimcore_pipeline.sensitivity`.  Its wall-clock time goes to metrics/timings/ARCH/sensitivity.json.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ def main(
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from slimcore import paths
-        from slimcore.checkpoint import atomic_write_bytes, load_model
-        from slimcore.data import check_num_classes, load_splits, make_loader
+        from slimcore_pipeline import paths
+        from slimcore.checkpoint import load_model
+        from slimcore_pipeline.process import atomic_write_bytes
+        from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
         from slimcore.errors import DataError
         from slimcore.models import spec_of
-        from slimcore.runtime import current_context
-        from slimcore.sensitivity import SensitivityPoint, ratio_grid, sensitivity
+        from slimcore_pipeline.runtime import current_context
+        from slimcore_pipeline.sensitivity import SensitivityPoint, ratio_grid, sensitivity
 
         sparse_path = paths.checkpoint(arch, "sparse")
         choice = params.model_for(arch)  # the pipeline's own entry: its python factory may run
@@ -81,12 +82,12 @@ def main(
                               f"{escape(point.error)}[/] (recorded with no accuracy: it fails the budget)")
         console.log(f"sensitivity@{arch}: safe ratio {safe:g} (val top-1 {result.reference_top1:.1f} -> "
                     f"{at_safe:.1f}, budget {cfg.max_drop:g} pt)")
-        from slimcore.reached import no_sparsity
+        from slimcore_pipeline.reached import no_sparsity
 
         none, reached = no_sparsity(result.to_dict())
         if none:
             console.print(f"[yellow]warning: sensitivity@{arch}: sparse-train reached no sparsity: {reached}; "
-                          f"raise sparsity.{arch} or train.epochs[/]", soft_wrap=True)
+                          f"raise penalty.strength.{arch} or train.epochs[/]", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Stage ``sparse-train@ARCH``: train the arch with a sparsity penalty on every BatchNorm gamma
-(``penalty`` and ``sparsity.ARCH``), from ``model.sparse_start``."""
+"""Stage ``sparse-train@ARCH``: train the arch with the slimming penalty on every BatchNorm gamma
+(``penalty``, its strength ``penalty.strength.ARCH``), from ``model.sparse_start``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from stages._training import start_of, train_to_checkpoint
 if TYPE_CHECKING:
     from torch import nn
 
-    from slimcore.config import Params
+    from slimcore_pipeline.config import Params
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -42,14 +42,14 @@ def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[
 
 def penalty_share(model: nn.Module, params: Params, arch: str, said: list[float] | None = None) -> float:
     """``penalty.target`` as a share of BN channels: the number itself, or for ``auto`` the share
-    ``prune.targets`` need on this model (:func:`slimcore.sparsity_target.share_for_targets`),
+    ``prune.targets`` need on this model (:func:`slimcore.penalty_target.share_for_targets`),
     logged when it differs from the last one in ``said``."""
     target = params.penalty.target
     if target != "auto":
         return float(target)
     if params.penalty.method == "l1":  # the subgradient pulls every gamma: no share to resolve
         return 0.0
-    from slimcore.sparsity_target import share_for_targets
+    from slimcore.penalty_target import share_for_targets
     from stages._common import trace_inputs
 
     share = share_for_targets(model, params.prune.parsed_targets(), trace_inputs(params),
@@ -77,18 +77,19 @@ def main(
     params_file: Path = PARAMS_OPTION,
     epochs: int | None = typer.Option(None, help="override train.epochs"),
     lr: float | None = typer.Option(None, help="override train.lr"),
-    sparsity: float | None = typer.Option(None, help="override sparsity.ARCH (penalty strength)"),
+    strength: float | None = typer.Option(None, "--strength", "--sparsity",
+                                          help="override penalty.strength.ARCH"),
 ) -> None:
-    """Train ARCH with sparsity from model.sparse_start (scratch, baseline or weights); writes
+    """Train ARCH with the penalty from model.sparse_start (scratch, baseline or weights); writes
     models/ARCH/sparse.pt and metrics/ARCH/sparse-train/."""
     with stage(f"sparse-train@{arch}"):
         params = params_for(params_file, arch, **{"train.epochs": epochs, "train.lr": lr,
-                                                  f"sparsity.{arch}": sparsity})
-        from slimcore import paths
+                                                  f"penalty.strength.{arch}": strength})
+        from slimcore_pipeline import paths
 
         start = start_of(params, arch, "sparse-train")
         train_to_checkpoint(params, arch, "sparse-train", paths.checkpoint(arch, "sparse"),
-                            train_cfg=params.train, sparsity=params.sparsity[arch], init=start.init,
+                            train_cfg=params.train, strength=params.penalty.strength[arch], init=start.init,
                             weights=start.weights, module="stages.sparse_train",
                             units=lambda model: coupled_channels(model, params, arch),
                             penalty_target=auto_share(params, arch))

@@ -23,7 +23,7 @@ from slimcore.checkpoint import (
     unwrap_model,
 )
 from slimcore.models import build_model, spec_of
-from slimcore.profile import count_params
+from slimcore.flops import count_params
 from slimcore.prune import slim
 from tests.conftest import coupled_bimodal
 

@@ -1,9 +1,9 @@
-"""`make compare` (slimcore.compare) and `make dag` (slimcore.dag), on DVC's JSON and dot output."""
+"""`make compare` (slimcore_pipeline.compare) and `make dag` (slimcore_pipeline.dag), on DVC's JSON and dot output."""
 
 from __future__ import annotations
 
-from slimcore.compare import render, rows
-from slimcore.dag import edges_of, mermaid
+from slimcore_pipeline.compare import render, rows
+from slimcore_pipeline.dag import edges_of, mermaid
 
 
 def _diff() -> dict:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from slimcore.archs import REFERENCE_ARCHS, classification_archs, min_image_size
-from slimcore.config import (
+from slimcore_pipeline.config import (
     DATASETS,
     DataConfig,
     Params,
@@ -68,7 +68,7 @@ def test_repo_params_yaml_validates_as_the_cpu_default() -> None:
     assert params.data.name == "digits"
     assert params.model.stem == "cifar"
     assert 0 < params.model.width < 1
-    assert set(params.sparsity) == set(params.archs)
+    assert set(params.penalty.strength) == set(params.archs)
     assert params.prune.targets == sorted(params.prune.targets)  # the default: ratios only
     assert all(t.kind == "ratio" and 0 <= t.value < 1 for t in params.prune.parsed_targets())
     assert params.prune.warn_gamma == pytest.approx(1e-2)
@@ -84,7 +84,7 @@ def test_seed_config_validates_as_the_seed_setup() -> None:
     assert (params.train.epochs, params.train.lr, params.train.warmup_epochs) == (100, 0.05, 5)
     assert params.train.milestones == [40, 60, 80]
     assert params.train.weight_decay == pytest.approx(1e-4)
-    assert params.sparsity == pytest.approx({"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5})
+    assert params.penalty.strength == pytest.approx({"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5})
     assert params.prune.targets == [0.2, 0.4, 0.6]
     assert params.runtime.amp == "bf16"
 
@@ -94,13 +94,13 @@ def test_the_two_files_have_the_same_keys() -> None:
     ours, seed = yaml.safe_load(PARAMS_FILE.read_text()), yaml.safe_load(SEED_FILE.read_text())
     assert set(ours) == set(seed)
     for section, value in ours.items():
-        if isinstance(value, dict) and section != "sparsity":
+        if isinstance(value, dict):
             assert set(value) == set(seed[section]), section
 
 
 def test_loading_params_does_not_import_torch() -> None:
     """Stages validate params before importing torch: a bad file fails in a fraction of a second."""
-    code = ("import sys; from slimcore.config import load_params; "
+    code = ("import sys; from slimcore_pipeline.config import load_params; "
             "load_params('params.yaml'); load_params('configs/seed-cifar100.yaml'); "
             "print('torch' in sys.modules, 'torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
@@ -110,12 +110,12 @@ def test_loading_params_does_not_import_torch() -> None:
 
 def test_torchvision_names_are_checked_without_importing_torch() -> None:
     """A torchvision arch, and an unknown one, are told apart from the sources, not by importing them."""
-    code = ("import sys; from slimcore.config import parse_params, ParamsError\n"
-            "raw = {'archs': ['resnet18'], 'sparsity': {'resnet18': 1e-5},\n"
+    code = ("import sys; from slimcore_pipeline.config import parse_params, ParamsError\n"
+            "raw = {'archs': ['resnet18'], 'penalty': {'strength': {'resnet18': 1e-5}},\n"
             "       'model': {'stem': 'imagenet', 'width': 1.0}, 'data': {'image_size': 32}}\n"
             "parse_params(raw)\n"
             "try:\n"
-            "    parse_params({**raw, 'archs': ['resnet181'], 'sparsity': {'resnet181': 1e-5}})\n"
+            "    parse_params({**raw, 'archs': ['resnet181'], 'penalty': {'strength': {'resnet181': 1e-5}}})\n"
             "except ParamsError as err:\n"
             "    print('refused' if 'resnet181' in str(err) else 'unnamed')\n"
             "print('torch' in sys.modules, 'torchvision' in sys.modules)")
@@ -130,8 +130,8 @@ def test_known_arch_names_are_exactly_torchvisions_classifiers() -> None:
     assert set(classification_archs()) == set(torchvision.models.list_models(module=torchvision.models))
 
 
-def test_a_minimal_file_needs_only_sparsity_and_gets_the_defaults() -> None:
-    params = parse_params({"sparsity": dict.fromkeys(REFERENCE_ARCHS, 1e-4)})
+def test_a_minimal_file_needs_only_the_strengths_and_gets_the_defaults() -> None:
+    params = parse_params({"penalty": {"strength": dict.fromkeys(REFERENCE_ARCHS, 1e-4)}})
     assert params.archs == list(REFERENCE_ARCHS)
     assert params.data == DataConfig()
     assert params.train == TrainConfig()
@@ -154,8 +154,8 @@ def test_yaml_exponent_without_a_dot_is_still_a_float() -> None:
     text = PARAMS_FILE.read_text().replace("vgg16_bn: 0.15", "vgg16_bn: 1e-4")
     assert "vgg16_bn: 1e-4" in text
     params = parse_params(yaml.safe_load(text))
-    assert params.sparsity["vgg16_bn"] == pytest.approx(1e-4)
-    assert isinstance(params.sparsity["vgg16_bn"], float)
+    assert params.penalty.strength["vgg16_bn"] == pytest.approx(1e-4)
+    assert isinstance(params.penalty.strength["vgg16_bn"], float)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
     "unknown top-level key": (
         _set("bogus", 1),
         ["params.yaml: bogus: unknown key",
-         "seed, models, archs, data, model, train, sparsity, penalty, prune, finetune"],
+         "seed, models, archs, data, model, train, penalty, prune, finetune"],
     ),
     "unknown nested key": (
         _set("train.bogus", 1),
@@ -242,13 +242,14 @@ INVALID: dict[str, tuple[Callable[[dict[str, Any]], object], list[str]]] = {
         lambda raw: (_set("model.stem", "imagenet")(raw), _set("data.image_size", 16)(raw)),
         ["data.image_size", "16 is too small", "stem=imagenet", ">= 32"],
     ),
-    "sparsity missing for an arch": (
-        lambda raw: raw["sparsity"].pop("resnet50"),
-        ["sparsity.resnet50: missing"],
+    "strength missing for an arch": (
+        lambda raw: raw["penalty"]["strength"].pop("resnet50"),
+        ["penalty.strength.resnet50: missing"],
     ),
-    "negative sparsity": (_set("sparsity.mobilenet_v2", -1e-4), ["sparsity.mobilenet_v2", "greater than or equal"]),
+    "negative strength": (_set("penalty.strength.mobilenet_v2", -1e-4),
+                          ["penalty.strength.mobilenet_v2", "greater than or equal"]),
     "torchvision arch at the cifar stem ignores it": (
-        lambda raw: (_set("archs", ["resnet18"])(raw), raw["sparsity"].update(resnet18=1e-5)),
+        lambda raw: (_set("archs", ["resnet18"])(raw), raw["penalty"]["strength"].update(resnet18=1e-5)),
         ["data.image_size", "16 is too small for resnet18", "stem=imagenet",
          "model.stem/width apply to the reference archs only", ">= 32"],
     ),
@@ -305,7 +306,7 @@ def test_params_error_is_the_users_error_class() -> None:
 def test_torchvision_arch_is_accepted_at_imagenet_width_1() -> None:
     raw = _raw()
     raw["archs"] = ["resnet18", "efficientnet_b0"]
-    raw["sparsity"] = {"resnet18": 1e-5, "efficientnet_b0": 1e-5}
+    raw["penalty"]["strength"] = {"resnet18": 1e-5, "efficientnet_b0": 1e-5}
     raw["model"] = {"stem": "imagenet", "width": 1.0}
     raw["data"]["image_size"] = 32
     params = parse_params(raw)
@@ -315,7 +316,7 @@ def test_torchvision_arch_is_accepted_at_imagenet_width_1() -> None:
 def test_inception_needs_its_own_minimum_size() -> None:
     raw = _raw()
     raw["archs"] = ["inception_v3"]
-    raw["sparsity"] = {"inception_v3": 1e-5}
+    raw["penalty"]["strength"] = {"inception_v3": 1e-5}
     raw["model"] = {"stem": "imagenet", "width": 1.0}
     raw["data"]["image_size"] = min_image_size("inception_v3", "imagenet") - 1
     with pytest.raises(ParamsError, match=r"data\.image_size: 74 is too small for inception_v3.*>= 75"):
@@ -441,3 +442,29 @@ def test_prune_policy_is_what_slim_accepts() -> None:
     policy = load_params(PARAMS_FILE).prune.policy()
     assert "targets" not in policy and "max_drop" not in policy and policy["warn_gamma"] == pytest.approx(1e-2)
     SlimPolicy.from_kwargs(**policy)  # no unknown key
+
+
+# --------------------------------------------------------------------------------------------
+# renamed keys: the old name still loads, with one line naming the new one
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_old_top_level_sparsity_still_loads_with_one_warning_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = _raw()
+    strengths = raw["penalty"].pop("strength")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump({**raw, "sparsity": strengths}, sort_keys=False))
+    params = load_params(old)
+    assert params == load_params(PARAMS_FILE)
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1, said
+    assert said[0].startswith(f"warning: {old}: sparsity is now penalty.strength: "), said
+
+
+def test_a_file_with_both_the_old_and_the_new_key_is_refused_naming_both() -> None:
+    raw = _raw()
+    raw["sparsity"] = dict(raw["penalty"]["strength"])
+    with pytest.raises(ParamsError, match=r"^params\.yaml: sparsity and penalty\.strength: both set; .*keep only "
+                                          r"penalty\.strength$"):
+        parse_params(raw)

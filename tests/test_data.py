@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from slimcore.config import DataConfig, RuntimeConfig
-from slimcore.data import (
+from slimcore_pipeline.config import DataConfig, RuntimeConfig
+from slimcore_pipeline.data import (
     CIFAR_MEAN,
     CIFAR_STD,
     DataError,
@@ -27,9 +27,9 @@ from slimcore.data import (
     stratified_split,
 )
 from slimcore.errors import SlimcoreError
-from slimcore.synthetic import Dump, write_cifar
-from slimcore.synthetic import dump_pickle as _dump
-from slimcore.synthetic import random_images as _images
+from slimcore_pipeline.synthetic import Dump, write_cifar
+from slimcore_pipeline.synthetic import dump_pickle as _dump
+from slimcore_pipeline.synthetic import random_images as _images
 
 DIGITS_TOTAL = 1797
 
@@ -464,7 +464,7 @@ def test_auto_augmentation_suits_the_image_size(name: str, size: int, expected: 
 
 
 def test_unknown_augment_names_the_key() -> None:
-    from slimcore.config import ParamsError, parse_params
+    from slimcore_pipeline.config import ParamsError, parse_params
 
     with pytest.raises(ParamsError, match=r"data\.augment: .*'none', 'flip', 'crop\+flip'.*\(got 'mixup'\)"):
         parse_params({"data": {"augment": "mixup"}})
@@ -476,7 +476,7 @@ def _pil(width: int = 12, height: int = 10) -> Image.Image:
 
 
 def test_image_transforms_per_mode() -> None:
-    from slimcore.data import image_transforms
+    from slimcore_pipeline.data import image_transforms
 
     image = _pil()
     evals = {a: image_transforms(a, 8, False, CIFAR_MEAN, CIFAR_STD)(image) for a in ("none", "flip", "crop+flip")}
@@ -511,7 +511,7 @@ def test_small_imagefolder_no_longer_trains_with_random_resized_crops(tmp_path: 
 
 
 def test_digits_augmentation_keeps_the_test_set_and_pads_with_background(digits16: Splits) -> None:
-    from slimcore.data import AugmentedTensors
+    from slimcore_pipeline.data import AugmentedTensors
 
     x_test = digits16.test.tensors[0]
     x_train = digits16.train.tensors[0]
@@ -550,7 +550,7 @@ def _tiny_digits(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 17, size=(n, 8, 8)).astype(np.float32)
     labels = np.arange(n, dtype=np.int64) % VAL_CLASSES
-    monkeypatch.setattr("slimcore.data._digits_arrays", lambda: (images, labels))
+    monkeypatch.setattr("slimcore_pipeline.data._digits_arrays", lambda: (images, labels))
 
 
 def _tiny_cifar(root: Path) -> None:
@@ -637,7 +637,7 @@ def test_val_is_stratified_and_deterministic(fmt: str, tmp_path: Path, monkeypat
 
 
 def test_the_val_split_is_seeded_by_params_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimcore.config import Params
+    from slimcore_pipeline.config import Params
 
     _tiny_digits(monkeypatch)
     params = Params(seed=7)
@@ -656,7 +656,7 @@ def test_val_is_read_with_the_evaluation_transform(fmt: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from torchvision import transforms as T
 
-    from slimcore.data import AugmentedTensors
+    from slimcore_pipeline.data import AugmentedTensors
 
     splits = _load_tiny(fmt, tmp_path, monkeypatch, augment="crop+flip")
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from slimcore.config import DataConfig, ParamsError, TrainConfig, parse_params
-from slimcore.data import DataError, channel_stats, load_splits, read_idx, train_subset
+from slimcore_pipeline.config import DataConfig, ParamsError, TrainConfig, parse_params
+from slimcore_pipeline.data import DataError, channel_stats, load_splits, read_idx, train_subset
 
 CLASSES = 10
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -134,12 +134,12 @@ def test_mnist_family_names_what_is_missing(tmp_path: Path) -> None:
 
 def test_idx_header_claiming_a_billion_images_is_refused_before_allocating(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import slimcore.checks
+    import slimcore_pipeline.resources
 
     def no_allocation(need: int, *args: object, **kwargs: object) -> None:
         raise AssertionError(f"asked for {need} bytes")
 
-    monkeypatch.setattr(slimcore.checks, "check_memory", no_allocation)  # refused before the memory check
+    monkeypatch.setattr(slimcore_pipeline.resources, "check_memory", no_allocation)  # refused before the memory check
     images, _ = _mnist_arrays(3, 0)
     for gz in (False, True):
         path = _write_idx(tmp_path / f"big{gz}" / "train-images-idx3-ubyte", images, gz, dims=(10**9, 28, 28))
@@ -327,11 +327,11 @@ def test_train_per_class_on_digits_and_its_validation() -> None:
 def _fit(tmp_path: Path, eval_test: bool, with_val: bool = True):  # type: ignore[no-untyped-def]
     from torch.utils.data import TensorDataset
 
-    from slimcore.config import RuntimeConfig
-    from slimcore.data import make_loader
+    from slimcore_pipeline.config import RuntimeConfig
+    from slimcore_pipeline.data import make_loader
     from slimcore.models import build_model
-    from slimcore.runtime import current_context
-    from slimcore.train import Trainer
+    from slimcore_pipeline.runtime import current_context
+    from slimcore_pipeline.train import Trainer
 
     torch.manual_seed(0)
     runtime = RuntimeConfig(device="cpu")
@@ -363,7 +363,7 @@ def test_eval_test_adds_the_test_split(tmp_path: Path) -> None:
     history, metrics = _fit(tmp_path, eval_test=True)
     assert all(0 <= h.val_top1 <= 1 and 0 <= h.test_top1 <= 1 for h in history)
     assert "top1" in metrics["val"] and "top1" in metrics["test"]
-    from slimcore import plotdata
+    from slimcore_pipeline import plotdata
 
     rows = plotdata.curve_rows("a", {"baseline-train": [vars(h) for h in history]})
     assert {r["metric"] for r in rows} == {*plotdata.CURVE_METRICS, plotdata.TEST_CURVE_METRIC}

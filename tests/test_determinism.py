@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from slimcore import cpumath
-from slimcore.config import RuntimeConfig
+from slimcore_pipeline import cpumath
+from slimcore_pipeline.config import RuntimeConfig
 from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -80,7 +80,7 @@ def test_stage_relaunches_itself_under_torchrun_and_only_rank_0_writes(tmp_path:
 
 def test_sigterm_to_a_multi_process_stage_ends_in_exit_130_without_a_traceback(tmp_path: Path) -> None:
     """torchrun's agent turns SIGTERM into a SignalException traceback and exit 1; the stage's
-    launcher (slimcore.launch) ends like its workers: exit 130, the one-line interrupt message."""
+    launcher (slimcore_pipeline.launch) ends like its workers: exit 130, the one-line interrupt message."""
     import signal
     import time
 

@@ -259,7 +259,7 @@ def test_finetuned_checkpoint_round_trips(pipeline: Pipeline) -> None:
     import torch
 
     from slimcore.checkpoint import load_model
-    from slimcore.profile import count_flops, count_params
+    from slimcore.flops import count_flops, count_params
 
     report = json.loads((pipeline.proj / "metrics" / "prune" / f"{ARCH}-0.2.json").read_text())
     profile = json.loads((pipeline.proj / "metrics" / "profile.json").read_text())[ARCH]
@@ -314,7 +314,7 @@ def test_exp_run_warns_only_of_the_new_ratios_outputs(experiment: Experiment) ->
 
 
 def test_exp_leaves_no_stale_output_of_the_old_ratios(experiment: Experiment, pipeline: Pipeline) -> None:
-    from slimcore import paths
+    from slimcore_pipeline import paths
 
     proj = pipeline.proj
     stale = [p.as_posix() for r in RATIOS for p in paths.target_outputs(ARCH, r) if (proj / p).exists()]
@@ -382,7 +382,7 @@ def test_exp_apply_of_other_targets_leaves_status_clean(experiment: Experiment, 
     assert "Data and pipelines are up to date" in status.output, status.tail()
     summary = json.loads((proj / "metrics" / "summary" / f"{ARCH}.json").read_text())
     assert list(summary) == ["r1", "baseline", "safe_ratio"], summary
-    compare = ok([sys.executable, "-m", "slimcore.compare", "HEAD"], proj)  # main's [0.2, 0.5] vs [0.5]
+    compare = ok([sys.executable, "-m", "slimcore_pipeline.compare", "HEAD"], proj)  # main's [0.2, 0.5] vs [0.5]
     lines = compare.output.splitlines()
     assert max(map(len, lines)) <= 160 and len(lines) == 1 + len(RATIOS), compare.tail()
     assert lines[1].split()[:3] == [ARCH, "r1", "0.2"] and lines[1].split()[5] == "0.5", compare.tail()

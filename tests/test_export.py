@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from slimcore.checkpoint import load_model, save_model
 from slimcore.export import (
     ExportError,
-    app,
     conv_bn_pairs,
     default_image_size,
     export_checkpoint,
@@ -28,6 +27,7 @@ from slimcore.export import (
 from slimcore.models import build_model
 from slimcore.prune import slim
 from tests.conftest import randomize_bn
+from tests.helpers.export_cli import export_cli
 from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +201,7 @@ def test_default_image_size(pruned_ckpt: Path, tmp_path: Path) -> None:
 runner = CliRunner()
 
 
+
 def _onnx_input_dims(path: str) -> list[int]:
     return [d.dim_value for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
 
@@ -209,13 +210,13 @@ def test_cli_takes_the_size_the_checkpoint_was_traced_with_then_the_projects(
         pruned_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump({"data": {"image_size": 24}}))  # another project's size
-    result = runner.invoke(app, [str(pruned_ckpt), "model.onnx"])  # pruned (traced) at 16px
+    result = export_cli([str(pruned_ckpt), "model.onnx"])  # pruned (traced) at 16px
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "BatchNorm layers folded" in said and "input size from the checkpoint's trace_size" in said, said
     assert _onnx_input_dims("model.onnx") == [1, 3, 16, 16]
     unpruned = save_model(tmp_path / "baseline.pt", build_model("mobilenet_v2", 10, "cifar", 0.125))
-    result = runner.invoke(app, [str(unpruned), "baseline.onnx"])  # no plan, no trace size: params.yaml
+    result = export_cli([str(unpruned), "baseline.onnx"])  # no plan, no trace size: params.yaml
     assert result.exit_code == 0, result.output
     assert "params.yaml data.image_size" in " ".join(result.output.split())
     assert _onnx_input_dims("baseline.onnx") == [1, 3, 24, 24]
@@ -233,14 +234,14 @@ def test_cli_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, content:
         torch.save({"state_dict": {}}, ckpt)
     elif content is not None:
         ckpt.write_bytes(content)
-    result = runner.invoke(app, [str(ckpt), str(tmp_path / "out.onnx")])
+    result = export_cli([str(ckpt), str(tmp_path / "out.onnx")])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out.onnx").exists()
 
 
 def test_cli_rejects_a_bad_batch_option(pruned_ckpt: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, [str(pruned_ckpt), str(tmp_path / "out.onnx"), "--batch", "4"])
+    result = export_cli([str(pruned_ckpt), str(tmp_path / "out.onnx"), "--batch", "4"])
     assert result.exit_code == 2 and not (tmp_path / "out.onnx").exists()
 
 
@@ -256,7 +257,7 @@ def test_latency_table_without_onnxruntime_figures() -> None:
 
 def test_profile_stage_reports_onnxruntime_latency_in_timings_only(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from slimcore import paths
+    from slimcore_pipeline import paths
     from stages import profile
 
     arch, ratio = "vgg16_bn", 0.5

@@ -79,7 +79,7 @@ BAD_PARAMS = [
     ({"archs": ["vgg16_bn", "resnet5O"]}, ["archs", "resnet5O", "did you mean resnet50", "vgg16_bn, resnet50"]),
     ({"data.name": "imagenet"}, ["data.name", "digits", "fashionmnist", "cifar10", "svhn", "imagefolder"]),
     ({"data.image_size": 4}, ["data.image_size", ">= 8"]),
-    ({"sparsity.vgg16_bn": _DELETE}, ["sparsity.vgg16_bn"]),
+    ({"penalty.strength.vgg16_bn": _DELETE}, ["penalty.strength.vgg16_bn"]),
 ]
 
 

@@ -116,7 +116,7 @@ def test_sigterm_during_start_up_exits_130_cleanly_and_writes_nothing(tmp_path: 
 
 
 # the moment an import finishes (python -X importtime prints it): the start-up window, whatever the load
-IMPORTED = ("slimcore.config", "torch._C", "torchvision.ops")  # params read; mid-torch; mid-torchvision
+IMPORTED = ("slimcore_pipeline.config", "torch._C", "torchvision.ops")  # params read; mid-torch; mid-torchvision
 
 
 def _signal_after_import(proc: subprocess.Popen[str], module: str, said: list[str]) -> None:
@@ -198,7 +198,7 @@ def test_second_instance_refuses_naming_the_holder_and_a_rerun_after_it_died_res
 
 
 def test_the_lock_in_process(tmp_path: Path) -> None:
-    from slimcore.locks import OutputLock, OutputsLocked
+    from slimcore_pipeline.locks import OutputLock, OutputsLocked
 
     path = tmp_path / "locks" / "x.lock"
     with OutputLock("x", path):
@@ -266,11 +266,11 @@ def test_kill_9_of_dvc_repro_takes_the_stage_with_it_and_a_rerun_resumes(dvc_pro
 
 @pytest.mark.slow
 def test_temp_files_of_killed_writers_are_ignored_by_dvc_and_removed_by_the_next_stage(dvc_project: Path) -> None:
-    from slimcore.process import TEMP_RE
+    from slimcore_pipeline.process import TEMP_RE
 
     proj = dvc_project
     # a writer killed in the middle of an atomic write (after its temp file was written in full)
-    kill_mid_write = ("import os, signal\nfrom slimcore.process import atomic_write_bytes\n"
+    kill_mid_write = ("import os, signal\nfrom slimcore_pipeline.process import atomic_write_bytes\n"
                       "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
                       f"atomic_write_bytes('models/{ARCH}/pruned-0.4.pt', b'x' * 100000)\n")
     killed = subprocess.run([sys.executable, "-c", kill_mid_write], cwd=proj, env=_env(), timeout=60)
@@ -310,7 +310,7 @@ def test_temp_files_of_killed_writers_are_ignored_by_dvc_and_removed_by_the_next
 def test_written_files_get_the_users_umask(tmp_path: Path, umask: int, mode: int) -> None:
     from slimcore.checkpoint import atomic_torch_save, save_model
     from slimcore.models import build_model
-    from slimcore.process import atomic_write_bytes
+    from slimcore_pipeline.process import atomic_write_bytes
     from stages._common import write_json
 
     old = os.umask(umask)
@@ -329,7 +329,7 @@ def test_written_files_get_the_users_umask(tmp_path: Path, umask: int, mode: int
 def test_stop_signals_are_held_only_in_stage_processes() -> None:
     """Importing ``stages`` (as these tests do) leaves this process's signals alone."""
     import stages  # noqa: F401
-    from slimcore.process import STOP_SIGNALS, is_stage_process
+    from slimcore_pipeline.process import STOP_SIGNALS, is_stage_process
 
     assert not is_stage_process()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])

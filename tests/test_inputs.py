@@ -19,14 +19,14 @@ import torch
 import yaml
 from PIL import Image
 
-from slimcore import checks
+from slimcore_pipeline import resources as checks
 from slimcore.checkpoint import content_digest, load_model, read_checkpoint, safe_torch_load, save_model
-from slimcore.config import load_params
-from slimcore.data import load_splits
+from slimcore_pipeline.config import load_params
+from slimcore_pipeline.data import load_splits
 from slimcore.errors import CheckpointError, DataError, ModelError, ParamsError
-from slimcore.imagescan import CheckedImageFolder
+from slimcore_pipeline.imagescan import CheckedImageFolder
 from slimcore.models import ModelSpec
-from slimcore.process import atomic_write_bytes
+from slimcore_pipeline.process import atomic_write_bytes
 from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]

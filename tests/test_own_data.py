@@ -18,7 +18,7 @@ import pytest
 import yaml
 from test_e2e_dvc import _copy_project, dvc, init_repo, ok, skip_without_dvc_checkout
 
-from slimcore.config import parse_params
+from slimcore_pipeline.config import parse_params
 from stages._training import CHANCE_MARGIN_PT, chance_warning, near_chance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def write_digit_folder(root: Path, classes: tuple[int, ...] = CLASSES, n_train: 
     """``root/{train,val}/digitC/*.png``: scikit-learn's 8x8 digits as 16x16 RGB PNGs."""
     from PIL import Image
 
-    from slimcore.data import _digits_arrays
+    from slimcore_pipeline.data import _digits_arrays
 
     images, labels = _digits_arrays()
     for c in classes:
@@ -91,8 +91,8 @@ def write_digit_folder(root: Path, classes: tuple[int, ...] = CLASSES, n_train: 
 
 
 def test_digit_folder_loads_as_an_imagefolder(tmp_path: Path) -> None:
-    from slimcore.config import DataConfig
-    from slimcore.data import load_splits
+    from slimcore_pipeline.config import DataConfig
+    from slimcore_pipeline.data import load_splits
 
     write_digit_folder(tmp_path, n_train=3, n_val=2)
     splits = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16))
@@ -146,7 +146,7 @@ def test_chance_warning_fits_the_situation() -> None:
 def test_training_stage_prints_the_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """train_to_checkpoint (what baseline-train, sparse-train and finetune run) warns after fitting."""
-    from slimcore.config import Params
+    from slimcore_pipeline.config import Params
     from stages._training import train_to_checkpoint
 
     write_digit_folder(tmp_path / "images", n_train=4, n_val=2)
@@ -160,7 +160,7 @@ def test_training_stage_prints_the_warning(tmp_path: Path, monkeypatch: pytest.M
         "model": {"stem": "cifar", "width": 0.0625}, "runtime": {"device": "cpu"},
         "train": {"epochs": 1, "batch_size": 4, "lr": 1e-6, "warmup_epochs": 0, "milestones": []}})
     train_to_checkpoint(params, ARCH, "baseline-train", tmp_path / "baseline.pt", train_cfg=params.train,
-                        sparsity=0.0, module="stages.baseline_train")
+                        strength=0.0, module="stages.baseline_train")
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "warning: baseline-train@vgg16_bn: validation top-1" in err, err
     assert "train.epochs = 1" in err and "data.augment resolves to crop+flip" in err, err

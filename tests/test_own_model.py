@@ -20,7 +20,7 @@ import yaml
 from test_e2e_dvc import _copy_project, dvc, init_repo, skip_without_dvc_checkout
 from test_own_data import readme_section
 
-from slimcore.config import parse_params
+from slimcore_pipeline.config import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "Your own model"

@@ -1,4 +1,4 @@
-"""dvc.yaml agrees with the code: code deps cover imports, stage names and outs match slimcore.paths.
+"""dvc.yaml agrees with the code: code deps cover imports, stage names and outs match slimcore_pipeline.paths.
 
 Fast (no training): parses dvc.yaml with PyYAML, renders the stage list with DVC in-process.
 """
@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from slimcore import paths
-from slimcore.config import load_params
+from slimcore_pipeline import paths
+from slimcore_pipeline.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("slimcore", "stages")
@@ -152,7 +152,7 @@ def test_stage_code_deps_cover_every_imported_module(name: str) -> None:
     module = _stage_module(stage)
     closure = import_closure(module)
     # sanity: the closure really follows imports (every stage uses _common and paths)
-    assert {f"{module.replace('.', '/')}.py", "stages/_common.py", "slimcore/config.py"} <= closure
+    assert {f"{module.replace('.', '/')}.py", "stages/_common.py", "slimcore_pipeline/config.py"} <= closure
     deps = _dep_paths(stage)
     missing = sorted(f for f in closure if not _covered(f, deps))
     assert not missing, (
@@ -174,14 +174,14 @@ def test_import_closure_follows_function_level_and_relative_imports(tmp_path: Pa
     """The resolver itself: imports inside functions, ``from pkg import mod`` and packages."""
     # stages/_common.py imports slimcore.checkpoint only inside stage(); _training imports train in a function
     closure = import_closure("stages.baseline_train")
-    assert {"slimcore/checkpoint.py", "slimcore/train.py", "slimcore/paths.py", "slimcore/console.py"} <= closure
+    assert {"slimcore/checkpoint.py", "slimcore_pipeline/train.py", "slimcore_pipeline/paths.py", "slimcore_pipeline/console.py"} <= closure
     # slimcore/models.py is reached through slimcore.checkpoint; plan.py only via checkpoint's lazy import
     assert {"slimcore/models.py", "slimcore/plan.py"} <= closure
     # loading checkpoints never needs the slimming policy, and only training stages import the loop
     assert "slimcore/prune.py" not in closure
-    assert "slimcore/train.py" not in import_closure("stages.prune")
-    # ``from slimcore import paths, report`` inside a function counts as slimcore/report.py
-    assert "slimcore/report.py" in import_closure("stages.evaluate")
+    assert "slimcore_pipeline/train.py" not in import_closure("stages.prune")
+    # ``from slimcore_pipeline import paths, report`` inside a function counts as slimcore_pipeline/results_table.py
+    assert "slimcore_pipeline/results_table.py" in import_closure("stages.evaluate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_evaluate_reads_the_reports_without_depending_on_their_folders(rendered,
 def test_stages_that_read_data_depend_on_data_root(name: str) -> None:
     """A stage whose code loads the dataset lists ``${data.root}``; one that does not, does not."""
     stage = _raw_stages()[name]
-    reads_data = "slimcore/data.py" in import_closure(_stage_module(stage))
+    reads_data = "slimcore_pipeline/data.py" in import_closure(_stage_module(stage))
     assert ("${data.root}" in _dep_paths(stage)) is reads_data, (name, _dep_paths(stage))
 
 
@@ -384,7 +384,7 @@ def _render_with_targets(tmp_path: Path, targets: str) -> dict[str, dict[str, li
 @pytest.mark.parametrize("targets", ["[0.0, 0.25, 0.50]", "[0.2, 0.4, 0.6]",
                                      "[0.2, flops0.5, 'params0.3', safe]"])
 def test_target_spelling_in_names_matches_paths(tmp_path: Path, targets: str) -> None:
-    """However params.yaml spells a target, DVC's names and slimcore.paths' names agree."""
+    """However params.yaml spells a target, DVC's names and slimcore_pipeline.paths' names agree."""
     rendered = _render_with_targets(tmp_path, targets)
     params = load_params(tmp_path / "params.yaml")
     expected = _expected_outs(params)
@@ -402,7 +402,7 @@ def test_target_spelling_in_names_matches_paths(tmp_path: Path, targets: str) ->
 
 def test_integer_ratio_is_refused_before_dvc_misnames_it(tmp_path: Path) -> None:
     """``0`` would render as ``pruned-0.pt`` in dvc.yaml but the stage writes ``pruned-0.0.pt``."""
-    from slimcore.config import ParamsError
+    from slimcore_pipeline.config import ParamsError
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prune"]["targets"] = [0, 0.5]

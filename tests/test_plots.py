@@ -1,4 +1,4 @@
-"""The charts: plot data (slimcore.plotdata), the DVC templates, offline rendering and the offline page."""
+"""The charts: plot data (slimcore_pipeline.plotdata), the DVC templates, offline rendering and the offline page."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 import vl_convert
 import yaml
 
-from slimcore import plotdata, render_plots, vega_vendor
-from slimcore.plotdata import (
+from slimcore_pipeline import plotdata, render_plots, vega_vendor
+from slimcore_pipeline.plotdata import (
     BASELINE,
     CURVE_FIELDS,
     CURVE_METRICS,
@@ -504,7 +504,7 @@ def test_the_check_finds_an_empty_panel_an_unplaceable_mark_and_overlapping_labe
 
 
 def test_accuracies_carry_their_95_percent_interval_from_the_set_size(tables: dict) -> None:
-    from slimcore.noise import accuracy_interval
+    from slimcore_pipeline.noise import accuracy_interval
 
     tuned = next(r for r in tables["tradeoff.csv"] if r["series"] == FINETUNED and r["arch"] == "vgg16_bn")
     lo, hi = accuracy_interval(0.8912, 359)
@@ -534,7 +534,7 @@ def test_the_committed_charts_show_their_data() -> None:
     stale = [name for name, want in fields.items()
              if name not in tables or tables[name].split(b"\n", 1)[0].decode() != ",".join(want)]
     if stale:
-        pytest.skip(f"metrics/plots/{', '.join(stale)} predate slimcore/plotdata.py's columns: `dvc repro` "
+        pytest.skip(f"metrics/plots/{', '.join(stale)} predate slimcore_pipeline/plotdata.py's columns: `dvc repro` "
                     "rewrites them")
     specs = render_plots.fill_specs(tables, ("workspace",), ROOT / "dvc.yaml", ROOT / ".dvc" / "plots")
     for name, spec in specs.items():

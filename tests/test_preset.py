@@ -15,10 +15,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from slimcore import preset as preset_mod
-from slimcore.config import load_params
+from slimcore_pipeline import preset as preset_mod
+from slimcore_pipeline.config import load_params
 from slimcore.errors import ParamsError
-from slimcore.preset import (
+from slimcore_pipeline.preset import (
     DeviceError,
     after_run_hint,
     app,
@@ -31,7 +31,7 @@ from slimcore.preset import (
     parse_sets,
     resolve_preset,
 )
-from slimcore.synthetic import write_cifar
+from slimcore_pipeline.synthetic import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "seed-cifar100.yaml"

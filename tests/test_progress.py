@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimcore import paths, progress, runtime
+from slimcore_pipeline import paths, progress, runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_announce_counts_the_stages_of_one_run_and_records_durations(tmp_path: P
 
 
 def test_log_lines_are_not_padded() -> None:
-    code = "from slimcore.console import console; console.log('x [bold]y[/]'); console.print('z' * 300)"
+    code = "from slimcore_pipeline.console import console; console.log('x [bold]y[/]'); console.print('z' * 300)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     lines = done.stderr.splitlines()
     assert lines[0].endswith("] x y") and lines[1] == "z" * 300  # no trailing spaces, not wrapped
@@ -77,7 +77,7 @@ def test_threads_default_to_a_fair_share() -> None:
     assert runtime.running_stages() >= 1
     import torch
 
-    from slimcore.config import RuntimeConfig
+    from slimcore_pipeline.config import RuntimeConfig
 
     runtime.current_context(RuntimeConfig(device="cpu", threads=0))
     assert torch.get_num_threads() == runtime.fair_threads()[0]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimcore.models import build_model
-from slimcore.profile import count_flops, count_params
+from slimcore.flops import count_flops, count_params
 from slimcore.prune import SlimError, SlimPolicy, slim
 from tests.conftest import coupled_bimodal, randomize_bn, zero_coupled_channels
 

@@ -105,7 +105,7 @@ def test_flops_target_writes_its_files_and_lands_or_says_why(tmp_path: Path) -> 
     for name in ("pruned-flops0.6.pt", "pruned-flops0.6-nofold.pt"):
         assert (project / "models" / ARCH / name).is_file()
     from slimcore.checkpoint import load_model
-    from slimcore.profile import count_flops
+    from slimcore.flops import count_flops
 
     pruned = load_model(project / "models" / ARCH / "pruned-flops0.6.pt")
     assert count_flops(pruned, 8) == report["flops_after"]

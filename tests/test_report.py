@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from slimcore.config import Params, parse_params
-from slimcore.report import EXTRA_COLUMNS, SEED_COLUMNS, results_markdown
+from slimcore_pipeline.config import Params, parse_params
+from slimcore_pipeline.results_table import EXTRA_COLUMNS, SEED_COLUMNS, results_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def test_only_the_configured_archs_and_ratios_are_reported() -> None:
 
 @pytest.mark.parametrize("value,text", [(1e-4, "1e-4"), (1e-5, "1e-5"), (1.5e-2, "1.5e-2"), (0.0, "0"), (2e-3, "2e-3")])
 def test_sparsity_is_written_as_the_seed_wrote_it(value: float, text: str) -> None:
-    from slimcore.report import format_strength
+    from slimcore_pipeline.results_table import format_strength
 
     assert format_strength(value) == text
 
@@ -174,7 +174,7 @@ def test_sparsity_is_written_as_the_seed_wrote_it(value: float, text: str) -> No
 def test_summary_keys_ratios_by_position_with_percent_accuracy() -> None:
     """The declared metrics: names stable across ratio lists (r1, r2...) and across archs (the file
     names the arch), fine-tuned top-1 and MACs kept first; the details keep the rest."""
-    from slimcore.report import details, summary
+    from slimcore_pipeline.results_table import details, summary
 
     out = summary("vgg16_bn", _params(), EVALS["vgg16_bn"], PROFILE["vgg16_bn"], PRUNES["vgg16_bn"])
     assert out == {"r1": {"top1": 80.67, "macs_kept": 10.33},
@@ -193,7 +193,7 @@ def test_summary_keys_ratios_by_position_with_percent_accuracy() -> None:
 
 def test_targets_beyond_the_ratio_show_what_was_requested() -> None:
     """The requested column names the target: FLOPs 50%, params 30%, safe (the ratio it resolved to)."""
-    from slimcore.report import details
+    from slimcore_pipeline.results_table import details
 
     params = _params(archs=["resnet50"], prune={**_params().prune.model_dump(),
                                                 "targets": [0.2, "flops0.5", "params0.3", "safe"]})
@@ -219,7 +219,7 @@ def _sensitivity(arch: str, safe: float) -> dict[str, Any]:
 
 
 def test_each_arch_shows_its_safe_ratio_beside_its_pruning_table() -> None:
-    from slimcore.report import summary
+    from slimcore_pipeline.results_table import summary
 
     sens = {"vgg16_bn": _sensitivity("vgg16_bn", 0.45), "resnet50": _sensitivity("resnet50", 0.0)}
     markdown = results_markdown(_params(), EVALS, PROFILE, PRUNES, sens)
@@ -265,7 +265,7 @@ def test_each_top1_has_its_95_interval_and_a_mark_when_within_noise_of_the_basel
 
 
 def test_noise_intervals_and_the_within_noise_rule() -> None:
-    from slimcore.noise import accuracy_interval, image_points, wilson_interval, within_noise
+    from slimcore_pipeline.noise import accuracy_interval, image_points, wilson_interval, within_noise
 
     lo, hi = wilson_interval(351, 359)  # 97.77% on the digits test set
     assert (round(100 * lo, 2), round(100 * hi, 2)) == (95.67, 98.87)
@@ -300,7 +300,7 @@ def test_speedup_targets_and_macs_kept_on_every_row() -> None:
     got = [(r[header.index("requested")], r[header.index("MACs kept")], r[header.index("speed-up")]) for r in rows]
     assert got == [("20%", "80.0%", "1.25x"), ("speed-up 2x", "49.3%", "2.03x"), ("FLOPs 50%", "49.3%", "2.03x"),
                    ("speed-up 1.5x", "66.7%", "1.50x")]
-    from slimcore.report import details, summary
+    from slimcore_pipeline.results_table import details, summary
 
     out = details("resnet50", params, evals, profile, prunes)
     assert out["r2"]["target"] == "speedup2" and out["r4"]["target"] == "speedup1.5"
@@ -315,15 +315,15 @@ def _sparsity_report(**extra: Any) -> dict[str, Any]:
 
 
 def test_a_sparse_model_with_no_sparsity_says_so_in_one_line_instead_of_a_safe_ratio() -> None:
-    from slimcore.report import no_sparsity, safe_ratio_line
+    from slimcore_pipeline.results_table import no_sparsity, safe_ratio_line
 
     line = safe_ratio_line("vgg16_bn", _sparsity_report(warn_gamma=0.01, gammas_below_warn=0.002))
-    assert line == ("sparse-train reached no sparsity: 0.2% of BN gammas below 0.01; raise sparsity.vgg16_bn or "
+    assert line == ("sparse-train reached no sparsity: 0.2% of BN gammas below 0.01; raise penalty.strength.vgg16_bn or "
                     "train.epochs (safe ratio 0%; [metrics/sensitivity/vgg16_bn.json](sensitivity/vgg16_bn.json))")
     assert "\n" not in line and "Safe ratio" not in line
     # an older report without gammas_below_warn: the grid's thresholds (all above warn_gamma) decide
     assert safe_ratio_line("vgg16_bn", _sparsity_report()).startswith(
-        "sparse-train reached no sparsity: fewer than 5% of BN channels scoring below 0.01; raise sparsity.vgg16_bn")
+        "sparse-train reached no sparsity: fewer than 5% of BN channels scoring below 0.01; raise penalty.strength.vgg16_bn")
     # sparse enough: the safe ratio line as before
     assert no_sparsity(_sparsity_report(gammas_below_warn=0.62))[0] is False
     assert safe_ratio_line("vgg16_bn", {**_sparsity_report(gammas_below_warn=0.62), "safe_ratio": 0.1}).startswith(

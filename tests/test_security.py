@@ -16,15 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from slimcore import models
 from slimcore.checkpoint import CheckpointError, content_digest, load_model, save_model
-from slimcore.export import app
 from slimcore.models import ModelSpec, build_model
+from tests.helpers.export_cli import export_cli
 
 NETS = "tests.helpers.nets"
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +65,7 @@ def _refused(path: Path, match: str, **kwargs: Any) -> str:
 
 def _export_refused(path: Path, tmp_path: Path, match: str) -> None:
     out = tmp_path / "x.onnx"
-    result = runner.invoke(app, [str(path), str(out)])
+    result = export_cli([str(path), str(out)])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and match in said, result.output
     assert not out.exists()
@@ -186,9 +184,9 @@ def test_export_trust_code_flag(tmp_path: Path) -> None:
     path = save_model(tmp_path / "own.pt", build_model(f"{NETS}:small_cnn", 3, depth=1))
     _export_refused(path, tmp_path, f"--trust-code {NETS}:small_cnn")
     out = tmp_path / "own.onnx"
-    result = runner.invoke(app, [str(path), str(out), "--trust-code", f"{NETS}:small_cnn", "--image-size", "16"])
+    result = export_cli([str(path), str(out), "--trust-code", f"{NETS}:small_cnn", "--image-size", "16"])
     assert result.exit_code == 0, result.output
     assert out.is_file()
-    result = runner.invoke(app, [str(path), str(out), "--trust-code", "timm:resnet18"])
+    result = export_cli([str(path), str(out), "--trust-code", "timm:resnet18"])
     assert result.exit_code == 2 and "--trust-code: trusted 'timm:resnet18': not a Python factory" in \
         " ".join(result.output.split())

@@ -15,9 +15,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from slimcore import seed_smoke
-from slimcore.config import load_params
-from slimcore.seed_smoke import (
+from slimcore_pipeline import seed_smoke
+from slimcore_pipeline.config import load_params
+from slimcore_pipeline.seed_smoke import (
     SmokeOptions,
     StageResult,
     app,

@@ -1,4 +1,4 @@
-"""The sensitivity curve (slimcore.sensitivity) and the ``sensitivity@ARCH`` stage."""
+"""The sensitivity curve (slimcore_pipeline.sensitivity) and the ``sensitivity@ARCH`` stage."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typer.testing import CliRunner
 
-from slimcore import paths
-from slimcore.config import PruneConfig
+from slimcore_pipeline import paths
+from slimcore_pipeline.config import PruneConfig
 from slimcore.prune import SlimError
-from slimcore.sensitivity import (
+from slimcore_pipeline.sensitivity import (
     SensitivityPoint,
     ratio_grid,
     safe_ratio,
@@ -105,7 +105,7 @@ def _val_loader(n: int = 24) -> DataLoader:
 
 def test_the_curve_records_every_ratio_honestly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scripted accuracies (by remaining BN channels): non-monotone; one ratio raises SlimError."""
-    import slimcore.sensitivity as sens
+    import slimcore_pipeline.sensitivity as sens
 
     example = torch.randn(2, 3, 8, 8)
     model = coupled_bimodal(_Small(), example, zero_fraction=0.5)
@@ -194,7 +194,7 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, 
 
 def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_project: tuple[str, dict],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import slimcore.data as data
+    import slimcore_pipeline.data as data
     from stages import sensitivity as stage
 
     arch, params = tiny_project
@@ -256,12 +256,12 @@ def test_a_sparse_model_with_no_sparsity_is_named_in_one_warning(tiny_project: t
     assert report["gammas_below_warn"] == 0.0
     said = " ".join(result.output.split())
     assert (f"warning: sensitivity@{arch}: sparse-train reached no sparsity: 0.0% of BN gammas below 0.01; "
-            f"raise sparsity.{arch} or train.epochs") in said
+            f"raise penalty.strength.{arch} or train.epochs") in said
 
 
 def test_the_stage_refuses_an_empty_validation_split(tiny_project: tuple[str, dict],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import slimcore.data as data
+    import slimcore_pipeline.data as data
     from stages import sensitivity as stage
 
     arch, _ = tiny_project

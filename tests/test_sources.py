@@ -24,7 +24,7 @@ from slimcore.checkpoint import (
     load_model,
     save_model,
 )
-from slimcore.config import ParamsError, parse_params
+from slimcore_pipeline.config import ParamsError, parse_params
 from slimcore.errors import ModelError
 from slimcore.models import TRACE_ATTR, ModelSpec, build_model, spec_of
 from slimcore.prune import slim
@@ -253,7 +253,7 @@ def test_bad_models_entries_name_the_key(models: dict[str, Any], archs: list[str
 
 
 def test_timm_and_python_entries_validate_without_importing_them() -> None:
-    code = ("import sys, yaml\nfrom slimcore.config import parse_params\n"
+    code = ("import sys, yaml\nfrom slimcore_pipeline.config import parse_params\n"
             "raw = yaml.safe_load(open('params.yaml'))\n"
             "raw.update(archs=['r', 'p'], sparsity={'r': 1e-4, 'p': 1e-4}, models={\n"
             "    'r': {'source': 'timm', 'name': 'resnet50d'},\n"

@@ -20,11 +20,11 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from slimcore.config import Params, TrainConfig
-from slimcore.data import load_splits, make_loader
+from slimcore_pipeline.config import Params, TrainConfig
+from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.models import build_model
-from slimcore.runtime import current_context, distributed
-from slimcore.train import Trainer
+from slimcore_pipeline.runtime import current_context, distributed
+from slimcore_pipeline.train import Trainer
 
 
 def _freeze_bn(model: nn.Module) -> None:

@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -281,17 +280,19 @@ def remove_stale_temp_files(roots: Iterable[Path | str]) -> list[Path]:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one.
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one,
+    and nothing once a stop was requested (:func:`slimcore.files.atomic_write_bytes` with that check).
 
     The file gets the user's umask (like ``open()``); its temp file ``.NAME.PID.XXXXXXXX.tmp``
     is removed on any error and, if the process is killed, by the next stage that starts.
     """
+    from slimcore.files import atomic_write_bytes as write
+
     check_not_stopped()
-    path = Path(path)
     try:
-        _write_atomically(path, data)
-    except OSError as err:  # disk full, read-only folder: one line naming the file (issue 11, item 5)
-        from slimcore.checks import write_error
+        write(path, data, mode=file_mode(), check=check_not_stopped)
+    except OSError as err:  # disk full, read-only folder: one line naming the file and what to do
+        from slimcore_pipeline.resources import write_error
 
         clear = write_error(path, err)
         if clear is None:
@@ -299,29 +300,23 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         raise clear from None
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), file_mode())
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        check_not_stopped()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def torch_save(obj: Any, path: Path | str) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    from slimcore.checkpoint import torch_bytes
+
+    atomic_write_bytes(path, torch_bytes(obj))
+
+
+def save_model(path: Path | str, model: Any, spec: Any = None, **meta: Any) -> Path:
+    """:func:`slimcore.checkpoint.save_model` through :func:`atomic_write_bytes`."""
+    from slimcore.checkpoint import model_bytes
+
+    atomic_write_bytes(path, model_bytes(model, spec, **meta))
+    return Path(path)
 
 
 __all__ = ["STOP_SIGNALS", "TEMP_GLOB", "alive", "atomic_write_bytes", "block_stop_signals", "check_not_stopped",
            "die_with_parent", "enter_stage_process", "file_mode", "hold_stops", "ignore_stop_signals",
            "install_stop_handlers", "is_stage_process", "is_stale_temp", "pending_stop_signal",
-           "remove_stale_temp_files", "restore_handlers", "start_up_done", "stop_requested", "unblock_stop_signals"]
+           "remove_stale_temp_files", "restore_handlers", "save_model", "start_up_done", "stop_requested", "torch_save",
+           "unblock_stop_signals"]

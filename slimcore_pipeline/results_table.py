@@ -1,4 +1,4 @@
-"""The generated results table, ``metrics/results.md`` (the plot data: :mod:`slimcore.plotdata`).
+"""The generated results table, ``metrics/results.md`` (the plot data: :mod:`slimcore_pipeline.plotdata`).
 
 Everything here is a pure function of the metrics JSON the stages wrote, so the table can be
 regenerated (and diffed) without touching a model.
@@ -10,16 +10,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from slimcore.config import Params
-from slimcore.noise import accuracy_interval, image_points, within_noise
-from slimcore.reached import no_sparsity
+from slimcore_pipeline.config import Params
+from slimcore_pipeline.noise import accuracy_interval, image_points, within_noise
+from slimcore_pipeline.reached import no_sparsity
 from slimcore.targets import target_label
 
 SEED_COLUMNS = ["arch", "FLOPs", "params/M", "slim", "requested", "true ratio", "FLOPs after",
                 "params after/M", "top1", "top5"]
 EXTRA_COLUMNS = ["top1 95% CI", "top1 vs baseline", "MACs kept", "speed-up", "top1 pruned (no FT)",
                  "top1 pruned, no fold", "size/MB", "removed of all BN"]
-NOISE_MARK = "~"  # a top-1 within noise of the dense baseline (slimcore.noise.within_noise)
+NOISE_MARK = "~"  # a top-1 within noise of the dense baseline (slimcore_pipeline.noise.within_noise)
 
 
 def _pct(x: float | None, digits: int = 3) -> str:
@@ -135,7 +135,7 @@ def arch_rows(arch: str, params: Params, evals: Mapping[str, Any], profile: Mapp
         nofold = evals.get(f"pruned-{tag}-nofold", {}).get("top1")
         rows.append([
             arch, _fmt(base["flops"], f_scale), f"{base['params'] / 1e6:.3f}",
-            format_strength(params.sparsity[arch]), target_label(target, pr), f"{100 * pr['true_ratio']:.2f}%",
+            format_strength(params.penalty.strength[arch]), target_label(target, pr), f"{100 * pr['true_ratio']:.2f}%",
             _fmt(fin["flops"], f_scale), f"{fin['params'] / 1e6:.3f}",
             _pct(top1), _pct(evals[f"finetuned-{tag}"]["top5"]),
             _interval(top1, n), _versus(top1, base_top1, n), *_macs(base["flops"], fin["flops"]),
@@ -154,7 +154,7 @@ def _macs(before: float, after: float) -> tuple[str, str]:
 
 def safe_ratio_line(arch: str, sensitivity: Mapping[str, Any]) -> str:
     """One arch's safe ratio, as results.md prints it under the pruning table (from
-    ``metrics/sensitivity/ARCH.json``: see :mod:`slimcore.sensitivity`).
+    ``metrics/sensitivity/ARCH.json``: see :mod:`slimcore_pipeline.sensitivity`).
 
     When sparse-train reached no sparsity (:func:`no_sparsity`) the line says so instead, with
     what to raise: a 0% safe ratio beside an unchanged accuracy would read as a result.
@@ -163,7 +163,7 @@ def safe_ratio_line(arch: str, sensitivity: Mapping[str, Any]) -> str:
     link = f"[metrics/sensitivity/{arch}.json](sensitivity/{arch}.json)"
     none, reached = no_sparsity(sensitivity)
     if none:
-        return (f"sparse-train reached no sparsity: {reached}; raise sparsity.{arch} or train.epochs "
+        return (f"sparse-train reached no sparsity: {reached}; raise penalty.strength.{arch} or train.epochs "
                 f"(safe ratio {100 * safe:.4g}%; {link})")
     reference = float(sensitivity["reference_top1"])
     budget = f"Safe ratio (validation top-1 drop <= {float(sensitivity['max_drop']):g} pt before fine-tuning)"
@@ -203,13 +203,13 @@ def results_markdown(params: Params, evals: Mapping[str, Any], profile: Mapping[
         "",
         "Noise: each arch's test-set size is under its training summary; 'top1 95% CI' is the fine-tuned "
         f"top-1's 95% Wilson score interval; '{NOISE_MARK}' marks a top-1 within noise of the dense baseline "
-        "(the 95% interval of their difference includes zero: slimcore/noise.py), so only unmarked differences "
+        "(the 95% interval of their difference includes zero: slimcore_pipeline/noise.py), so only unmarked differences "
         "are beyond noise.",
         "",
     ]
     for arch in params.archs:
         header, rows = arch_rows(arch, params, evals[arch], profile[arch], prunes[arch])
-        lines += [f"## {arch}", "", *_summary_lines(arch, params.sparsity[arch], evals[arch]), "",
+        lines += [f"## {arch}", "", *_summary_lines(arch, params.penalty.strength[arch], evals[arch]), "",
                   _noise_line(evals[arch]), "", f"## {arch} pruning", "", *_md_table(header, rows), ""]
         if sensitivity is not None and arch in sensitivity:
             lines += [safe_ratio_line(arch, sensitivity[arch]), ""]

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 from slimcore.errors import SlimcoreError
-from slimcore.process import alive
+from slimcore_pipeline.process import alive
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock; stages run unlocked there
     fcntl = None  # type: ignore[assignment]
 
-LOCKS = Path(".slimcore") / "locks"  # under slimcore.paths.STATE: not a DVC output, not in git
+LOCKS = Path(".slimcore") / "locks"  # under slimcore_pipeline.paths.STATE: not a DVC output, not in git
 HELD_ENV = "SLIMCORE_STAGE_LOCK"  # set by the holder: torchrun workers it starts do not lock again
 DEAD_HOLDER_WAIT_SECONDS = 5.0  # forked workers of a dead holder may hold its lock a moment longer
 

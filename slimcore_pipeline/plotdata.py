@@ -89,7 +89,7 @@ from typing import Any
 
 import numpy as np
 
-from slimcore.checkpoint import atomic_write_bytes
+from slimcore_pipeline.process import atomic_write_bytes
 from slimcore.targets import Target, parse_target, target_label
 
 TRADEOFF_CSV, CURVES_CSV, GAMMA_CSV = "tradeoff.csv", "curves.csv", "gamma_hist.csv"
@@ -161,7 +161,7 @@ def _pct(fraction: float | None) -> float | None:
 def interval_pct(top1_pct: float | None, images: int | None) -> tuple[float | None, float | None]:
     """The 95% Wilson interval (%) of an accuracy given in %, measured on ``images`` images;
     (None, None) when either is unknown (no band is drawn)."""
-    from slimcore.noise import accuracy_interval
+    from slimcore_pipeline.noise import accuracy_interval
 
     if top1_pct is None or not images or not math.isfinite(float(top1_pct)):
         return None, None

@@ -1,6 +1,6 @@
 """How many BN channels sparse training should drive to zero: derived from the prune targets.
 
-The targeted penalty (:class:`slimcore.sparsity.GammaPenalty` with ``target``) shrinks only the
+The targeted penalty (:class:`slimcore.penalty.GammaPenalty` with ``target``) shrinks only the
 units of lowest |gamma| holding a share of all BN channels.  Too small a share and the
 largest prune target removes channels that still carry signal; too large and every pruned
 model carries channels that are zero but not removed, and the sparse model loses accuracy it

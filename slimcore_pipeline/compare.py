@@ -1,6 +1,6 @@
 """Two runs side by side, one row per arch and target slot: ``make compare A=main B=NAME``.
 
-``python -m slimcore.compare [A] [B]`` (default ``HEAD`` and the workspace, as ``dvc exp diff``)
+``python -m slimcore_pipeline.compare [A] [B]`` (default ``HEAD`` and the workspace, as ``dvc exp diff``)
 reads ``dvc exp diff --json --all A B`` and prints, per arch (``metrics/summary/ARCH.json``) and
 per slot ``rN`` of ``prune.targets``, each run's target, fine-tuned test top-1 and MACs kept, and
 what changed: the same figures as ``dvc exp show``, in a table as wide as the number of runs
@@ -42,7 +42,7 @@ def _targets(diff: Mapping[str, Any], side: str) -> list[str]:
     """The target tags of ``prune.targets`` on one side (``old`` or ``new``), as stages name them."""
     import yaml
 
-    from slimcore.paths import target_tag
+    from slimcore_pipeline.paths import target_tag
 
     for values in diff.get("params", {}).values():
         entry = (values or {}).get("prune.targets") or {}
@@ -122,7 +122,7 @@ def _text_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) > 2 or any(a.startswith("-") for a in args):
-        print("usage: python -m slimcore.compare [A] [B]   (default: HEAD and the workspace; "
+        print("usage: python -m slimcore_pipeline.compare [A] [B]   (default: HEAD and the workspace; "
               "or make compare A=main B=NAME)", file=sys.stderr)
         return 2
     a = args[0] if args else None

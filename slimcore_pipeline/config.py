@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,7 +39,7 @@ from slimcore.archs import (
 )
 from slimcore.errors import ParamsError
 from slimcore.targets import Target, parse_targets
-from slimcore.yamlio import AliasBombError, DuplicateKeyError, safe_load_unique
+from slimcore_pipeline.yamlio import AliasBombError, DuplicateKeyError, safe_load_unique
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 # a params file holds settings (a few KB); beyond this it is refused unread (parsing 1 MB of YAML
@@ -73,7 +74,7 @@ class DataConfig(_Section):
     outside the project works too.
 
     ``name``: ``digits`` (scikit-learn's, embedded), or a format read from ``root`` without
-    downloading (see :mod:`slimcore.data`): ``mnist``, ``fashionmnist``, ``kmnist`` (idx files,
+    downloading (see :mod:`slimcore_pipeline.data`): ``mnist``, ``fashionmnist``, ``kmnist`` (idx files,
     ``.gz`` or not, flat in ``root`` as Debian's ``dataset-fashion-mnist`` installs them, or in
     torchvision's ``root/<Class>/raw/``), ``cifar10``, ``cifar100``, ``svhn`` (torchvision's
     ``train_32x32.mat``/``test_32x32.mat``), ``stl10`` (``root/stl10_binary/``), ``imagefolder``.
@@ -118,7 +119,7 @@ class DataConfig(_Section):
 
     @property
     def split_seed(self) -> int:
-        """The seed :func:`slimcore.data.load_splits` draws the validation split with (``params.seed``)."""
+        """The seed :func:`slimcore_pipeline.data.load_splits` draws the validation split with (``params.seed``)."""
         return self._split_seed
 
     def augmentation(self) -> str:
@@ -291,8 +292,9 @@ class PruneConfig(_Section):
 
 
 class PenaltyConfig(_Section):
-    """How sparse-train applies ``sparsity`` (see :mod:`slimcore.sparsity`).
+    """The penalty sparse-train puts on BN gammas (see :mod:`slimcore.penalty`).
 
+    ``strength``: per arch, the penalty's strength (every arch in ``archs`` needs one).
     ``group`` (default): the proximal step of a group lasso over the channels ``slim`` removes
     together, so residual groups reach zero as a whole; ``prox``: the proximal L1 step per
     gamma; ``l1``: the paper's subgradient through momentum (the seed's recipe; its strengths are
@@ -300,9 +302,12 @@ class PenaltyConfig(_Section):
     strength linearly from zero over that many epochs.  ``target`` (``prox``/``group``): shrink
     only the units of lowest |gamma| holding this share of all BN channels; ``auto`` derives it
     from ``prune.targets`` on the model sparse training starts from
-    (:func:`slimcore.sparsity_target.share_for_targets`); 0 shrinks every channel (the paper).
+    (:func:`slimcore.penalty_target.share_for_targets`); 0 shrinks every channel (the paper).
     """
 
+    strength: dict[str, NonNegFloat] = Field(  # the seed's strengths for the reference archs
+        default_factory=lambda: {"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5}
+    )
     method: Literal["group", "prox", "l1"] = "group"
     ramp_epochs: NonNegFloat = 0.0
     target: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = 0.0
@@ -330,7 +335,7 @@ class RuntimeConfig(_Section):
     pin_memory: Literal["auto", "on", "off"] = "auto"
     persistent_workers: bool = True
     threads: NonNegInt = 0
-    cpu_isa: Literal["avx2", "native"] = "avx2"  # slimcore/cpumath.py
+    cpu_isa: Literal["avx2", "native"] = "avx2"  # slimcore_pipeline/cpumath.py
 
 
 class Params(_Section):
@@ -345,9 +350,6 @@ class Params(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    sparsity: dict[str, NonNegFloat] = Field(  # the seed's strengths for the reference archs
-        default_factory=lambda: {"vgg16_bn": 1e-4, "resnet50": 1e-5, "mobilenet_v2": 1e-5}
-    )
     penalty: PenaltyConfig = Field(default_factory=PenaltyConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: TrainConfig = Field(default_factory=TrainConfig)
@@ -393,9 +395,9 @@ class Params(_Section):
         self.data._split_seed = self.seed
         for arch in self.archs:
             choice = self.model_for(arch)
-            if arch not in self.sparsity:
+            if arch not in self.penalty.strength:
                 raise ValueError(
-                    f"sparsity.{arch}: missing; every arch in archs needs its L1 strength "
+                    f"penalty.strength.{arch}: missing; every arch in archs needs its penalty strength "
                     "(e.g. 1e-4 for VGG, 1e-5 for others in the seed's CIFAR-100 setup)"
                 )
             if choice.source != "torchvision":
@@ -457,10 +459,29 @@ def _section_for(loc: str) -> type[BaseModel] | None:
     return model
 
 
+def _moved_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """``raw`` with the keys of older params files moved to their new place, each move said in
+    one warning line on stderr; a file holding both the old and the new key is refused."""
+    if "sparsity" not in raw:
+        return raw
+    penalty = raw.get("penalty")
+    if isinstance(penalty, dict) and "strength" in penalty:
+        raise ParamsError(f"{source}: sparsity and penalty.strength: both set; sparsity is the old name of "
+                          "penalty.strength: keep only penalty.strength")
+    moved = {key: value for key, value in raw.items() if key != "sparsity"}
+    moved["penalty"] = {"strength": raw["sparsity"], **(penalty if isinstance(penalty, dict) else {})}
+    if penalty is not None and not isinstance(penalty, dict):
+        moved["penalty"] = penalty  # not a section: reported as such by validation
+    print(f"warning: {source}: sparsity is now penalty.strength: move the per-arch strengths there "
+          "(the old key is read for one more release)", file=sys.stderr)
+    return moved
+
+
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
     """Validate a mapping (as read from YAML) into :class:`Params`; raise :class:`ParamsError`."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level")
+    raw = _moved_keys(raw, source)
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

@@ -28,7 +28,7 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-from slimcore.config import RuntimeConfig
+from slimcore_pipeline.config import RuntimeConfig
 
 ISA_ENV: dict[str, dict[str, str]] = {
     "avx2": {
@@ -51,7 +51,7 @@ def pin_isa(cfg: RuntimeConfig, environ: MutableMapping[str, str] | None = None)
 
 
 def apply_threads(cfg: RuntimeConfig) -> None:
-    """``torch.set_num_threads(cfg.threads)`` (0: left to :func:`slimcore.runtime.current_context`, a fair
+    """``torch.set_num_threads(cfg.threads)`` (0: left to :func:`slimcore_pipeline.runtime.current_context`, a fair
     share of the cores); torch must be importable."""
     if cfg.threads > 0:
         import torch

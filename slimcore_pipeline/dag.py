@@ -2,7 +2,7 @@
 
 ``dvc dag`` draws every arch's stages at once (39 lines, 1,491 columns on the default); the
 stages of one arch and the two shared ones (``profile``, ``evaluate``) are what to read.
-``python -m slimcore.dag [ARCH]`` (default: the first of ``archs``) reads ``dvc dag --dot`` and
+``python -m slimcore_pipeline.dag [ARCH]`` (default: the first of ``archs``) reads ``dvc dag --dot`` and
 prints that subgraph as mermaid (GitHub and most markdown viewers draw it).
 """
 
@@ -47,7 +47,7 @@ def mermaid(edges: Iterable[tuple[str, str]], arch: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if (args and args[0].startswith("-")) or len(args) > 1:
-        print("usage: python -m slimcore.dag [ARCH]   (or make dag ARCH=vgg16_bn)", file=sys.stderr)
+        print("usage: python -m slimcore_pipeline.dag [ARCH]   (or make dag ARCH=vgg16_bn)", file=sys.stderr)
         return 2
     if args:
         arch = args[0]

@@ -10,11 +10,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from slimcore.config import RuntimeConfig
+from slimcore_pipeline.config import RuntimeConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ class Context:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def evaluate(model: torch.nn.Module, loader: Any, ctx: Context | None = None) -> dict[str, float]:
+    """:func:`slimcore.accuracy.evaluate` on ``ctx``'s device, memory format and precision (``None``:
+    the model's device, full precision)."""
+    from slimcore.accuracy import evaluate as accuracy
+
+    if ctx is None:
+        return accuracy(model, loader)
+    return accuracy(model, loader, ctx.device, channels_last=ctx.channels_last, amp_dtype=ctx.amp_dtype)
 
 
 def _resolve_device(cfg: RuntimeConfig, local_rank: int) -> torch.device:

@@ -19,13 +19,14 @@ linearly from zero, so the network learns features before the penalty starts rem
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-SparsityMethod = Literal["l1", "prox", "group"]
-SPARSITY_METHODS: tuple[str, ...] = ("l1", "prox", "group")
+PenaltyMethod = Literal["l1", "prox", "group"]
+PENALTY_METHODS: tuple[str, ...] = ("l1", "prox", "group")
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -42,10 +43,19 @@ def gamma_magnitudes(model: nn.Module) -> torch.Tensor:
 
 
 class GammaPenalty:
-    """The sparsity penalty of one training run; a no-op at strength 0.
+    """The slimming penalty of one training run; a no-op at strength 0.
 
     Call :meth:`before_step_` between ``backward`` and ``optimizer.step`` and :meth:`after_step_`
-    right after ``optimizer.step`` (each does nothing for the methods it does not serve).
+    right after ``optimizer.step`` (each does nothing for the methods it does not serve)::
+
+        penalty = GammaPenalty(model, strength=1e-4, method="prox")
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            penalty.before_step_()
+            optimizer.step()
+            penalty.after_step_(optimizer.param_groups[0]["lr"])
 
     Args:
         model: the (unwrapped) model whose BN gammas are penalised.
@@ -65,13 +75,13 @@ class GammaPenalty:
         close_window: see ``close_steps``.
     """
 
-    def __init__(self, model: nn.Module, strength: float, method: SparsityMethod = "l1",
+    def __init__(self, model: nn.Module, strength: float, method: PenaltyMethod = "l1",
                  units: list[tuple[nn.BatchNorm2d, torch.Tensor]] | None = None, ramp_steps: int = 0,
                  target: float = 0.0, close_steps: int = 0, close_window: int = 0) -> None:
         if strength < 0:
             raise ValueError(f"sparsity strength must be >= 0, got {strength}")
-        if method not in SPARSITY_METHODS:
-            raise ValueError(f"sparsity method must be one of {', '.join(SPARSITY_METHODS)}, got {method!r}")
+        if method not in PENALTY_METHODS:
+            raise ValueError(f"sparsity method must be one of {', '.join(PENALTY_METHODS)}, got {method!r}")
         if not 0 <= target < 1:
             raise ValueError(f"sparsity target must be in [0, 1), got {target}")
         self.strength = float(strength)
@@ -162,5 +172,30 @@ class GammaPenalty:
         return self.strength * float(sum(g.abs().sum() for g in self.gammas))
 
 
-__all__ = ["SPARSITY_METHODS", "GammaPenalty", "SparsityMethod", "batchnorm_layers",
+@dataclass(frozen=True)
+class PenaltySpec:
+    """A :class:`GammaPenalty` described in epochs, before a run knows its steps per epoch.
+
+    ``strength``, ``method``, ``units`` and ``target`` are :class:`GammaPenalty`'s; ``ramp_epochs``:
+    the strength grows linearly from 0 over these epochs; ``close_epochs``: with a target, the
+    targeted units fade linearly to exactly zero over the run's last ``close_epochs`` epochs (0:
+    off; at least the run's epochs: over the whole run).
+    """
+
+    strength: float
+    method: PenaltyMethod = "l1"
+    units: list[tuple[nn.BatchNorm2d, torch.Tensor]] | None = None  # for method "group"
+    ramp_epochs: float = 0.0
+    target: float = 0.0
+    close_epochs: float = 0.0
+
+    def build(self, model: nn.Module, steps_per_epoch: int, epochs: int) -> GammaPenalty:
+        """The penalty of a run of ``epochs`` epochs of ``steps_per_epoch`` optimizer steps each."""
+        return GammaPenalty(model, self.strength, self.method, self.units,
+                            ramp_steps=round(self.ramp_epochs * steps_per_epoch), target=self.target,
+                            close_steps=epochs * steps_per_epoch if self.close_epochs else 0,
+                            close_window=round(self.close_epochs * steps_per_epoch))
+
+
+__all__ = ["PENALTY_METHODS", "GammaPenalty", "PenaltyMethod", "PenaltySpec", "batchnorm_layers",
            "gamma_magnitudes"]

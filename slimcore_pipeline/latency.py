@@ -1,15 +1,9 @@
-"""Model cost: FLOPs (thop), parameters, bytes on disk and median CPU latency (PyTorch and onnxruntime).
-
-FLOPs convention: thop's count, i.e. multiply-accumulates (MACs) of convolutions and linear
-layers plus thop's per-element counts for BatchNorm, pooling and activations (see README).
-"""
+"""Model cost the pipeline measures besides FLOPs: median CPU latency (PyTorch and onnxruntime)
+and bytes on disk."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import logging
-import os
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -19,33 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def count_params(model: nn.Module) -> int:
-    """Number of learnable parameters (BN running statistics excluded)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _input_shape(input_size: int | tuple[int, ...]) -> tuple[int, ...]:
-    if isinstance(input_size, int):
-        return (1, 3, input_size, input_size)
-    if len(input_size) == 3:
-        return (1, *input_size)
-    return tuple(input_size)
-
-
-def count_flops(model: nn.Module, input_size: int | tuple[int, ...]) -> float:
-    """thop's MAC count for one forward pass (batch 1 unless ``input_size`` says otherwise).
-
-    ``input_size``: a square image side, ``(C, H, W)`` or ``(N, C, H, W)``.  The model is not
-    modified (thop's counters are attached to a copy).
-    """
-    import thop
-
-    probe = copy.deepcopy(model).eval().cpu()
-    logging.getLogger("thop").setLevel(logging.ERROR)
-    with torch.no_grad(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        macs, _ = thop.profile(probe, inputs=(torch.zeros(_input_shape(input_size)),), verbose=False)
-    return float(macs)
+from slimcore.flops import input_shape
 
 
 @contextlib.contextmanager
@@ -67,7 +35,7 @@ def measure_latencies(models: Mapping[str, nn.Module], input_size: int | tuple[i
     Each round times every model once, so drift in machine load affects all models alike and
     their ratios (speedups) stay meaningful.  Returns median, p10 and p90 per model.
     """
-    x = torch.randn(_input_shape(input_size))
+    x = torch.randn(input_shape(input_size))
     nets = {label: m.eval().cpu() for label, m in models.items()}
     times: dict[str, list[float]] = {label: [] for label in nets}
     with torch_threads(threads):
@@ -95,7 +63,7 @@ def measure_ort_latencies(sessions: Mapping[str, Any], input_size: int | tuple[i
     ``sessions``: onnxruntime ``InferenceSession`` objects (see :func:`slimcore.export.ort_session`,
     which sets their intra-op threads).  Same statistics as :func:`measure_latencies`.
     """
-    x = torch.randn(_input_shape(input_size)).numpy()
+    x = torch.randn(input_shape(input_size)).numpy()
     feeds = {label: {s.get_inputs()[0].name: x} for label, s in sessions.items()}
     times: dict[str, list[float]] = {label: [] for label in sessions}
     for label, session in sessions.items():
@@ -121,5 +89,5 @@ def file_bytes(path: Path | str) -> int:
     return Path(path).stat().st_size
 
 
-__all__ = ["count_flops", "count_params", "file_bytes", "measure_latencies", "measure_latency",
+__all__ = ["file_bytes", "measure_latencies", "measure_latency",
            "measure_ort_latencies", "torch_threads"]

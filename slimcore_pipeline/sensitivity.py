@@ -4,13 +4,13 @@
 configured policy, exactly as the prune stage does), and measures each pruned model *before any
 fine-tuning* on the validation split (``data.val_fraction`` of the training images, never the
 test split), with its FLOPs and parameters counted as the profile stage counts them
-(:func:`slimcore.profile.count_flops`, :func:`slimcore.profile.count_params`).  No training
+(:func:`slimcore.flops.count_flops`, :func:`slimcore.flops.count_params`).  No training
 happens: the cost is one slim, one FLOPs count and one pass over the validation split per ratio.
 
 :func:`safe_ratio` turns the curve into one number, the largest grid ratio such that it and every
 smaller one lose at most ``prune.max_drop`` points of validation top-1 against the unpruned
 model; the ``safe`` prune target reads it from ``metrics/sensitivity/ARCH.json``
-(:func:`slimcore.paths.sensitivity_report`).
+(:func:`slimcore_pipeline.paths.sensitivity_report`).
 
 A ratio that slimming cannot deliver is kept in the curve, never dropped: a :class:`SlimError`
 gives a point with ``error`` set and no accuracy (it fails the budget), and a ratio bounded by the
@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from slimcore.config import MIN_SENSITIVITY_STEP
-from slimcore.evaluate import evaluate
-from slimcore.profile import count_flops, count_params
+from slimcore_pipeline.config import MIN_SENSITIVITY_STEP
+from slimcore_pipeline.runtime import evaluate
+from slimcore.flops import count_flops, count_params
 from slimcore.prune import SlimError, slim
-from slimcore.runtime import Context
-from slimcore.sparsity import gamma_magnitudes
+from slimcore_pipeline.runtime import Context
+from slimcore.penalty import gamma_magnitudes
 
 # Digits kept in the JSON: ratios and FLOPs (MFLOPs) to 6 decimals, accuracies (%) to 4.
 RATIO_DIGITS, ACCURACY_DIGITS, MFLOPS_DIGITS = 6, 4, 6

@@ -1,4 +1,4 @@
-"""``torchrun`` for the training stages: ``python -m slimcore.launch`` takes torchrun's arguments.
+"""``torchrun`` for the training stages: ``python -m slimcore_pipeline.launch`` takes torchrun's arguments.
 
 torchrun's agent turns a SIGINT or SIGTERM into a ``SignalException`` that ends in a traceback
 and exit 1, after its workers have already printed the stage's one-line interrupt message and

@@ -1,6 +1,6 @@
 """Smoke-run a preset (the seed's CIFAR-100 by default) end to end on synthetic data, timing each stage.
 
-``make seed-smoke`` (``python -m slimcore.seed_smoke``) writes a random CIFAR-100-shaped dataset
+``make seed-smoke`` (``python -m slimcore_pipeline.seed_smoke``) writes a random CIFAR-100-shaped dataset
 in torchvision's on-disk format to a scratch workspace, derives a ``params.yaml`` from the preset
 that keeps everything but the schedule (1 epoch, no warm-up, no milestones, a few latency runs,
 a few batches of the preset's batch size) and runs every pipeline stage in ``dvc.yaml``'s order
@@ -32,11 +32,11 @@ from typing import IO, Annotated, Any, NamedTuple, NoReturn
 import typer
 import yaml
 
-from slimcore import paths
-from slimcore.config import Params, load_params, with_overrides
-from slimcore.console import console
+from slimcore_pipeline import paths
+from slimcore_pipeline.config import Params, load_params, with_overrides
+from slimcore_pipeline.console import console
 from slimcore.errors import ParamsError, SlimcoreError
-from slimcore.preset import EXIT_REFUSED, SEED_PRESET, check_device, parse_sets
+from slimcore_pipeline.preset import EXIT_REFUSED, SEED_PRESET, check_device, parse_sets
 from slimcore.targets import parse_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def stage_plan(params: Params, train_images: int, test_images: int, val_images: 
     ``train_images``: the training split (what training stages see: the validation split is held
     out of it); ``val_images``: the validation split, read by the sensitivity stage once for the
     unpruned model and once per ratio of its grid."""
-    from slimcore.sensitivity import ratio_grid
+    from slimcore_pipeline.sensitivity import ratio_grid
 
     passes = len(ratio_grid(params.prune.sensitivity_step)) + 1
     plan: list[PlannedStage] = []
@@ -204,7 +204,7 @@ def describe_machine(params: Params) -> dict[str, str]:
     """Device name, torch version, AMP dtype, channels_last and processes, as the stages will see them."""
     import torch
 
-    from slimcore.runtime import current_context
+    from slimcore_pipeline.runtime import current_context
 
     ctx = current_context(params.runtime)
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -291,14 +291,14 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
 
     The workspace is deleted afterwards unless ``opts.keep`` (and kept when a stage fails).
     """
-    from slimcore.synthetic import write_cifar
+    from slimcore_pipeline.synthetic import write_cifar
 
     nproc = opts.nproc or _gpu_count() or 1
     workspace = _prepare_workspace(opts)
     ok = False
     try:
         params = smoke_params(opts, workspace / "data", nproc)
-        from slimcore.cpumath import pin_isa
+        from slimcore_pipeline.cpumath import pin_isa
 
         pin_isa(params.runtime)  # before torch's first CPU op here, as each stage does: in-process runs match
         check_device(params.runtime, opts.allow_cpu, CPU_WHY)
@@ -307,7 +307,7 @@ def run_smoke(opts: SmokeOptions) -> tuple[list[StageResult], dict[str, str], Pa
             raise ParamsError(f"--train-images {train_images}: fewer than one batch of {params.train.batch_size} "
                               f"per process ({nproc} processes)")
         write_cifar(workspace / "data", params.data.name, train_images, opts.test_images)
-        from slimcore.data import load_splits
+        from slimcore_pipeline.data import load_splits
 
         splits = load_splits(params.data)  # the validation split is held out of the training images
         if len(splits.val) == 0:
@@ -445,4 +445,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m slimcore.seed_smoke")
+    app(prog_name="python -m slimcore_pipeline.seed_smoke")

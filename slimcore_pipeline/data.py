@@ -20,12 +20,12 @@
 Every format gives three splits (:class:`Splits`): ``train``, ``val`` and ``test``.  With
 ``data.train_per_class`` > 0 only a stratified subset of the format's training images is used
 (at most that many per class, drawn with a fixed seed); ``val`` is then a fixed stratified
-``data.val_fraction`` of those, seeded by ``params.seed`` (:attr:`slimcore.config.DataConfig.split_seed`),
+``data.val_fraction`` of those, seeded by ``params.seed`` (:attr:`slimcore_pipeline.config.DataConfig.split_seed`),
 held out of ``train`` and always read with the evaluation transform.  ``test`` is the format's own
 test split, never touched by either.  Inputs are normalised with per-channel statistics of the
 ``train`` part (after subset and hold-out), recorded in :attr:`Splits.normalization`; an
 imagefolder uses ImageNet's.  Training images are augmented per ``data.augment`` (see
-:class:`slimcore.config.DataConfig`).  All loaders are deterministic for a given seed and epoch
+:class:`slimcore_pipeline.config.DataConfig`).  All loaders are deterministic for a given seed and epoch
 (``set_epoch``) and shard across ``world_size`` ranks like ``DistributedSampler``.
 """
 
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from slimcore.config import AUGMENTS, DataConfig, RuntimeConfig
+from slimcore_pipeline.config import AUGMENTS, DataConfig, RuntimeConfig
 from slimcore.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,7 +215,7 @@ def _check_digits_memory(n: int, size: int) -> None:
 
     Peak: the 1-channel upsample, then the 3-channel normalised copy and its temporary (float32).
     """
-    from slimcore.checks import check_memory
+    from slimcore_pipeline.resources import check_memory
 
     check_memory(7 * n * size * size * 4, f"data.image_size: {size}: the digits set ({n} images of {size}x{size} "
                  "px, 3 channels, float32, held in memory)",
@@ -458,7 +458,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             if (not gz and size != 4 + 4 * ndim + count) or (gz and count > _GZIP_MAX_RATIO * size):
                 raise DataError(f"{what}: its header says {'x'.join(map(str, dims))} values but the file holds "
                                 f"{size} {'compressed ' if gz else ''}bytes; replace it with a complete copy")
-            from slimcore.checks import check_memory
+            from slimcore_pipeline.resources import check_memory
 
             check_memory(count, f"{what} ({'x'.join(map(str, dims))} uint8 values)", "use a machine with more memory")
             buffer = bytearray(count)
@@ -572,7 +572,7 @@ def _read_stl10(root: Path, train: bool) -> ArrayImages:
         raise DataError(f"data.root: {x_path} holds {size} bytes ({size / per_image:g} images of 96x96x3) and "
                         f"{y_path} {n_labels} labels: expected a whole number of images, one label each; replace "
                         "them with complete copies")
-    from slimcore.checks import check_memory
+    from slimcore_pipeline.resources import check_memory
 
     check_memory(2 * size, f"data.root: {x_path} ({n_labels} images of 96x96x3)", "use a machine with more memory")
     images = np.fromfile(x_path, dtype=np.uint8).reshape(-1, 3, STL10_SIDE, STL10_SIDE)
@@ -633,7 +633,7 @@ def _imagefolder(cfg: DataConfig, seed: int | None = None) -> Splits:
     ``data.train_per_class``).  Normalised with ImageNet's statistics: measuring the folder's own
     would decode every image once more, and models for such data usually start from ImageNet
     weights, which expect them."""
-    from slimcore.imagescan import CheckedImageFolder
+    from slimcore_pipeline.imagescan import CheckedImageFolder
 
     root = Path(cfg.root)
     parts = {}

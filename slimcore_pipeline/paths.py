@@ -108,7 +108,7 @@ def latency_table() -> Path:
 
 
 def summaries() -> Path:
-    """The declared DVC metrics: one small ``ARCH.json`` per arch (see slimcore.report.summary)."""
+    """The declared DVC metrics: one small ``ARCH.json`` per arch (see slimcore_pipeline.results_table.summary)."""
     return METRICS / "summary"
 
 
@@ -117,7 +117,7 @@ def summary(arch: str) -> Path:
 
 
 def details_dir() -> Path:
-    """Per arch, every figure of the summary and more, keyed the same way (slimcore.report.details):
+    """Per arch, every figure of the summary and more, keyed the same way (slimcore_pipeline.results_table.details):
     a plain output, so that ``dvc metrics show`` stays narrow."""
     return METRICS / "details"
 

@@ -31,8 +31,8 @@ from typing import Annotated, NoReturn
 import typer
 import yaml
 
-from slimcore.config import DEFAULT_PARAMS_PATH, Params, RuntimeConfig, load_params, with_overrides
-from slimcore.console import console
+from slimcore_pipeline.config import DEFAULT_PARAMS_PATH, Params, RuntimeConfig, load_params, with_overrides
+from slimcore_pipeline.console import console
 from slimcore.errors import ParamsError, SlimcoreError
 
 EXIT_REFUSED = 2
@@ -197,8 +197,8 @@ def check_device(runtime: RuntimeConfig, allow_cpu: bool = False, why: str = CPU
 
 
 def check_data(params: Params) -> str:
-    """Open the dataset exactly as the stages will (``slimcore.data.load_splits``); DataError if it cannot."""
-    from slimcore.data import load_splits
+    """Open the dataset exactly as the stages will (``slimcore_pipeline.data.load_splits``); DataError if it cannot."""
+    from slimcore_pipeline.data import load_splits
 
     splits = load_splits(params.data)
     return (f"{splits.name} at {params.data.root}: {len(splits.train)} train / {len(splits.val)} val / "
@@ -291,4 +291,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app(prog_name="python -m slimcore.preset")
+    app(prog_name="python -m slimcore_pipeline.preset")

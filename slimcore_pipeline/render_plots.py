@@ -1,4 +1,4 @@
-"""Static images of the pipeline's charts: ``python -m slimcore.render_plots`` (``make plots``).
+"""Static images of the pipeline's charts: ``python -m slimcore_pipeline.render_plots`` (``make plots``).
 
 The charts are defined once, by ``dvc.yaml``'s ``plots:`` and the vega-lite templates in
 ``.dvc/plots/``. This module asks DVC for the filled specs (``dvc plots show --json``, or
@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from slimcore.console import console
+from slimcore_pipeline.console import console
 
 # The Vega-Lite release vl-convert compiles with: the one vendored for the browser (vendor/vega/).
 VEGA_LITE_VERSION = "6.4"
@@ -72,7 +72,7 @@ def vega_lite_specs(plots_json: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def fill_specs(tables: dict[str, bytes], revs: Sequence[str] = ("workspace",),
                dvc_yaml: Path = Path("dvc.yaml"), templates: Path = Path(".dvc/plots")) -> dict[str, dict[str, Any]]:
     """The vega-lite specs ``dvc plots show`` builds from ``dvc_yaml``'s plots, with the data
-    ``tables`` (file name -> CSV bytes, e.g. :func:`slimcore.plotdata.plot_tables`) for every
+    ``tables`` (file name -> CSV bytes, e.g. :func:`slimcore_pipeline.plotdata.plot_tables`) for every
     revision of ``revs``: what :func:`chart_problems` checks without a DVC repository."""
     import csv
 
@@ -268,7 +268,7 @@ def render(spec: dict[str, Any], fmt: str) -> bytes:
 
 def render_all(specs: dict[str, dict[str, Any]], out: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
     """Write every spec in every format under ``out``; returns the files written, in order."""
-    from slimcore.checkpoint import atomic_write_bytes
+    from slimcore_pipeline.process import atomic_write_bytes
 
     written = []
     for name, spec in specs.items():
@@ -294,7 +294,7 @@ def describe(metrics: Path = Path("metrics")) -> dict[str, str]:
     """The sentences of docs/plots.md about each chart's data, from ``metrics`` (eval.json, prune/,
     sensitivity/): ``{block name: markdown}``. ``make plots`` writes them between the page's
     ``<!-- generated: NAME -->`` markers; tests/test_plots.py checks the page against the metrics."""
-    from slimcore.noise import image_points, within_noise
+    from slimcore_pipeline.noise import image_points, within_noise
 
     evals = json.loads((metrics / "eval.json").read_text())
     prunes: dict[str, dict[str, Any]] = {}
@@ -376,7 +376,7 @@ def main(
     for path in written:
         console.print(f"wrote {path}")
     if docs is not None and not rev:
-        from slimcore.checkpoint import atomic_write_bytes
+        from slimcore_pipeline.process import atomic_write_bytes
 
         atomic_write_bytes(docs, fill_doc(docs.read_text(), describe()).encode())
         console.print(f"wrote {docs} (the sentences about the charts, from metrics/)")

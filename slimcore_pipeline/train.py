@@ -23,13 +23,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from slimcore.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load
-from slimcore.config import TrainConfig
-from slimcore.console import console
+from slimcore.checkpoint import CheckpointError, safe_torch_load
+from slimcore_pipeline.process import torch_save
+from slimcore_pipeline.config import TrainConfig
+from slimcore_pipeline.console import console
 from slimcore.errors import ParamsError
-from slimcore.evaluate import evaluate
-from slimcore.runtime import Context, all_reduce_sum
-from slimcore.sparsity import GammaPenalty, SparsityMethod, gamma_magnitudes
+from slimcore_pipeline.runtime import evaluate
+from slimcore_pipeline.runtime import Context, all_reduce_sum
+from slimcore.penalty import PenaltySpec, gamma_magnitudes
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -173,19 +174,13 @@ class Trainer:
     ctx: Context
     train_loader: DataLoader
     val_loader: DataLoader | None
-    sparsity: float = 0.0
     desc: str = "train"
-    sparsity_method: SparsityMethod = "l1"
-    sparsity_units: list[tuple[nn.BatchNorm2d, torch.Tensor]] | None = None  # for method "group"
-    sparsity_ramp_epochs: float = 0.0
-    sparsity_target: float = 0.0  # prox/group: shrink only the lowest units holding this fraction of BN channels
+    # the penalty on BN gammas (None: none), built for this run's steps per epoch and epochs
+    penalty: PenaltySpec | None = None
     test_loader: DataLoader | None = None  # evaluated after every epoch too (train.eval_test)
-    # prox/group: re-resolves sparsity_target from the model at the start of every epoch (penalty.target
+    # prox/group: re-resolves the penalty's target from the model at the start of every epoch (penalty.target
     # auto: the share of BN channels the prune targets remove from the model as it is then)
     retarget: Callable[[nn.Module], float] | None = None
-    # with a target: the targeted units fade linearly to exactly zero over the last sparsity_close_epochs
-    # epochs (0: off; >= epochs: over the whole run)
-    sparsity_close_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         self.model.to(self.ctx.device)
@@ -202,12 +197,8 @@ class Trainer:
                 f"batch_size={self.cfg.batch_size} x {self.ctx.world_size} process(es) is larger "
                 f"than the training set ({len(self.train_loader.dataset)} images)"  # type: ignore[arg-type]
             )
-        self.penalty = GammaPenalty(self.model, self.sparsity, self.sparsity_method, self.sparsity_units,
-                                    ramp_steps=round(self.sparsity_ramp_epochs * self.steps_per_epoch),
-                                    target=self.sparsity_target,
-                                    close_steps=(self.cfg.epochs * self.steps_per_epoch
-                                                 if self.sparsity_close_epochs else 0),
-                                    close_window=round(self.sparsity_close_epochs * self.steps_per_epoch))
+        self.gamma_penalty = (self.penalty or PenaltySpec(0.0)).build(self.model, self.steps_per_epoch,
+                                                                       self.cfg.epochs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(self.cfg, s, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.ctx.use_grad_scaler)
@@ -251,7 +242,7 @@ class Trainer:
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.timings = [EpochTiming(**t) for t in state.get("timings", [])]
         self.start_epoch = int(state["epoch"])
-        self.penalty.steps = self.start_epoch * self.steps_per_epoch
+        self.gamma_penalty.steps = self.start_epoch * self.steps_per_epoch
         console.log(f"{self.desc}: resuming after epoch {self.start_epoch}/{self.cfg.epochs} from {path}")
         return True
 
@@ -285,10 +276,10 @@ class Trainer:
             self.scaler.scale(loss).backward()
             if self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)  # the penalty must see unscaled gradients
-            self.penalty.before_step_()
+            self.gamma_penalty.before_step_()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.penalty.after_step_(self.optimizer.param_groups[-1]["lr"])
+            self.gamma_penalty.after_step_(self.optimizer.param_groups[-1]["lr"])
             self.scheduler.step()
             n = y.shape[0]
             seen += n
@@ -315,14 +306,14 @@ class Trainer:
         try:
             with progress:
                 for epoch in range(self.start_epoch, self.cfg.epochs):
-                    if self.retarget is not None and self.penalty.active:
-                        self.penalty.target = float(self.retarget(self.model))
+                    if self.retarget is not None and self.gamma_penalty.active:
+                        self.gamma_penalty.target = float(self.retarget(self.model))
                     rec, timing = self._run_epoch(epoch, progress)
                     self.history.append(rec)
                     self.timings.append(timing)
                     if self.ctx.is_main:
                         if state_path is not None:
-                            atomic_torch_save(self.state_dict(fingerprint), state_path)
+                            torch_save(self.state_dict(fingerprint), state_path)
                         curves.log(rec)
                         evaluated = "".join(f"  {name} {value:.2%}" for name, value in
                                             (("val", rec.val_top1), ("test", rec.test_top1))

@@ -1,6 +1,6 @@
 """Synthetic CIFAR folders in torchvision's on-disk format (python pickles), for tests and smoke runs.
 
-:func:`write_cifar` lays out the same files that :class:`slimcore.data.CifarFolder` reads
+:func:`write_cifar` lays out the same files that :class:`slimcore_pipeline.data.CifarFolder` reads
 (``cifar-10-batches-py/`` or ``cifar-100-python/``) with random uint8 32x32x3 images, so the real
 data path -- unpickling, transforms, DataLoader workers -- runs without the real dataset.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimcore.data import _CIFAR_LAYOUT
+from slimcore_pipeline.data import _CIFAR_LAYOUT
 
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
