@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev,timm]'
+	$(BIN)/python -m pip install --quiet -e '.[pipeline,dev,timm]'
 	touch $(STAMP)
 
 repro: $(STAMP)  ## run the whole pipeline on the embedded default (dvc repro)
@@ -61,7 +61,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check slimcore stages tests bench
+	$(BIN)/ruff check slimcore slimcore_pipeline stages tests bench
 
 bench: $(STAMP)  ## the figures in README's Performance section
 	$(BIN)/python bench/prune_speed.py

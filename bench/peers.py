@@ -4,7 +4,7 @@ From one baseline checkpoint per arch, every method gets the same sparse-trainin
 same pruning budget (a MAC speed-up: the pruned model keeps 1/S of the baseline's MACs, matched
 within 2%) and the same fine-tuning schedule:
 
-* ``slimcore``: the pipeline's default (``penalty``, ``sparsity.ARCH``, ``prune`` policy and the
+* ``slimcore``: the pipeline's default (``penalty`` with its ``penalty.strength.ARCH``, ``prune`` policy and the
   ``speedupS`` target of the params file), i.e. what ``dvc repro`` does;
 * ``paper``: the paper's recipe on slimcore's engine: the L1 subgradient on every gamma
   (``--paper-strength``, 1e-4 as in the paper) and global |gamma| ranking;
@@ -47,6 +47,7 @@ from slimcore_pipeline.config import Params, load_params, with_overrides  # noqa
 from slimcore_pipeline.data import load_splits, make_loader  # noqa: E402
 from slimcore_pipeline.runtime import evaluate  # noqa: E402
 from slimcore.models import ModelSpec  # noqa: E402
+from slimcore.penalty import PenaltySpec  # noqa: E402
 from slimcore.flops import count_flops  # noqa: E402
 from slimcore_pipeline.runtime import current_context  # noqa: E402
 from slimcore_pipeline.train import Trainer  # noqa: E402
@@ -185,6 +186,14 @@ def settings_digest(params: Params, sections: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def penalty_digest(params: Params) -> str:
+    """:func:`settings_digest` of the penalty and prune sections, laid out as when the strengths
+    were the top-level ``sparsity`` section, so run caches made then are found again."""
+    dump = params.model_dump(include={"penalty", "prune"})
+    dump["sparsity"] = dump["penalty"].pop("strength")
+    return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 class Bench:
     """One arch's runs, cached under ``work/SETTINGS/ARCH`` (SETTINGS: a digest of the params)."""
 
@@ -204,9 +213,9 @@ class Bench:
                            runtime=self.params.runtime)
 
     def train(self, model: nn.Module, cfg: Any, desc: str, *, hook: Callable[[Trainer], None] | None = None,
-              penalty: dict[str, Any] | None = None) -> nn.Module:
+              trainer_kw: dict[str, Any] | None = None) -> nn.Module:
         torch.manual_seed(self.params.seed)
-        kw = penalty or {}
+        kw = trainer_kw or {}
         trainer = Trainer(model, cfg, self.ctx, self.loader(cfg.batch_size), None, desc=desc, **kw)
         if hook is not None:
             hook(trainer)
@@ -238,9 +247,9 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
     bench_opts = {k.removeprefix("bench."): v for k, v in overrides.items() if k.startswith("bench.")}
     overrides = {k: v for k, v in overrides.items() if not k.startswith("bench.")}
     params = with_overrides(bench.params, overrides) if overrides else bench.params
-    name = label.replace(":", "_").replace(",", "_").replace("=", "-")
-    extra = {"paper": f"_paper{paper_strength:g}",
-             "slimcore": "_" + settings_digest(params, ("penalty", "sparsity", "prune"))}.get(method, "")
+    # cache names as before penalty.strength was named sparsity, so earlier runs are found again
+    name = label.replace("penalty.strength.", "sparsity.").replace(":", "_").replace(",", "_").replace("=", "-")
+    extra = {"paper": f"_paper{paper_strength:g}", "slimcore": "_" + penalty_digest(params)}.get(method, "")
     cache = bench.dir / f"{name}_x{'-'.join(f'{s:g}' for s in speedups)}{extra}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -259,19 +268,19 @@ def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: l
                 def retarget(model: nn.Module) -> float:
                     return share_for_targets(model, [f"speedup{s:g}" for s in speedups], bench.example,
                                              input_size=bench.size, **params.prune.policy())
-            kw = {"sparsity": params.penalty.strength[arch], "sparsity_method": pen.method, "sparsity_units": units,
-                  "sparsity_ramp_epochs": pen.ramp_epochs,
-                  "sparsity_target": 0.0 if retarget else float(pen.target), "retarget": retarget,
-                  "sparsity_close_epochs": pen.close_epochs}
+            kw = {"penalty": PenaltySpec(pen.strength[arch], pen.method, units, ramp_epochs=pen.ramp_epochs,
+                                         target=0.0 if retarget else float(pen.target),
+                                         close_epochs=pen.close_epochs),
+                  "retarget": retarget}
         else:
-            kw = {"sparsity": paper_strength, "sparsity_method": "l1"}
-        bench.train(sparse, params.train, f"sparse-{label}@{arch}", penalty=kw)
+            kw = {"penalty": PenaltySpec(paper_strength, "l1")}
+        bench.train(sparse, params.train, f"sparse-{label}@{arch}", trainer_kw=kw)
     else:
         pruner = tp_pruner(method, sparse, bench.example, 0.5)
         if method == "tp-groupnorm":
             pruner.update_regularizer()
         bench.train(sparse, params.train, f"sparse-{label}@{arch}",
-                    hook=lambda t: setattr(t, "penalty", TorchPruningRegulariser(pruner, sparse)))
+                    hook=lambda t: setattr(t, "gamma_penalty", TorchPruningRegulariser(pruner, sparse)))
     sparse.eval()
     out: dict[str, Any] = {"method": label, "sparse": scored(sparse, bench.test, bench.ctx), "cells": {}}
     base_macs = count_flops(sparse, bench.size)
@@ -311,10 +320,10 @@ def versus(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
 
 
 def shown(label: str, arch: str) -> str:
-    """A method's label as the table prints it: without the other archs' ``sparsity.X`` overrides."""
+    """A method's label as the table prints it: without the other archs' ``penalty.strength.X`` overrides."""
     name, _, rest = label.partition(":")
-    keep = [kv for kv in rest.split(",") if kv and not (kv.startswith("sparsity.") and
-                                                          not kv.startswith(f"sparsity.{arch}="))]
+    keep = [kv for kv in rest.split(",") if kv and not (kv.startswith("penalty.strength.") and
+                                                          not kv.startswith(f"penalty.strength.{arch}="))]
     return name + (":" + ",".join(keep) if keep else "")
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slimcore_pipeline.config import load_params
 from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.models import ModelSpec
+from slimcore.penalty import PenaltySpec
 from slimcore.prune import coupled_units
 from slimcore_pipeline.runtime import current_context
 from slimcore_pipeline.train import Trainer
@@ -45,9 +46,9 @@ def epoch_seconds(arch: str, method: str, recal: int) -> float:
     size = params.data.image_size
     units = coupled_units(model, torch.zeros(2, 3, size, size)) if method == "group" else None
     train = make_loader(splits.train, cfg.batch_size, train=True, seed=params.seed, runtime=params.runtime)
-    trainer = Trainer(model, cfg, current_context(params.runtime), train, None, sparsity=params.penalty.strength[arch],
-                      desc=arch, sparsity_method=method, sparsity_units=units,
-                      sparsity_target=params.penalty.target if method != "l1" else 0.0)
+    penalty = PenaltySpec(params.penalty.strength[arch], method, units,
+                          target=params.penalty.target if method != "l1" else 0.0)
+    trainer = Trainer(model, cfg, current_context(params.runtime), train, None, desc=arch, penalty=penalty)
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start

@@ -31,6 +31,7 @@ from slimcore_pipeline.config import load_params
 from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.accuracy import evaluate
 from slimcore.models import ModelSpec
+from slimcore.penalty import PenaltySpec
 from slimcore.prune import coupled_units, slim
 from slimcore_pipeline.runtime import current_context
 from slimcore_pipeline.train import Trainer
@@ -84,9 +85,9 @@ def run(arch: str, variant: dict, ratios: list[float], params_path: str) -> dict
     test = make_loader(splits.test, 256, train=False, seed=params.seed, runtime=params.runtime)
     units = coupled_units(model, example) if variant["method"] == "group" else None
     start = time.perf_counter()
-    trainer = Trainer(model, cfg, ctx, train, None, test_loader=test, sparsity=variant["strength"], desc=f"{arch}",
-                      sparsity_method=variant["method"], sparsity_units=units,
-                      sparsity_ramp_epochs=variant["ramp"], sparsity_target=variant.get("target", 0.0))
+    penalty = PenaltySpec(variant["strength"], variant["method"], units, ramp_epochs=variant["ramp"],
+                          target=variant.get("target", 0.0))
+    trainer = Trainer(model, cfg, ctx, train, None, test_loader=test, desc=f"{arch}", penalty=penalty)
     history = trainer.fit()
     seconds = time.perf_counter() - start
     tops = [round(100 * h.test_top1, 2) for h in history]

@@ -30,6 +30,7 @@ from slimcore_pipeline.config import RuntimeConfig, TrainConfig
 from slimcore_pipeline.console import console
 from slimcore_pipeline.data import make_loader
 from slimcore.models import build_model
+from slimcore.penalty import PenaltySpec
 from slimcore_pipeline.runtime import Context, current_context
 from slimcore_pipeline.train import Trainer
 
@@ -54,7 +55,7 @@ def bare_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, ctx: Conte
 def slimcore_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, ctx: Context, lr: float,
                    sparsity: float) -> None:
     cfg = TrainConfig(epochs=1, batch_size=loader.batch_size or 1, lr=lr, warmup_epochs=0, milestones=[])
-    Trainer(model, cfg, ctx, loader, None, sparsity=sparsity, desc="bench").fit()
+    Trainer(model, cfg, ctx, loader, None, desc="bench", penalty=PenaltySpec(sparsity)).fit()
 
 
 def sync(ctx: Context) -> None:

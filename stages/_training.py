@@ -35,13 +35,14 @@ def seed_everything(seed: int) -> None:
 
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
+CODE_FOLDERS = ("slimcore", "slimcore_pipeline", "stages")  # what code_signature hashes
 
 
 def code_signature() -> str:
-    """A hash of slimcore's and the stages' source: a resume state written by other code (an
-    upgrade, a local edit) is never continued."""
+    """A hash of the engine's, the pipeline's and the stages' source: a resume state written by
+    other code (an upgrade, a local edit) is never continued."""
     h = hashlib.sha256()
-    for folder in ("slimcore", "stages"):
+    for folder in CODE_FOLDERS:
         for path in sorted((CODE_ROOT / folder).rglob("*.py")):
             h.update(str(path.relative_to(CODE_ROOT)).encode())
             h.update(path.read_bytes())

@@ -102,7 +102,7 @@ def _tiny_params(proj: Path) -> None:
     params["profile"].update(latency_runs=3, warmup_runs=1)
     params["prune"]["sensitivity_step"] = 0.25  # for time: a 3-ratio sensitivity grid
     params["data"]["image_size"] = 8  # vgg16_bn's cifar stem accepts 8px
-    assert ARCH in params["sparsity"]
+    assert ARCH in params["penalty"]["strength"]
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -269,14 +269,16 @@ def test_resume_fingerprint_changes_with_the_code_and_the_data(tmp_path: Path, m
     from stages import _training
 
     code = tmp_path / "code"
-    for folder in ("slimcore", "stages"):
+    for folder in _training.CODE_FOLDERS:
         shutil.copytree(ROOT / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(_training, "CODE_ROOT", code)
     before = _training.code_signature()
     assert _training.code_signature() == before  # stable
-    with (code / "slimcore" / "train.py").open("a") as f:
-        f.write("\n# a local edit\n")
-    assert _training.code_signature() != before
+    for edited in ("slimcore_pipeline/train.py", "slimcore/penalty.py"):  # the pipeline and the engine
+        with (code / edited).open("a") as f:
+            f.write("\n# a local edit\n")
+        assert _training.code_signature() != before
+        before = _training.code_signature()
 
     data = tmp_path / "data"
     (data / "train" / "c0").mkdir(parents=True)

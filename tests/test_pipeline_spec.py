@@ -19,7 +19,7 @@ from slimcore_pipeline import paths
 from slimcore_pipeline.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_PACKAGES = ("slimcore", "stages")
+CODE_PACKAGES = ("slimcore", "slimcore_pipeline", "stages")
 STAGES = ["baseline-train", "sparse-train", "sensitivity", "prune", "finetune", "profile", "evaluate"]
 CMD_MODULE = re.compile(r"(?:^|\s)-m\s+(stages\.[A-Za-z_][\w.]*)")
 

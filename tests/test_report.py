@@ -27,7 +27,7 @@ OURS_FOR_SEED = {"arch": "arch", "flops/G": "FLOPs/G", "model size/MB": "params/
 def _params(**changes: Any) -> Params:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["archs"] = ["vgg16_bn", "resnet50"]
-    raw["sparsity"] = {"vgg16_bn": 1e-4, "resnet50": 0.01}
+    raw["penalty"]["strength"] = {"vgg16_bn": 1e-4, "resnet50": 0.01}
     raw["prune"]["targets"] = [0.2, 0.5]
     raw.update(changes)
     return parse_params(raw)

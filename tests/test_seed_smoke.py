@@ -38,7 +38,7 @@ def test_smoke_params_keep_the_preset_but_the_schedule(tmp_path: Path) -> None:
     assert params.model == preset.model and params.archs == preset.archs and params.prune == preset.prune
     # AMP, channels_last: as the preset; no DataLoader workers for a few in-memory batches
     assert params.runtime == preset.runtime.model_copy(update={"nproc": 2, "num_workers": 0})
-    assert params.sparsity == preset.sparsity
+    assert params.penalty.strength == preset.penalty.strength
     for run, cfg in (("train", params.train), ("finetune", params.finetune)):
         assert (cfg.epochs, cfg.warmup_epochs, cfg.milestones) == (1, 0, []), run
         assert cfg.model_dump(exclude={"epochs", "warmup_epochs", "milestones"}) == \

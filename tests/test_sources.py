@@ -219,7 +219,9 @@ def _raw(**changes: Any) -> dict[str, Any]:
 
 def _with_models(models: dict[str, Any], archs: list[str] | None = None, **changes: Any) -> dict[str, Any]:
     archs = archs if archs is not None else list(models)
-    return _raw(models=models, archs=archs, sparsity={a: 1e-4 for a in archs}, **changes)
+    raw = _raw(models=models, archs=archs, **changes)
+    raw["penalty"]["strength"] = {a: 1e-4 for a in archs}
+    return raw
 
 
 def test_short_names_resolve_through_models() -> None:
@@ -255,7 +257,8 @@ def test_bad_models_entries_name_the_key(models: dict[str, Any], archs: list[str
 def test_timm_and_python_entries_validate_without_importing_them() -> None:
     code = ("import sys, yaml\nfrom slimcore_pipeline.config import parse_params\n"
             "raw = yaml.safe_load(open('params.yaml'))\n"
-            "raw.update(archs=['r', 'p'], sparsity={'r': 1e-4, 'p': 1e-4}, models={\n"
+            "raw['penalty']['strength'] = {'r': 1e-4, 'p': 1e-4}\n"
+            "raw.update(archs=['r', 'p'], models={\n"
             "    'r': {'source': 'timm', 'name': 'resnet50d'},\n"
             f"    'p': {{'source': 'python', 'name': '{NETS}:small_cnn'}}}})\n"
             "parse_params(raw)\n"

@@ -13,7 +13,7 @@ from slimcore_pipeline.config import RuntimeConfig, TrainConfig
 from slimcore_pipeline.data import make_loader
 from slimcore.models import build_model
 from slimcore_pipeline.runtime import current_context
-from slimcore.penalty import GammaPenalty, gamma_magnitudes
+from slimcore.penalty import GammaPenalty, PenaltySpec, gamma_magnitudes
 from slimcore_pipeline.train import NonFiniteLossError, Trainer, lr_factor, make_optimizer
 
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0, milestones=[1], weight_decay=5e-4)
@@ -32,7 +32,7 @@ def _trainer(cfg: TrainConfig = CFG, sparsity: float = 0.0, data: TensorDataset 
     model = build_model("vgg16_bn", 4, "cifar", 0.125)
     train = make_loader(data or _data(), cfg.batch_size, train=True, seed=0, runtime=runtime)
     test = make_loader(_data(32, seed=1), 32, train=False, seed=0, runtime=runtime)
-    return Trainer(model, cfg, current_context(runtime), train, test, sparsity=sparsity, desc="t")
+    return Trainer(model, cfg, current_context(runtime), train, test, desc="t", penalty=PenaltySpec(sparsity))
 
 
 def test_schedule_warms_up_linearly_then_steps_down() -> None:
@@ -151,7 +151,7 @@ def test_mixed_precision_and_channels_last_paths_train(amp_dtype: torch.dtype) -
     assert ctx.use_grad_scaler == (amp_dtype == torch.float16)
     model = build_model("vgg16_bn", 4, "cifar", 0.125)
     train = make_loader(_data(), 16, train=True, seed=0, runtime=runtime)
-    trainer = Trainer(model, CFG, ctx, train, None, sparsity=1e-3, desc="amp")
+    trainer = Trainer(model, CFG, ctx, train, None, desc="amp", penalty=PenaltySpec(1e-3))
     assert trainer.scaler.is_enabled() == ctx.use_grad_scaler
     before = [p.detach().clone() for p in model.parameters()]
     history = trainer.fit()

@@ -23,6 +23,7 @@ from torch import nn
 from slimcore_pipeline.config import Params, TrainConfig
 from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.models import build_model
+from slimcore.penalty import PenaltySpec
 from slimcore_pipeline.runtime import current_context, distributed
 from slimcore_pipeline.train import Trainer
 
@@ -39,7 +40,7 @@ def _freeze_bn(model: nn.Module) -> None:
 
 
 def main(out: str, batch: int, live_bn: bool) -> None:
-    params = Params.model_validate({"archs": ["vgg16_bn"], "sparsity": {"vgg16_bn": 1e-3},
+    params = Params.model_validate({"archs": ["vgg16_bn"], "penalty": {"strength": {"vgg16_bn": 1e-3}},
                                     "data": {"image_size": 8}, "model": {"stem": "cifar", "width": 0.0625},
                                     "runtime": {"device": "cpu", "threads": 1}})
     cfg = TrainConfig(epochs=2, batch_size=batch, lr=0.05, warmup_epochs=0, milestones=[], label_smoothing=0.1)
@@ -53,7 +54,7 @@ def main(out: str, batch: int, live_bn: bool) -> None:
             _freeze_bn(model)
         train = make_loader(splits.train, batch, train=True, seed=0, runtime=params.runtime,
                             rank=ctx.rank, world_size=ctx.world_size)
-        history = Trainer(model, cfg, ctx, train, None, sparsity=1e-3, desc="ddp-test").fit()
+        history = Trainer(model, cfg, ctx, train, None, desc="ddp-test", penalty=PenaltySpec(1e-3)).fit()
         if ctx.is_main:
             torch.save({"state_dict": model.state_dict(), "init": init, "history": [asdict(h) for h in history],
                         "world_size": ctx.world_size}, out)
