@@ -38,7 +38,7 @@ from slimcore.archs import parse_arch
 from slimcore.checks import check_finite
 from slimcore.errors import CheckpointError, ModelError, SlimcoreError
 from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, check_rebuildable, short_repr, spec_of
-from slimcore_pipeline.process import atomic_write_bytes  # the one writer of every output file
+from slimcore.files import atomic_write_bytes  # tmp file + fsync + rename: never half a file
 
 FORMAT = "slimcore-checkpoint"
 VERSION = 3
