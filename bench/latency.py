@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_speed import bimodal_gammas
 
-from slimcore.models import build_model
 from slimcore.flops import count_flops
-from slimcore_pipeline.latency import measure_latencies
+from slimcore.models import build_model
 from slimcore.prune import slim
+from slimcore_pipeline.latency import measure_latencies
 
 
 def main() -> None:

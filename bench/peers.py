@@ -43,13 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from slimcore.checkpoint import load_model, save_model  # noqa: E402
-from slimcore_pipeline.config import Params, load_params, with_overrides  # noqa: E402
-from slimcore_pipeline.data import load_splits, make_loader  # noqa: E402
-from slimcore_pipeline.runtime import evaluate  # noqa: E402
+from slimcore.flops import count_flops  # noqa: E402
 from slimcore.models import ModelSpec  # noqa: E402
 from slimcore.penalty import PenaltySpec  # noqa: E402
-from slimcore.flops import count_flops  # noqa: E402
-from slimcore_pipeline.runtime import current_context  # noqa: E402
+from slimcore_pipeline.config import Params, load_params, with_overrides  # noqa: E402
+from slimcore_pipeline.data import load_splits, make_loader  # noqa: E402
+from slimcore_pipeline.runtime import current_context, evaluate  # noqa: E402
 from slimcore_pipeline.train import Trainer  # noqa: E402
 
 METHODS = ("slimcore", "paper", "tp-bnscale", "tp-groupnorm")

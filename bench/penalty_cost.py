@@ -1,10 +1,10 @@
-"""Benchmark: what the sparsity penalty and the BN recalibration cost per training epoch (issue 10).
+"""Benchmark: what the slimming penalty and the BN recalibration cost per training epoch.
 
 Trains the default's model of one arch (params.yaml: data, model, train) for one epoch under each
 setting, interleaved and repeated so that machine load affects every row alike, and prints the
 median seconds per epoch and the ratio to the first row:
 
-* ``l1, no recal``: the paper's subgradient, no precise BN (the pipeline before issue 10);
+* ``l1, no recal``: the paper's subgradient, no precise BN (the pipeline's first recipe);
 * ``l1, recal 8``: + BN statistics re-estimated from 8 batches after the epoch;
 * ``group, recal 8``: the default penalty (group-proximal, targeted) + recalibration.
 
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimcore_pipeline.config import load_params
-from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.models import ModelSpec
 from slimcore.penalty import PenaltySpec
 from slimcore.prune import coupled_units
+from slimcore_pipeline.config import load_params
+from slimcore_pipeline.data import load_splits, make_loader
 from slimcore_pipeline.runtime import current_context
 from slimcore_pipeline.train import Trainer
 

@@ -7,7 +7,7 @@ DependencyGraph, as slimcore's `slim` does.
 
     .venv/bin/python bench/prune_speed.py [--arch resnet50] [--ratio 0.4] [--repeats 5] [--size 224]
 
-With ``--timm [NAME ...]`` (default: the models of issue 9) it prints one row per timm model
+With ``--timm [NAME ...]`` (default: TIMM_MODELS, a spread of timm's BN CNN families) it prints one row per timm model
 instead: BN channels, prunable ones, removed share of all BN channels, skipped groups, slimcore's
 seconds, torch-pruning's seconds and status (ok / crashed / timeout / broken: the returned model
 does not run or gives another output shape), and the ratio of the two times.  torch-pruning runs
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.4)
     parser.add_argument("--repeats", type=int, default=5, help="(with --timm: default 1) runs, best taken")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--timm", nargs="*", default=None, help="timm model names (none given: issue 9's list)")
+    parser.add_argument("--timm", nargs="*", default=None, help="timm model names (none given: TIMM_MODELS)")
     parser.add_argument("--tp-timeout", type=float, default=120.0)
     args = parser.parse_args()
     if args.timm is not None and "--repeats" not in sys.argv:

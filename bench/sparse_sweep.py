@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimcore.checkpoint import load_model
-from slimcore_pipeline.config import load_params
-from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.accuracy import evaluate
+from slimcore.checkpoint import load_model
 from slimcore.models import ModelSpec
 from slimcore.penalty import PenaltySpec
 from slimcore.prune import coupled_units, slim
+from slimcore_pipeline.config import load_params
+from slimcore_pipeline.data import load_splits, make_loader
 from slimcore_pipeline.runtime import current_context
 from slimcore_pipeline.train import Trainer
 

@@ -1,4 +1,4 @@
-"""Benchmark: how long a FLOPs or parameters target takes against a plain ratio (issue 10).
+"""Benchmark: how long a FLOPs or parameters target takes against a plain ratio.
 
 Full-size torchvision resnet50 (100 classes; ``--stem cifar`` for the stride-8 stem), synthetic
 bimodal gammas as after sparse training (bench/prune_speed.py), slimmed from a fresh copy each

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimcore.models import build_model
+from slimcore.penalty import PenaltySpec
 from slimcore_pipeline.config import RuntimeConfig, TrainConfig
 from slimcore_pipeline.console import console
 from slimcore_pipeline.data import make_loader
-from slimcore.models import build_model
-from slimcore.penalty import PenaltySpec
 from slimcore_pipeline.runtime import Context, current_context
 from slimcore_pipeline.train import Trainer
 

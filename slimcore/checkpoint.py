@@ -37,8 +37,8 @@ from torch import nn
 from slimcore.archs import parse_arch
 from slimcore.checks import check_finite
 from slimcore.errors import CheckpointError, ModelError, SlimcoreError
-from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, check_rebuildable, short_repr, spec_of
 from slimcore.files import atomic_write_bytes  # tmp file + fsync + rename: never half a file
+from slimcore.models import PLAN_ATTR, TRACE_ATTR, ModelSpec, check_rebuildable, short_repr, spec_of
 
 FORMAT = "slimcore-checkpoint"
 VERSION = 3
@@ -490,10 +490,30 @@ def checkpoint_meta(path: Path | str) -> dict[str, Any]:
 
 
 __all__ = [
-    "DTYPES", "MAX_TRACE_SIDE", "CheckpointError", "LoadedCheckpoint", "ModelEntry", "Trusted",
-    "UnverifiedCheckpointWarning", "atomic_torch_save", "atomic_write_bytes", "check_rebuild", "checked_checkpoint",
-    "model_bytes", "torch_bytes",
-    "checkpoint_meta", "checkpoint_spec", "content_digest", "load_checkpoint", "load_model", "load_model_and_meta",
-    "model_dtype", "read_checkpoint", "safe_torch_load", "same_arch", "save_model", "trusted_factory",
+    "DTYPES",
+    "MAX_TRACE_SIDE",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "ModelEntry",
+    "Trusted",
+    "UnverifiedCheckpointWarning",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "check_rebuild",
+    "checked_checkpoint",
+    "checkpoint_meta",
+    "checkpoint_spec",
+    "content_digest",
+    "load_checkpoint",
+    "load_model",
+    "load_model_and_meta",
+    "model_bytes",
+    "model_dtype",
+    "read_checkpoint",
+    "safe_torch_load",
+    "same_arch",
+    "save_model",
+    "torch_bytes",
+    "trusted_factory",
     "unwrap_model",
 ]

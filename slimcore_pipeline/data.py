@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from slimcore_pipeline.config import AUGMENTS, DataConfig, RuntimeConfig
 from slimcore.errors import DataError
+from slimcore_pipeline.config import AUGMENTS, DataConfig, RuntimeConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -89,8 +89,8 @@ from typing import Any
 
 import numpy as np
 
-from slimcore_pipeline.process import atomic_write_bytes
 from slimcore.targets import Target, parse_target, target_label
+from slimcore_pipeline.process import atomic_write_bytes
 
 TRADEOFF_CSV, CURVES_CSV, GAMMA_CSV = "tradeoff.csv", "curves.csv", "gamma_hist.csv"
 SENSITIVITY_CSV = "sensitivity.csv"

@@ -31,9 +31,9 @@ from typing import Annotated, NoReturn
 import typer
 import yaml
 
+from slimcore.errors import ParamsError, SlimcoreError
 from slimcore_pipeline.config import DEFAULT_PARAMS_PATH, Params, RuntimeConfig, load_params, with_overrides
 from slimcore_pipeline.console import console
-from slimcore.errors import ParamsError, SlimcoreError
 
 EXIT_REFUSED = 2
 SEED_PRESET = Path("configs/seed-cifar100.yaml")

@@ -32,12 +32,12 @@ from typing import IO, Annotated, Any, NamedTuple, NoReturn
 import typer
 import yaml
 
+from slimcore.errors import ParamsError, SlimcoreError
+from slimcore.targets import parse_target
 from slimcore_pipeline import paths
 from slimcore_pipeline.config import Params, load_params, with_overrides
 from slimcore_pipeline.console import console
-from slimcore.errors import ParamsError, SlimcoreError
 from slimcore_pipeline.preset import EXIT_REFUSED, SEED_PRESET, check_device, parse_sets
-from slimcore.targets import parse_target
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = 5  # training batches per stage when --train-images is not given

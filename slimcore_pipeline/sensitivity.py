@@ -32,12 +32,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from slimcore_pipeline.config import MIN_SENSITIVITY_STEP
-from slimcore_pipeline.runtime import evaluate
 from slimcore.flops import count_flops, count_params
-from slimcore.prune import SlimError, slim
-from slimcore_pipeline.runtime import Context
 from slimcore.penalty import gamma_magnitudes
+from slimcore.prune import SlimError, slim
+from slimcore_pipeline.config import MIN_SENSITIVITY_STEP
+from slimcore_pipeline.runtime import Context, evaluate
 
 # Digits kept in the JSON: ratios and FLOPs (MFLOPs) to 6 decimals, accuracies (%) to 4.
 RATIO_DIGITS, ACCURACY_DIGITS, MFLOPS_DIGITS = 6, 4, 6

@@ -24,13 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from slimcore.checkpoint import CheckpointError, safe_torch_load
-from slimcore_pipeline.process import torch_save
+from slimcore.errors import ParamsError
+from slimcore.penalty import PenaltySpec, gamma_magnitudes
 from slimcore_pipeline.config import TrainConfig
 from slimcore_pipeline.console import console
-from slimcore.errors import ParamsError
-from slimcore_pipeline.runtime import evaluate
-from slimcore_pipeline.runtime import Context, all_reduce_sum
-from slimcore.penalty import PenaltySpec, gamma_magnitudes
+from slimcore_pipeline.process import torch_save
+from slimcore_pipeline.runtime import Context, all_reduce_sum, evaluate
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -16,11 +16,11 @@ from typing import Any, NoReturn
 
 import typer
 
+from slimcore.errors import ParamsError, SlimcoreError
+from slimcore.targets import Target
 from slimcore_pipeline import cpumath
 from slimcore_pipeline.config import Params, load_params, with_overrides
 from slimcore_pipeline.console import console
-from slimcore.errors import ParamsError, SlimcoreError
-from slimcore.targets import Target
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params file (the pipeline reads params.yaml)")
 
@@ -52,7 +52,7 @@ def _interrupted(name: str) -> NoReturn:
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Run a stage's body with the process safety of issue 11 and clear exits.
+    """Run a stage's body so that a stop, a crash or a bad input never leaves a half-written output, and exits say why.
 
     * SIGINT and SIGTERM (at any moment, start-up included) end it with exit 130 and the resume
       hint: they stay blocked until :func:`params_for` has imported torch (the safe point), and

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from slimcore_pipeline.config import Params
 from slimcore.errors import ParamsError
+from slimcore_pipeline.config import Params
 from stages._common import console, write_json
 
 if TYPE_CHECKING:
@@ -83,7 +83,8 @@ def fingerprint(*parts: Any) -> str:
 def relaunch_under_torchrun(params: Params, module: str) -> None:
     """With ``runtime.nproc > 1``, replace this process by ``torchrun`` running ``module`` N times.
 
-    torchrun (``python -m slimcore_pipeline.launch --standalone``: torchrun that exits 130 when stopped) starts the workers, sets
+    torchrun (``python -m slimcore_pipeline.launch --standalone``: torchrun that exits 130 when stopped)
+    starts the workers, sets
     RANK/WORLD_SIZE/LOCAL_RANK and forwards signals; each worker re-enters the stage, finds
     those variables and trains its shard under DistributedDataParallel.  A stage already
     started by torchrun (e.g. by hand, multi-node) never relaunches.
@@ -126,8 +127,8 @@ def start_of(params: Params, arch: str, run: str) -> Start:
     sparse-train: ``model.sparse_start``: ``scratch`` (random init), ``baseline`` (the trained
     ``models/ARCH/baseline.pt``) or ``weights`` (the arch's weights file, which must exist).
     """
-    from slimcore_pipeline import paths
     from slimcore.weights import weights_file
+    from slimcore_pipeline import paths
 
     if run == "baseline-train":
         return Start(weights=weights_file(params.model.weights, arch))
@@ -251,13 +252,13 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
     relaunch_under_torchrun(params, module)
     import torch
 
-    from slimcore_pipeline.process import save_model
     from slimcore.checks import check_finite
-    from slimcore_pipeline.resources import check_batch_size, check_disk, tensor_bytes
-    from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
     from slimcore.models import spec_of
-    from slimcore_pipeline.runtime import barrier, current_context, distributed
     from slimcore.penalty import PenaltySpec
+    from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
+    from slimcore_pipeline.process import save_model
+    from slimcore_pipeline.resources import check_batch_size, check_disk, tensor_bytes
+    from slimcore_pipeline.runtime import barrier, current_context, distributed
     from slimcore_pipeline.train import Trainer
 
     ctx = current_context(params.runtime)

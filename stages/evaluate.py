@@ -43,15 +43,14 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
         import torch
         from rich.table import Table
 
-        from slimcore_pipeline import cpumath, paths, results_table
         from slimcore.checkpoint import load_model_and_meta
-        from slimcore_pipeline.process import atomic_write_bytes
-        from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
-        from slimcore_pipeline.runtime import evaluate
         from slimcore.models import spec_of
-        from slimcore_pipeline.plotdata import write_plot_data
-        from slimcore_pipeline.runtime import current_context
         from slimcore.penalty import gamma_magnitudes
+        from slimcore_pipeline import cpumath, paths, results_table
+        from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
+        from slimcore_pipeline.plotdata import write_plot_data
+        from slimcore_pipeline.process import atomic_write_bytes
+        from slimcore_pipeline.runtime import current_context, evaluate
 
         ctx = current_context(params.runtime)  # a GPU when there is one: 224px test sets are slow on CPU
         splits = load_splits(params.data)

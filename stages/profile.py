@@ -96,12 +96,12 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
     """
     with stage("profile"):
         params = params_for(params_file)
-        from slimcore_pipeline import paths
         from slimcore.checkpoint import load_model
+        from slimcore.flops import count_flops, count_params
+        from slimcore_pipeline import paths
+        from slimcore_pipeline.latency import file_bytes, measure_latencies
         from slimcore_pipeline.process import atomic_write_bytes
         from slimcore_pipeline.resources import check_writable
-        from slimcore.flops import count_flops, count_params
-        from slimcore_pipeline.latency import file_bytes, measure_latencies
 
         check_writable(paths.profile_report().parent, paths.latency_report().parent, paths.latency_table().parent)
         targets = params.prune.parsed_targets()

@@ -16,8 +16,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 def read_safe_ratio(arch: str) -> float:
     """``safe_ratio`` of ``metrics/sensitivity/ARCH.json`` (the ``sensitivity@ARCH`` stage's)."""
-    from slimcore_pipeline import paths
     from slimcore.errors import SlimcoreError
+    from slimcore_pipeline import paths
 
     path = paths.sensitivity_report(arch)
     if not path.is_file():
@@ -125,9 +125,9 @@ def main(
         check_writable(paths.pruned(arch, goal).parent, paths.prune_report(arch, goal).parent,
                        paths.timings(arch, paths.prune_run(goal)).parent)
         from slimcore.checkpoint import load_model
-        from slimcore_pipeline.process import save_model
         from slimcore.models import spec_of
         from slimcore.prune import slim, slim_to
+        from slimcore_pipeline.process import save_model
 
         choice = params.model_for(arch)  # the pipeline's own entry: its python factory may run
         sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=choice.arch, trusted=choice)

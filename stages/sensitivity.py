@@ -33,12 +33,12 @@ def main(
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from slimcore_pipeline import paths
         from slimcore.checkpoint import load_model
-        from slimcore_pipeline.process import atomic_write_bytes
-        from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
         from slimcore.errors import DataError
         from slimcore.models import spec_of
+        from slimcore_pipeline import paths
+        from slimcore_pipeline.data import check_num_classes, load_splits, make_loader
+        from slimcore_pipeline.process import atomic_write_bytes
         from slimcore_pipeline.runtime import current_context
         from slimcore_pipeline.sensitivity import SensitivityPoint, ratio_grid, sensitivity
 

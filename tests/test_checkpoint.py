@@ -22,8 +22,8 @@ from slimcore.checkpoint import (
     save_model,
     unwrap_model,
 )
-from slimcore.models import build_model, spec_of
 from slimcore.flops import count_params
+from slimcore.models import build_model, spec_of
 from slimcore.prune import slim
 from tests.conftest import coupled_bimodal
 

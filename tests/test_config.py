@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from slimcore.archs import REFERENCE_ARCHS, classification_archs, min_image_size
+from slimcore.errors import SlimcoreError
 from slimcore_pipeline.config import (
     DATASETS,
     DataConfig,
@@ -24,7 +25,6 @@ from slimcore_pipeline.config import (
     parse_params,
     with_overrides,
 )
-from slimcore.errors import SlimcoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = ROOT / "params.yaml"

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import TensorDataset
 
+from slimcore.errors import SlimcoreError
 from slimcore_pipeline.config import DataConfig, RuntimeConfig
 from slimcore_pipeline.data import (
     CIFAR_MEAN,
@@ -26,7 +27,6 @@ from slimcore_pipeline.data import (
     make_loader,
     stratified_split,
 )
-from slimcore.errors import SlimcoreError
 from slimcore_pipeline.synthetic import Dump, write_cifar
 from slimcore_pipeline.synthetic import dump_pickle as _dump
 from slimcore_pipeline.synthetic import random_images as _images

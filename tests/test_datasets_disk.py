@@ -327,9 +327,9 @@ def test_train_per_class_on_digits_and_its_validation() -> None:
 def _fit(tmp_path: Path, eval_test: bool, with_val: bool = True):  # type: ignore[no-untyped-def]
     from torch.utils.data import TensorDataset
 
+    from slimcore.models import build_model
     from slimcore_pipeline.config import RuntimeConfig
     from slimcore_pipeline.data import make_loader
-    from slimcore.models import build_model
     from slimcore_pipeline.runtime import current_context
     from slimcore_pipeline.train import Trainer
 

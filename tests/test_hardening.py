@@ -1,5 +1,6 @@
-"""Process safety (issue 11): stages die with ``dvc repro``, one writer per outputs, clean stops
-during start-up, temp files that never become inputs, files with the user's umask.
+"""Process safety, so that a run never leaves a half-written or mixed-up output: stages die
+with ``dvc repro``, one writer per outputs, clean stops during start-up, temp files that never
+become inputs, files with the user's umask.
 
 Stages run as users run them (``python -m stages.X``, or under ``dvc repro``), as subprocesses,
 on the tiny vgg16_bn config of tests/test_faults.py.  About a minute on 2 loaded cores.

@@ -1,4 +1,5 @@
-"""Inputs that pass validation but used to crash, mislead or silently go wrong (issue 11, items 4-6).
+"""Inputs that pass validation but used to crash, mislead or silently go wrong:
+each now fails fast with one line naming the input.
 
 Each case ends in one line naming the key, path or value and what to do: exit 2 and nothing
 written for a stage (run as users run it, ``python -m stages.X``, in a temp project), the
@@ -19,13 +20,13 @@ import torch
 import yaml
 from PIL import Image
 
-from slimcore_pipeline import resources as checks
 from slimcore.checkpoint import content_digest, load_model, read_checkpoint, safe_torch_load, save_model
+from slimcore.errors import CheckpointError, DataError, ModelError, ParamsError
+from slimcore.models import ModelSpec
+from slimcore_pipeline import resources as checks
 from slimcore_pipeline.config import load_params
 from slimcore_pipeline.data import load_splits
-from slimcore.errors import CheckpointError, DataError, ModelError, ParamsError
 from slimcore_pipeline.imagescan import CheckedImageFolder
-from slimcore.models import ModelSpec
 from slimcore_pipeline.process import atomic_write_bytes
 from tests.helpers.params import tiny_params
 

@@ -24,14 +24,14 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from slimcore_pipeline.config import MAX_PARAMS_BYTES, DataConfig, load_params, parse_params
-from slimcore_pipeline.data import load_splits
 from slimcore.errors import DataError, ModelError, ParamsError
-from slimcore_pipeline.imagescan import CheckedImageFolder, load_image
 from slimcore.models import build_model
 from slimcore.prune import SlimError, slim
-from slimcore_pipeline.sensitivity import ratio_grid
 from slimcore.targets import parse_target
+from slimcore_pipeline.config import MAX_PARAMS_BYTES, DataConfig, load_params, parse_params
+from slimcore_pipeline.data import load_splits
+from slimcore_pipeline.imagescan import CheckedImageFolder, load_image
+from slimcore_pipeline.sensitivity import ratio_grid
 from slimcore_pipeline.yamlio import AliasBombError, safe_load_unique
 from tests.helpers.nets import bn_variant
 from tests.test_inputs import ARCH, _image_tree, _imagefolder_project, _project, _refused

@@ -174,7 +174,8 @@ def test_import_closure_follows_function_level_and_relative_imports(tmp_path: Pa
     """The resolver itself: imports inside functions, ``from pkg import mod`` and packages."""
     # stages/_common.py imports slimcore.checkpoint only inside stage(); _training imports train in a function
     closure = import_closure("stages.baseline_train")
-    assert {"slimcore/checkpoint.py", "slimcore_pipeline/train.py", "slimcore_pipeline/paths.py", "slimcore_pipeline/console.py"} <= closure
+    assert {"slimcore/checkpoint.py", "slimcore_pipeline/train.py", "slimcore_pipeline/paths.py",
+            "slimcore_pipeline/console.py"} <= closure
     # slimcore/models.py is reached through slimcore.checkpoint; plan.py only via checkpoint's lazy import
     assert {"slimcore/models.py", "slimcore/plan.py"} <= closure
     # loading checkpoints never needs the slimming policy, and only training stages import the loop

@@ -15,9 +15,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from slimcore.errors import ParamsError
 from slimcore_pipeline import preset as preset_mod
 from slimcore_pipeline.config import load_params
-from slimcore.errors import ParamsError
 from slimcore_pipeline.preset import (
     DeviceError,
     after_run_hint,

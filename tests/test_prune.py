@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimcore.models import build_model
 from slimcore.flops import count_flops, count_params
+from slimcore.models import build_model
 from slimcore.prune import SlimError, SlimPolicy, slim
 from tests.conftest import coupled_bimodal, randomize_bn, zero_coupled_channels
 
@@ -225,7 +225,7 @@ def test_tap_means_give_the_mean_output_of_any_input_subset(kernel: int, stride:
 
 
 # --------------------------------------------------------------------------------------------
-# targets beyond the channel ratio (issue 10): FLOPs, parameters, safe; the gamma warning
+# targets beyond the channel ratio : FLOPs, parameters, safe; the gamma warning
 
 
 def _half_tiny_gammas(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -1,4 +1,5 @@
-"""The prune stage with issue 10's targets: file names, the safe target, the reports, the warnings.
+"""The prune stage with its targets (ratios, FLOPs, params, speed-ups, safe): file names, the
+safe target, the reports, the warnings.
 
 Each test runs ``python -m stages.prune`` on a tiny sparse model in a scratch project (a few
 seconds each: start-up and one slim).

@@ -1,4 +1,4 @@
-"""Slimming timm's BatchNorm CNNs (issue 9): coverage, honest ratios, runs, replayable plans.
+"""Slimming timm's BatchNorm CNNs: coverage, honest ratios, runs, replayable plans.
 
 Every model is built with random weights (nothing downloaded) at reduced resolution, given
 sparse-trained-like gammas (45% ~0), slimmed at 0.4, and checked: at least 0.3 of *all* its

@@ -318,12 +318,14 @@ def test_a_sparse_model_with_no_sparsity_says_so_in_one_line_instead_of_a_safe_r
     from slimcore_pipeline.results_table import no_sparsity, safe_ratio_line
 
     line = safe_ratio_line("vgg16_bn", _sparsity_report(warn_gamma=0.01, gammas_below_warn=0.002))
-    assert line == ("sparse-train reached no sparsity: 0.2% of BN gammas below 0.01; raise penalty.strength.vgg16_bn or "
+    assert line == ("sparse-train reached no sparsity: 0.2% of BN gammas below 0.01; "
+                    "raise penalty.strength.vgg16_bn or "
                     "train.epochs (safe ratio 0%; [metrics/sensitivity/vgg16_bn.json](sensitivity/vgg16_bn.json))")
     assert "\n" not in line and "Safe ratio" not in line
     # an older report without gammas_below_warn: the grid's thresholds (all above warn_gamma) decide
     assert safe_ratio_line("vgg16_bn", _sparsity_report()).startswith(
-        "sparse-train reached no sparsity: fewer than 5% of BN channels scoring below 0.01; raise penalty.strength.vgg16_bn")
+        "sparse-train reached no sparsity: fewer than 5% of BN channels scoring below 0.01; "
+        "raise penalty.strength.vgg16_bn")
     # sparse enough: the safe ratio line as before
     assert no_sparsity(_sparsity_report(gammas_below_warn=0.62))[0] is False
     assert safe_ratio_line("vgg16_bn", {**_sparsity_report(gammas_below_warn=0.62), "safe_ratio": 0.1}).startswith(

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typer.testing import CliRunner
 
+from slimcore.prune import SlimError
 from slimcore_pipeline import paths
 from slimcore_pipeline.config import PruneConfig
-from slimcore.prune import SlimError
 from slimcore_pipeline.sensitivity import (
     SensitivityPoint,
     ratio_grid,

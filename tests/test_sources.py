@@ -24,11 +24,11 @@ from slimcore.checkpoint import (
     load_model,
     save_model,
 )
-from slimcore_pipeline.config import ParamsError, parse_params
 from slimcore.errors import ModelError
 from slimcore.models import TRACE_ATTR, ModelSpec, build_model, spec_of
 from slimcore.prune import slim
 from slimcore.weights import classifier_name, load_weights, weights_file
+from slimcore_pipeline.config import ParamsError, parse_params
 from stages._training import Start, start_of, starting_model
 from tests.conftest import randomize_bn
 

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from slimcore_pipeline.config import RuntimeConfig
 from slimcore.models import build_model
-from slimcore.prune import coupled_units, slim
-from slimcore_pipeline.runtime import current_context
 from slimcore.penalty import GammaPenalty, batchnorm_layers
+from slimcore.prune import coupled_units, slim
+from slimcore_pipeline.config import RuntimeConfig
+from slimcore_pipeline.runtime import current_context
 from slimcore_pipeline.train import recalibrate_bn
 
 EXAMPLE = torch.zeros(2, 3, 16, 16)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimcore_pipeline.config import PenaltyConfig, load_params, with_overrides
 from slimcore.models import build_model
-from slimcore.prune import slim_to
 from slimcore.penalty_target import DEFAULT_MARGIN, MAX_SHARE, SAFE_ONLY_SHARE, share_for_targets
+from slimcore.prune import slim_to
+from slimcore_pipeline.config import PenaltyConfig, load_params, with_overrides
 from stages.sparse_train import penalty_share
 from tests.conftest import randomize_bn
 

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from slimcore.models import build_model
+from slimcore.penalty import GammaPenalty, PenaltySpec, gamma_magnitudes
 from slimcore_pipeline.config import RuntimeConfig, TrainConfig
 from slimcore_pipeline.data import make_loader
-from slimcore.models import build_model
 from slimcore_pipeline.runtime import current_context
-from slimcore.penalty import GammaPenalty, PenaltySpec, gamma_magnitudes
 from slimcore_pipeline.train import NonFiniteLossError, Trainer, lr_factor, make_optimizer
 
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0, milestones=[1], weight_decay=5e-4)

@@ -20,10 +20,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from slimcore_pipeline.config import Params, TrainConfig
-from slimcore_pipeline.data import load_splits, make_loader
 from slimcore.models import build_model
 from slimcore.penalty import PenaltySpec
+from slimcore_pipeline.config import Params, TrainConfig
+from slimcore_pipeline.data import load_splits, make_loader
 from slimcore_pipeline.runtime import current_context, distributed
 from slimcore_pipeline.train import Trainer
 
