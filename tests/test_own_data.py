@@ -1,7 +1,7 @@
-"""README's "Your own data", followed literally, and the near-chance warning of the training stages.
+"""docs/own-data.md, followed literally, and the near-chance warning of the training stages.
 
-The slow test builds a small imagefolder of digit PNGs (3 classes) where README's keys say,
-applies exactly README's ``-S key=value`` pairs to params.yaml (only ``archs`` and the batch size
+The slow test builds a small imagefolder of digit PNGs (3 classes) where the page's keys say,
+applies exactly the page's ``-S key=value`` pairs to params.yaml (only ``archs`` and the batch size
 are reduced, for time), runs ``dvc repro baseline-train@ARCH`` in a scratch git+DVC copy of the
 project, checks the model beats chance, then changes one image and sees DVC re-run the stage.
 """
@@ -30,23 +30,23 @@ KEYS = ("data.name", "data.root", "data.image_size", "data.augment", "train.epoc
 
 
 # --------------------------------------------------------------------------------------------
-# README's section, as written
+# the guide's page, as written
 # --------------------------------------------------------------------------------------------
 
 
-def readme_section(title: str = "Your own data") -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"README.md has no '## {title}' section"
-    return match.group(1)
+def guide_page(name: str = "own-data.md") -> str:
+    """A page of docs/ that README links to, whole (README itself stays a screen or two)."""
+    readme = (ROOT / "README.md").read_text()
+    assert f"(docs/{name})" in readme, f"README does not link to docs/{name}"
+    return (ROOT / "docs" / name).read_text()
 
 
 def readme_settings() -> dict[str, object]:
     """The ``-S key=value`` pairs of the section's ``dvc exp run`` command, values parsed like DVC (YAML)."""
-    blocks = re.findall(r"```bash\n(.*?)```", readme_section(), re.DOTALL)
+    blocks = re.findall(r"```bash\n(.*?)```", guide_page(), re.DOTALL)
     commands = [b for b in blocks if "dvc exp run" in b and "data.name=imagefolder" in b]
-    assert len(commands) == 1, ("expected one `dvc exp run -S data.name=imagefolder` block in README's "
-                                f"'Your own data', got {len(commands)}")
+    assert len(commands) == 1, ("expected one `dvc exp run -S data.name=imagefolder` block in "
+                                f"docs/own-data.md, got {len(commands)}")
     args = shlex.split(commands[0].replace("\\\n", " "))
     pairs = [args[i + 1] for i, a in enumerate(args) if a == "-S"]
     return {key: yaml.safe_load(value) for key, value in (p.split("=", 1) for p in pairs)}
@@ -58,20 +58,20 @@ def apply_settings(params: dict, settings: dict[str, object]) -> dict:
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node[key]
-        assert leaf in node, f"README sets {dotted}, which params.yaml does not have"
+        assert leaf in node, f"docs/own-data.md sets {dotted}, which params.yaml does not have"
         node[leaf] = value
     return params
 
 
 def test_readme_lists_every_key_for_an_imagefolder() -> None:
     settings = readme_settings()
-    assert set(KEYS) <= set(settings), f"README's command lacks {sorted(set(KEYS) - set(settings))}"
+    assert set(KEYS) <= set(settings), f"docs/own-data.md's command lacks {sorted(set(KEYS) - set(settings))}"
     assert settings["data.name"] == "imagefolder"
-    section = readme_section()
+    section = guide_page()
     for key in (*KEYS, "model.stem", "archs", "train.batch_size", "finetune.epochs"):
-        assert f"`{key}" in section or f"-S {key}" in section or f"'{key}" in section, f"README does not explain {key}"
+        assert f"`{key}" in section or f"-S {key}" in section or f"'{key}" in section, f"the page omits {key}"
     params = apply_settings(yaml.safe_load((ROOT / "params.yaml").read_text()), settings)
-    parse_params(params)  # the keys as README writes them validate
+    parse_params(params)  # the keys as the page writes them validate
 
 
 def write_digit_folder(root: Path, classes: tuple[int, ...] = CLASSES, n_train: int = N_TRAIN,
@@ -167,7 +167,7 @@ def test_training_stage_prints_the_warning(tmp_path: Path, monkeypatch: pytest.M
 
 
 # --------------------------------------------------------------------------------------------
-# end to end: README's keys, dvc repro, one image changed
+# end to end: the page's keys, dvc repro, one image changed
 # --------------------------------------------------------------------------------------------
 
 
@@ -181,13 +181,13 @@ def test_readme_own_data_under_dvc(tmp_path: Path) -> None:
     _copy_project(proj)
     settings = readme_settings()
     root = Path(str(settings["data.root"]))
-    assert not root.is_absolute(), "README's example root is inside the project (data/...)"
+    assert not root.is_absolute(), "the page's example root is inside the project (data/...)"
     write_digit_folder(proj / root)
     params = apply_settings(yaml.safe_load((proj / "params.yaml").read_text()), settings)
     params["archs"] = [ARCH]  # for time: one arch, ...
     params["train"]["batch_size"] = 16  # ... and several steps per epoch on 90 images
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    init_repo(proj, "own data: README's keys")
+    init_repo(proj, "own data: docs/own-data.md's keys")
     tracked = ok(["git", "ls-files", "data"], proj).output.split()
     assert tracked == ["data/.gitignore", "data/README.md"], f"images must stay out of git: {tracked}"
 

@@ -1,6 +1,6 @@
-"""README's "Your own model", followed literally: a timm model and a module of your own, under DVC.
+"""docs/own-model.md, followed literally: a timm model and a module of your own, under DVC.
 
-The slow test writes README's module file and merges README's ``params.yaml`` block into a
+The slow test writes the page's module file and merges its ``params.yaml`` block into a
 scratch git+DVC copy of the project (only epochs, ratios and profiling runs are reduced, for
 time), puts a "pretrained" state_dict with a 1000-class head into ``weights/``, runs the whole
 pipeline with ``dvc repro``, and checks that both models were pruned for real, fine-tuned, and
@@ -18,16 +18,16 @@ import pytest
 import torch
 import yaml
 from test_e2e_dvc import _copy_project, dvc, init_repo, skip_without_dvc_checkout
-from test_own_data import readme_section
+from test_own_data import guide_page
 
 from slimcore_pipeline.config import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "Your own model"
+PAGE = "own-model.md"
 
 
 def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", readme_section(SECTION), re.DOTALL)
+    return re.findall(rf"```{language}\n(.*?)```", guide_page(PAGE), re.DOTALL)
 
 
 def readme_module() -> tuple[str, str]:
@@ -35,7 +35,7 @@ def readme_module() -> tuple[str, str]:
     (block,) = readme_blocks("python")
     first, _, _ = block.partition("\n")
     match = re.fullmatch(r"# (\w+\.py)", first.strip())
-    assert match, f"README's module block must start with '# FILE.py', got {first!r}"
+    assert match, f"docs/own-model.md's module block must start with '# FILE.py', got {first!r}"
     return match.group(1), block
 
 
@@ -65,7 +65,7 @@ def test_readme_block_validates_and_names_every_model() -> None:
     name, source = readme_module()
     module = name.removesuffix(".py")
     assert any(m["name"].startswith(f"{module}:") for m in extra["models"].values()), (module, extra["models"])
-    compile(source, name, "exec")  # the README's module is valid Python
+    compile(source, name, "exec")  # the page's module is valid Python
 
 
 def test_readme_module_builds_a_prunable_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +105,7 @@ def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
     timm_arch = next(a for a, m in extra["models"].items() if m["source"] == "timm")
     pretrained = timm.create_model(extra["models"][timm_arch]["name"], pretrained=False, num_classes=1000)
     torch.save(pretrained.state_dict(), proj / "weights" / f"{timm_arch}.pth")  # a 1000-class head
-    init_repo(proj, "own model: README's module and params")
+    init_repo(proj, "own model: docs/own-model.md's module and params")
 
     repro = dvc("repro", cwd=proj, timeout=600)
     assert repro.returncode == 0, repro.tail()
@@ -113,7 +113,7 @@ def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
     assert "not loaded" in log and "1000 classes" in log, repro.tail()  # the head was left at random init
     results = (proj / "metrics" / "results.md").read_text()
     for arch, entry in extra["models"].items():
-        trusted = entry["name"] if entry["source"] == "python" else None  # README's own module: trusted
+        trusted = entry["name"] if entry["source"] == "python" else None  # the page's own module: trusted
         model = load_model(proj / "models" / arch / "finetuned-0.4.pt", trusted=trusted)
         baseline = load_model(proj / "models" / arch / "baseline.pt", trusted=trusted)
         bn = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
