@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro seed seed-smoke fashion-mnist peers push pull test test-fast lint bench plots compare dag export clean
+.PHONY: install repro seed seed-smoke fashion-mnist peers push pull test test-fast engine-check lint bench plots compare dag export clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ pull: $(STAMP)   ## fetch them back and check them out: a fresh clone's workspac
 
 test: $(STAMP)   ## unit tests + end-to-end DVC pipeline test
 	$(BIN)/python -m pytest -q
+
+# The engine alone, as `pip install slimcore` installs it: a clean venv (.slimcore/engine-venv) with
+# `pip install .` and no extras slims, saves and loads a ResNet-50 and holds no pipeline package.
+engine-check:  ## pip install . (no extras) in a clean venv: the engine works without dvc, pydantic, typer
+	TORCH_SPEC="$(TORCH_SPEC)" PYTHON="$(PYTHON)" .ci/engine-check
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -480,7 +480,12 @@ def load_model_and_meta(path: Path | str, expected_arch: str | None = None,
 
 def load_model(path: Path | str, expected_arch: str | None = None, trusted: Trusted = None) -> nn.Module:
     """Rebuild a model from a checkpoint: checks -> spec -> replay pruning plan -> load weights
-    (strict).  ``trusted``: the Python code the file may run (see :func:`load_checkpoint`)."""
+    (strict).  ``trusted``: the Python code the file may run (see :func:`load_checkpoint`).
+
+    Example:
+        >>> model = slimcore.load_model("models/resnet50/pruned-0.4.pt")   # no code from the file runs
+        >>> mine = slimcore.load_model("mynet.pt", trusted=["mypkg.nets:build"])  # my own factory
+    """
     return load_checkpoint(path, expected_arch, trusted).model
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 
 class SlimcoreError(ValueError):
-    """Base class of the errors a user can fix by changing input, params or files."""
+    """Base class of the errors a user can fix by changing input, params or files.
+
+    Example:
+        >>> try:
+        ...     slimcore.load_model("someone-elses.pt")
+        ... except slimcore.SlimcoreError as err:   # one line that says what to change
+        ...     print(err)
+    """
 
 
 class ParamsError(SlimcoreError):
@@ -26,7 +33,11 @@ class CheckpointError(SlimcoreError):
 
 class ModelError(SlimcoreError):
     """A model cannot be built from its source (unknown name, missing package, bad factory)
-    or given weights do not fit it."""
+    or given weights do not fit it.
+
+    Example:
+        >>> slimcore.build_model("resnet5O", num_classes=10)   # ModelError: ... did you mean resnet50?
+    """
 
 
 __all__ = ["CheckpointError", "DataError", "ModelError", "ParamsError", "SlimcoreError"]

@@ -183,6 +183,10 @@ def fold_batchnorms(model: nn.Module, example_inputs: torch.Tensor | None = None
     normalisation made an exact identity (mean 0, var 1, eps 0, gamma 1, beta 0), so what it adds
     still runs (``subclasses=False`` leaves those alone).  A BN that does not directly follow a conv
     (or whose conv output is also read elsewhere) is left as it is.  ``model`` is not modified.
+
+    Example:
+        >>> folded, pairs = slimcore.fold_batchnorms(pruned, torch.zeros(1, 3, 32, 32))
+        >>> len(pairs)   # conv -> BN pairs folded; folded(x) matches pruned.eval()(x)
     """
     folded = copy.deepcopy(model).eval()
     pairs = conv_bn_pairs(folded, example_inputs, method, subclasses)
@@ -381,6 +385,22 @@ def default_image_size(model: nn.Module, meta: dict[str, Any], params_file: Path
     return 224, "default"
 
 
+def export_onnx(model: nn.Module, out: Path | str, image_size: int, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = False, atol: float = DEFAULT_ATOL) -> ExportReport:
+    """Write ``model`` to ``out`` as ONNX, BatchNorm folded into the convolutions, once
+    onnxruntime's output matched PyTorch's within ``atol`` (needs ``slimcore[onnx]``).
+
+    Example:
+        >>> report = slimcore.export_onnx(pruned, "pruned.onnx", image_size=32)
+        >>> report.bn_left   # 0: every BatchNorm was folded
+    """
+    from slimcore.files import atomic_write_bytes
+
+    data, report = export_model(model, image_size, opset, dynamic_batch, atol)
+    atomic_write_bytes(out, data)
+    return report
+
+
 def export_checkpoint(checkpoint: Path | str, out: Path | str, image_size: int | None = None,
                       opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
                       atol: float = DEFAULT_ATOL, trusted: Sequence[str] = ()) -> tuple[ExportReport, str]:
@@ -463,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "ExportError", "ExportReport", "conv_bn_pairs", "count_batchnorms", "default_image_size", "export_checkpoint",
+    "export_onnx",
     "export_model", "fold_batchnorms", "fold_conv_bn", "main", "max_abs_diff", "onnx_bytes", "ort_session",
 ]
 

@@ -17,7 +17,11 @@ from torch import nn
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of learnable parameters (BN running statistics excluded)."""
+    """Number of learnable parameters (BN running statistics excluded).
+
+    Example:
+        >>> slimcore.count_params(pruned) / slimcore.count_params(model)   # the parameters kept
+    """
     return sum(p.numel() for p in model.parameters())
 
 
@@ -35,6 +39,10 @@ def count_flops(model: nn.Module, input_size: int | tuple[int, ...]) -> float:
 
     ``input_size``: a square image side, ``(C, H, W)`` or ``(N, C, H, W)``.  The model is not
     modified (thop's counters are attached to a copy).
+
+    Example:
+        >>> slimcore.count_flops(model, 32)              # MACs of one 3x32x32 image
+        >>> slimcore.count_flops(model, (1, 3, 224, 224))
     """
     import thop
 

@@ -276,6 +276,10 @@ def build_model(arch: str, num_classes: int, stem: str | None = None, width: flo
     Raises:
         ModelError (a ValueError): unknown name (with close matches), timm not installed,
         factory not importable / missing / not returning an ``nn.Module`` / without BatchNorm2d.
+
+    Example:
+        >>> model = slimcore.build_model("mobilenet_v2", num_classes=10, stem="cifar", width=0.5)
+        >>> model = slimcore.build_model("timm:resnet18d", num_classes=10)      # slimcore[timm]
     """
     try:
         source, name = parse_arch(arch)

@@ -148,6 +148,10 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
         ModelError: keys missing or unexpected, or shapes that differ (all named), other than a
         classifier trained for another number of classes; a pruned checkpoint; another arch.
         CheckpointError: unreadable file, or one holding pickled objects.
+
+    Example:
+        >>> model = slimcore.build_model("resnet50", num_classes=10)
+        >>> report = slimcore.load_weights(model, "resnet50-imagenet.pth")  # a 1000-class head is skipped
     """
     from slimcore.models import SPEC_ATTR
 
