@@ -37,6 +37,10 @@ _RANGE = ((1, 6), (1, 7))  # [low, high) as (major, minor)
 _applied = False
 
 
+class UnsupportedVersionError(RuntimeError):
+    """The installed torch-pruning is outside :data:`SUPPORTED`; the message names both."""
+
+
 class UnmappableGroup(Exception):
     """torch-pruning's channel propagation does not converge for this root (e.g. channel slices)."""
 
@@ -53,14 +57,14 @@ def installed_version() -> str:
 
 
 def check_version() -> None:
-    """Raise :class:`RuntimeError` unless the installed torch-pruning is in :data:`SUPPORTED`."""
+    """Raise :class:`UnsupportedVersionError` unless the installed torch-pruning is in :data:`SUPPORTED`."""
     version = installed_version()
     try:
         major_minor = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     except ValueError:
         major_minor = ()
     if len(major_minor) != 2 or not _RANGE[0] <= major_minor < _RANGE[1]:
-        raise RuntimeError(f"slimcore supports torch-pruning {SUPPORTED}, but torch-pruning {version} is "
+        raise UnsupportedVersionError(f"slimcore supports torch-pruning {SUPPORTED}, but torch-pruning {version} is "
                            f"installed: pip install 'torch-pruning{SUPPORTED}'")
 
 
@@ -347,6 +351,6 @@ _shape_infer = getattr(_dependency, "shape_infer", None)
 _init_shapes = getattr(_shape_infer, "init_shape_information", None)
 
 
-__all__ = ["SUPPORTED", "UnmappableGroup", "bounded_pruning_group", "channel_slice", "check_version",
-           "ensure_applied", "expands_channels_only_spatially", "frozen_index_mapping", "installed_version",
-           "patch_graph"]
+__all__ = ["SUPPORTED", "UnmappableGroup", "UnsupportedVersionError", "bounded_pruning_group", "channel_slice",
+           "check_version", "ensure_applied", "expands_channels_only_spatially", "frozen_index_mapping",
+           "installed_version", "patch_graph"]

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNE = ROOT / "slimcore" / "prune"
@@ -106,12 +108,16 @@ def test_tp_compat_refuses_an_unsupported_torch_pruning(monkeypatch: pytest.Monk
     import torch_pruning as tp
 
     from slimcore import tp_compat
+    from slimcore.prune import slim
 
     monkeypatch.setattr(tp, "__version__", "1.5.3", raising=False)
-    with pytest.raises(RuntimeError, match=r"torch-pruning >=1\.6,<1\.7.*1\.5\.3"):
+    with pytest.raises(tp_compat.UnsupportedVersionError, match=r"torch-pruning >=1\.6,<1\.7.*1\.5\.3"):
         tp_compat.check_version()
     with pytest.raises(RuntimeError, match=r">=1\.6,<1\.7"):
         tp_compat.ensure_applied()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(tp_compat.UnsupportedVersionError, match=r">=1\.6,<1\.7"):  # not taken for untraceable
+        slim(model, 0.5, torch.randn(1, 3, 8, 8), on_untraceable="warn")
     monkeypatch.setattr(tp, "__version__", "1.7.0")
     with pytest.raises(RuntimeError, match=r">=1\.6,<1\.7"):
         tp_compat.check_version()

@@ -31,6 +31,7 @@ from slimcore.prune.selection import select
 from slimcore.prune.surgery import Snapshot, apply_selection, breaking_groups, check_runs, probe_input
 from slimcore.prune.trace import trace
 from slimcore.targets import Target, parse_target
+from slimcore.tp_compat import check_version
 
 
 def _untraceable(ratio: float, total_bn: int, pol: SlimPolicy, cause: str,
@@ -206,6 +207,7 @@ def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
 def _slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor, pol: SlimPolicy,
           goal: Goal | None) -> tuple[nn.Module, SlimReport]:
     start = time.perf_counter()
+    check_version()  # before tracing: an unsupported torch-pruning is no untraceable model
     _check_inputs(model, example_inputs)
     was_training = model.training
     work = model if pol.inplace else copy.deepcopy(model)
@@ -228,6 +230,7 @@ def coupled_units(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[
     a whole.  Channels no prunable group reaches get ids of their own.  Used by the group-aware
     sparsity penalty (:class:`slimcore.sparsity.GammaPenalty`); ``model`` is left unchanged.
     """
+    check_version()
     was_training = model.training
     model.eval()
     try:
