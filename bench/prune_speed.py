@@ -35,8 +35,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-# slimcore is imported inside the functions that use it: importing it patches torch-pruning's
-# split/concat index mapping (slimcore.plan), and the torch-pruning child process must time
+# slimcore is imported inside the functions that use it: its first graph patches torch-pruning's
+# split/concat index mapping (slimcore.tp_compat), and the torch-pruning child process must time
 # torch-pruning as released.
 
 
@@ -95,7 +95,7 @@ def _tp_child(name: str, ratio: float, size: int, threads: int, queue: mp.Queue)
     with torch.no_grad():
         expected = model(x).shape
     classifier = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]  # DPN: a 1x1 conv
-    assert "slimcore" not in sys.modules, "the torch-pruning child must not import slimcore (it patches tp)"
+    assert "slimcore" not in sys.modules, "the torch-pruning child must not import slimcore (its graphs patch tp)"
     gc.collect()
     start = time.perf_counter()
     try:

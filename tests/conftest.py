@@ -36,6 +36,9 @@ def zero_coupled_channels(model: nn.Module, example: torch.Tensor,
     ``choose(root_name, channels, bn_names)`` returns the root channel indices to zero.
     Returns the number of BN channels zeroed (counting each BN layer of a group).
     """
+    from slimcore.tp_compat import ensure_applied
+
+    ensure_applied()  # the split/concat handling slimcore's own graphs get
     dg = tp.DependencyGraph().build_dependency(model, example, verbose=False)
     names = {m: n for n, m in model.named_modules()}
     zeroed = 0

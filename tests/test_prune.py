@@ -209,7 +209,7 @@ def test_grouped_convs_pruned_by_group_pattern_and_untraceable_models_are_errors
 def test_tap_means_give_the_mean_output_of_any_input_subset(kernel: int, stride: int, padding: object,
                                                             dilation: int) -> None:
     """sum(W[:, idxs] * taps[idxs]) equals the mean over batch and positions of conv(inputs idxs only)."""
-    from slimcore.prune import _tap_means
+    from slimcore.prune.constant_folding import tap_means
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 4, kernel, stride=1 if padding == "same" else stride, padding=padding,
@@ -219,7 +219,7 @@ def test_tap_means_give_the_mean_output_of_any_input_subset(kernel: int, stride:
     masked = torch.zeros_like(x)
     masked[:, idxs] = x[:, idxs]
     expected = conv(masked).mean(dim=(0, 2, 3))
-    taps = _tap_means(conv, x)
+    taps = tap_means(conv, x)
     got = (conv.weight[:, idxs] * taps[idxs]).reshape(4, -1).sum(1)
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
 

@@ -1,23 +1,22 @@
-"""Constant folding for slimming: what removed BN channels would have contributed, into the next layer.
+"""Constant folding: what removed BN channels would have contributed, into the next layer.
 
 A removed channel whose gamma is ~0 outputs a constant (beta through the activation).  The traced
-forward pass of :mod:`slimcore.prune` runs with every gamma at zero and records, for every
-conv/linear layer, its mean input per kernel tap (:func:`tap_means`); from those, the
+forward pass (:func:`slimcore.prune.trace.trace`) runs with every gamma at zero and records, for
+every conv/linear layer, its mean input per kernel tap (:func:`tap_means`); from those, the
 contribution of any set of removed inputs follows without another forward pass
 (:func:`fold_constants`), and goes into the layer's bias or the running mean of the BN after it.
+(Not BatchNorm folding, which merges a BN into the conv before it for export.)
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-if TYPE_CHECKING:
-    from slimcore.prune import _Group
+from slimcore.prune.selection import Selection
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -58,7 +57,6 @@ def tap_means(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return taps
 
 
-
 def _bias_sink(dg: tp.DependencyGraph, module: nn.Module) -> tuple[str, nn.Module]:
     """Where a consumer's missing constant goes: its own bias, or the running mean of its BN."""
     if getattr(module, "bias", None) is not None:
@@ -73,8 +71,8 @@ def _bias_sink(dg: tp.DependencyGraph, module: nn.Module) -> tuple[str, nn.Modul
 
 
 @torch.no_grad()
-def fold_constants(dg: tp.DependencyGraph, groups: list[_Group], tap_means: dict[nn.Module, torch.Tensor]) -> None:
-    """Fold the output of channels about to be removed into the layers that consume them.
+def fold_constants(dg: tp.DependencyGraph, selection: Selection, tap_means: dict[nn.Module, torch.Tensor]) -> None:
+    """Fold the output of the channels ``selection`` is about to remove into the layers that consume them.
 
     A removed channel, its gamma at zero, emits a constant (beta through the activation, and
     through any depthwise conv and BN of its group).  The traced pass recorded every consumer's
@@ -84,11 +82,9 @@ def fold_constants(dg: tp.DependencyGraph, groups: list[_Group], tap_means: dict
     mean of the BN right after it, so removing the inputs leaves the layer's output unchanged.
     """
     wanted: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
+    for g, removed_idxs in selection.removals():
         removed = torch.zeros(g.channels, dtype=torch.bool)
-        removed[g.prune_idxs] = True
+        removed[removed_idxs] = True
         for module, idxs, root_idxs in g.consumers:
             wanted[module].append(idxs[removed[root_idxs]])
     for module, parts in wanted.items():

@@ -1,31 +1,35 @@
-"""Surgery for slimming: apply the chosen groups, check the model still runs, undo what breaks it.
+"""Surgery for slimming: apply a selection, check the model still runs, undo what breaks it.
 
-torch-pruning performs the surgery (and records the plan); :class:`Snapshot` undoes it without a
-deep copy; :func:`breaking_groups` finds, by bisection, the groups whose surgery breaks the model.
+torch-pruning performs the surgery (:func:`apply_selection`, which records the plan);
+:class:`Snapshot` undoes it without a deep copy; :func:`probe_input` and :func:`check_runs` tell
+whether the pruned model still runs; :func:`breaking_groups` finds, by bisection, the groups
+whose surgery breaks the model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from slimcore.plan import sync_split_sizes
+from slimcore.prune.groups import ChannelGroup
+from slimcore.prune.selection import Selection
 
-if TYPE_CHECKING:
-    from slimcore.prune import _Group
+Removals = list[tuple[ChannelGroup, torch.Tensor]]  # (group, root channels removed), as Selection.removals()
 
 
+def apply_selection(dg: tp.DependencyGraph, selection: Selection) -> None:
+    """Remove the selected channels, group by group (torch-pruning records the history)."""
+    _apply(dg, selection.removals())
 
-def apply_groups(dg: tp.DependencyGraph, groups: list[_Group]) -> None:
-    """Remove the chosen channels, group by group (torch-pruning records the history)."""
-    for g in groups:
-        if len(g.prune_idxs) == 0:
-            continue
+
+def _apply(dg: tp.DependencyGraph, removals: Removals) -> None:
+    for g, removed_idxs in removals:
         pruner = dg.get_pruner_of_module(g.root)
-        dg.get_pruning_group(g.root, pruner.prune_out_channels, g.prune_idxs.tolist()).prune()
+        dg.get_pruning_group(g.root, pruner.prune_out_channels, removed_idxs.tolist()).prune()
     sync_split_sizes(dg.model)
 
 
@@ -95,18 +99,18 @@ def check_runs(model: nn.Module, probe: torch.Tensor, expected: torch.Size) -> s
     return problem
 
 
-def breaking_groups(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Group],
-                     probe: torch.Tensor, expected: torch.Size) -> dict[str, str]:
+def breaking_groups(model: nn.Module, dg: tp.DependencyGraph, selection: Selection,
+                    probe: torch.Tensor, expected: torch.Size) -> dict[str, str]:
     """Find the groups whose surgery breaks the model by bisection: a set of groups is applied
     and checked with one forward pass; a set that breaks is undone and its halves tried in turn
     (the ones that pass stay applied).  k breaking groups out of n cost about 2k log2(n/k)
     forward passes instead of n.  Returns {root name: what went wrong}."""
     bad: dict[str, str] = {}
 
-    def attempt(part: list[_Group]) -> None:
+    def attempt(part: Removals) -> None:
         before = Snapshot(model, dg)
         try:
-            apply_groups(dg, part)
+            _apply(dg, part)
             problem = check_runs(model, probe, expected)
         except Exception as err:  # torch-pruning's own surgery failed
             problem = f"{type(err).__name__}: {err}"
@@ -114,16 +118,16 @@ def breaking_groups(model: nn.Module, dg: tp.DependencyGraph, groups: list[_Grou
             return
         before.restore(dg)
         if len(part) == 1:
-            bad[part[0].root_name] = f"surgery breaks the model ({problem[:200]})"
+            bad[part[0][0].root_name] = f"surgery breaks the model ({problem[:200]})"
             return
         attempt(part[: len(part) // 2])
         attempt(part[len(part) // 2:])
 
-    todo = [g for g in groups if len(g.prune_idxs)]
+    todo = selection.removals()
     if todo:
         attempt(todo[: len(todo) // 2])
         attempt(todo[len(todo) // 2:])
     return bad
 
 
-__all__ = ["Snapshot", "apply_groups", "breaking_groups", "check_runs", "probe_input"]
+__all__ = ["Snapshot", "apply_selection", "breaking_groups", "check_runs", "probe_input"]
