@@ -482,9 +482,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "ExportError", "ExportReport", "conv_bn_pairs", "count_batchnorms", "default_image_size", "export_checkpoint",
+    "ExportError",
+    "ExportReport",
+    "conv_bn_pairs",
+    "count_batchnorms",
+    "default_image_size",
+    "export_checkpoint",
+    "export_model",
     "export_onnx",
-    "export_model", "fold_batchnorms", "fold_conv_bn", "main", "max_abs_diff", "onnx_bytes", "ort_session",
+    "fold_batchnorms",
+    "fold_conv_bn",
+    "main",
+    "max_abs_diff",
+    "onnx_bytes",
+    "ort_session",
 ]
 
 if __name__ == "__main__":

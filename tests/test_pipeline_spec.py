@@ -181,7 +181,7 @@ def test_import_closure_follows_function_level_and_relative_imports(tmp_path: Pa
     # loading checkpoints never needs the slimming policy, and only training stages import the loop
     assert not [f for f in closure if f == "slimcore/prune.py" or f.startswith("slimcore/prune/")]
     assert "slimcore_pipeline/train.py" not in import_closure("stages.prune")
-    # ``from slimcore_pipeline import paths, results_table`` inside a function counts as slimcore_pipeline/results_table.py
+    # ``from slimcore_pipeline import paths, results_table`` inside a function counts as results_table.py
     assert "slimcore_pipeline/results_table.py" in import_closure("stages.evaluate")
 
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from slimcore.errors import ModelError
+from slimcore.flops import count_flops, count_params
 from slimcore.models import PLAN_ATTR, batchnorm_problem, input_channels_problem
 from slimcore.plan import plain_plan
-from slimcore.flops import count_flops, count_params
 from slimcore.prune.constant_folding import fold_constants
 from slimcore.prune.groups import ChannelGroup, collect_groups
 from slimcore.prune.policy import GroupReport, SlimError, SlimPolicy, SlimReport
