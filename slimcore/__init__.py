@@ -4,7 +4,7 @@ Train with an L1 (group) penalty on every BatchNorm scale factor (gamma), rank a
 globally by |gamma|, remove the lowest ones for real (a physically smaller network), and save
 it in a checkpoint that rebuilds it without running code from the file.
 
-The whole API is here::
+In short (every public name, with an example, is listed below)::
 
     import torch, slimcore
 
@@ -35,7 +35,7 @@ _API = {
     "build_model": "slimcore.models", "save_model": "slimcore.checkpoint", "load_model": "slimcore.checkpoint",
     "load_weights": "slimcore.weights", "count_flops": "slimcore.flops", "count_params": "slimcore.flops",
     "export_onnx": "slimcore.export", "fold_batchnorms": "slimcore.export",
-    "SlimcoreError": "slimcore.errors", "ModelError": "slimcore.errors",
+    "SlimcoreError": "slimcore.errors", "ModelError": "slimcore.errors", "evaluate": "slimcore.accuracy",
 }
 
 try:

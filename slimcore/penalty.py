@@ -46,16 +46,17 @@ class GammaPenalty:
     """The slimming penalty of one training run; a no-op at strength 0.
 
     Call :meth:`before_step_` between ``backward`` and ``optimizer.step`` and :meth:`after_step_`
-    right after ``optimizer.step`` (each does nothing for the methods it does not serve)::
+    right after ``optimizer.step`` (each does nothing for the methods it does not serve).
 
-        penalty = GammaPenalty(model, strength=1e-4, method="prox")
-        for x, y in loader:
-            loss = criterion(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            penalty.before_step_()
-            optimizer.step()
-            penalty.after_step_(optimizer.param_groups[0]["lr"])
+    Example:
+        >>> penalty = slimcore.GammaPenalty(model, strength=1e-4, method="prox")
+        >>> for x, y in loader:
+        ...     loss = criterion(model(x), y)
+        ...     optimizer.zero_grad()
+        ...     loss.backward()
+        ...     penalty.before_step_()
+        ...     optimizer.step()
+        ...     penalty.after_step_(optimizer.param_groups[0]["lr"])
 
     Args:
         model: the (unwrapped) model whose BN gammas are penalised.

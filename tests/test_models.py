@@ -49,7 +49,7 @@ def test_full_size_models_have_torchvisions_parameter_counts(arch: str, expected
 
 @pytest.mark.parametrize("arch,seed_gflops", [("vgg16_bn", 15.51), ("resnet50", 4.11), ("mobilenet_v2", 0.313)])
 def test_full_size_flops_are_within_5_percent_of_the_seed(arch: str, seed_gflops: float) -> None:
-    """Issue 3: thop's count at 224px / 100 classes vs ../shared/seed-results.md (README: convention)."""
+    """The seed table's FLOPs convention: thop's count at 224px / 100 classes vs the seed table."""
     from slimcore.flops import count_flops
 
     gflops = count_flops(build_model(arch, 100), 224) / 1e9

@@ -52,7 +52,7 @@ def test_pruned_models_run_and_match_their_report(arch: str, stem: str, width: f
 
 @pytest.mark.parametrize("arch", REFERENCE)
 def test_exact_ratio_on_full_size_models(arch: str) -> None:
-    """Issue 3: within 1 pp at imagenet stem, 100 classes, width 1, with bimodal gammas."""
+    """The seed table's pruned FLOPs: within 1 pp at imagenet stem, 100 classes, width 1, with bimodal gammas."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)  # the channel structure is the one at 224px
     model = coupled_bimodal(build_model(arch, 100).eval(), x, zero_fraction=0.45)

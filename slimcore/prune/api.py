@@ -198,6 +198,10 @@ def slim(model: nn.Module, ratio: float, example_inputs: torch.Tensor,
     Raises:
         SlimError: the model cannot be traced or no group of it can be pruned (unless
             ``on_untraceable="warn"``), or the pruned model cannot be made to run.
+
+    Example:
+        >>> small, report = slimcore.slim(model, 0.4, torch.randn(2, 3, 32, 32), round_to=8)
+        >>> report.true_ratio, report.bound_by      # 0.4 within one rounding unit, or why not
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
@@ -229,6 +233,10 @@ def coupled_units(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[
     which :func:`slim` scores by combining their |gamma| (``group_score``) and removes only as
     a whole.  Channels no prunable group reaches get ids of their own.  Used by the group-aware
     slimming penalty (:class:`slimcore.penalty.GammaPenalty`); ``model`` is left unchanged.
+
+    Example:
+        >>> units = slimcore.coupled_units(model, torch.randn(2, 3, 32, 32))
+        >>> penalty = slimcore.GammaPenalty(model, 0.15, method="group", units=units)
     """
     check_version()
     was_training = model.training
@@ -274,6 +282,10 @@ def slim_to(model: nn.Module, target: Target | float | str, example_inputs: torc
     When no ratio meets it (group floors, ``round_to``, groups held fixed) the nearest one is
     used and ``report.bound_by`` says what bounds it.  The report always records the target,
     the resolved ratio (``requested_ratio``) and the FLOPs and parameters before and after.
+
+    Example:
+        >>> small, report = slimcore.slim_to(model, "speedup2", torch.randn(2, 3, 32, 32))
+        >>> report.flops_fraction                   # about 0.5 of the MACs kept
     """
     goal_target = parse_target(target)
     pol = SlimPolicy.from_kwargs(**policy)

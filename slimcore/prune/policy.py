@@ -14,7 +14,14 @@ GroupScore = Literal["max", "mean", "l2"]
 
 
 class SlimError(RuntimeError):
-    """Slimming could not produce a valid model."""
+    """Slimming could not produce a valid model.
+
+    Example:
+        >>> try:
+        ...     slimcore.slim(model, 0.5, x)
+        ... except slimcore.SlimError as err:   # e.g. a model torch-pruning cannot trace
+        ...     print(err)
+    """
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class SlimPolicy:
         warn_gamma: report how many removed channels score above this (|gamma|, or the group
             score of coupled channels): channels that were not negligible
             (``SlimReport.nonnegligible_removed``).  It changes nothing that is removed.
+
+    Example:
+        >>> slimcore.slim(model, 0.5, x, round_to=8, min_keep_fraction=0.1)  # the fields, as keywords
     """
 
     round_to: int = 1
@@ -97,6 +107,10 @@ class SlimReport:
     ``flops_fraction`` / ``params_fraction`` (after / before); for a FLOPs or parameters target,
     ``exact`` means the kept fraction is within 1% (relative) of the target, and
     ``search_steps`` counts the pruned candidates measured to find the ratio.
+
+    Example:
+        >>> _, report = slimcore.slim_to(model, "flops0.5", x)
+        >>> report.exact, report.flops_fraction, report.skipped   # met?, kept, what was held fixed
     """
 
     requested_ratio: float
