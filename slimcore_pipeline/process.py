@@ -233,17 +233,12 @@ TEMP_GLOB = ".*.tmp"  # the pattern .dvcignore and .gitignore hold
 
 
 def file_mode() -> int:
-    """0666 less the user's umask (0644 with the usual 022): what ``open()`` would create."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
+    """:func:`slimcore.files.file_mode` with the stop signals held: its umask probe sets the
+    process umask for an instant, which a stop handler writing a file must not see."""
+    from slimcore import files
+
     with stop_signals_blocked():
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return 0o666 & ~mask
+        return files.file_mode()
 
 
 def alive(pid: int) -> bool:

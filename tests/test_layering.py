@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.helpers.imports import imported_module
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "slimcore"
 # what `pip install slimcore` does not install: the pipeline and the packages only it needs
@@ -36,13 +38,7 @@ def _imports(file: Path) -> list[tuple[str, list[str], int]]:
         if isinstance(node, ast.Import):
             found += [(alias.name, [], node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - (node.level - 1)] if node.level > 1 else anchor
-                module = ".".join([*anchor, node.module] if node.module else anchor)
-            else:
-                module = node.module or ""
-            found.append((module, [alias.name for alias in node.names], node.lineno))
+            found.append((imported_module(node, package), [alias.name for alias in node.names], node.lineno))
     return found
 
 

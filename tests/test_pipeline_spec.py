@@ -17,6 +17,7 @@ import yaml
 
 from slimcore_pipeline import paths
 from slimcore_pipeline.config import load_params
+from tests.helpers.imports import imported_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("slimcore", "slimcore_pipeline", "stages")
@@ -60,12 +61,7 @@ def _imported_modules(file: Path) -> set[str]:
                 # ``import a.b.c`` executes a, a.b and a.b.c
                 found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - (node.level - 1)] if node.level > 1 else anchor
-                base = ".".join([*anchor, node.module] if node.module else anchor)
-            else:
-                base = node.module or ""
+            base = imported_module(node, package)
             parts = base.split(".")
             found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
             # ``from pkg import mod`` imports the submodule pkg.mod when there is one
