@@ -178,6 +178,21 @@ def bounded_pruning_group(self: tp.DependencyGraph, module: nn.Module, pruning_f
 # what autograd saved about a node
 
 
+def module_names(graph: tp.DependencyGraph) -> dict[nn.Module, str]:
+    """The graph's qualified name of every module it traced (torch-pruning keeps it private)."""
+    return graph._module2name
+
+
+def history_length(graph: tp.DependencyGraph) -> int:
+    """How many pruning steps the graph has recorded (its private pruning history)."""
+    return len(graph._pruning_history)
+
+
+def truncate_history(graph: tp.DependencyGraph, length: int) -> None:
+    """Forget the pruning steps recorded after the first ``length`` (an undone surgery)."""
+    del graph._pruning_history[length:]
+
+
 def channel_slice(node: Any) -> tuple[int, int, int] | None:
     """(start, end, input channels) of a ``x[:, start:end]`` slice (step 1) of a 4D tensor, or None."""
     fn = node.grad_fn
@@ -351,6 +366,19 @@ _shape_infer = getattr(_dependency, "shape_infer", None)
 _init_shapes = getattr(_shape_infer, "init_shape_information", None)
 
 
-__all__ = ["SUPPORTED", "UnmappableGroup", "UnsupportedVersionError", "bounded_pruning_group", "channel_slice",
-           "check_version", "ensure_applied", "expands_channels_only_spatially", "frozen_index_mapping",
-           "installed_version", "patch_graph"]
+__all__ = [
+    "SUPPORTED",
+    "UnmappableGroup",
+    "UnsupportedVersionError",
+    "bounded_pruning_group",
+    "channel_slice",
+    "check_version",
+    "ensure_applied",
+    "expands_channels_only_spatially",
+    "frozen_index_mapping",
+    "history_length",
+    "installed_version",
+    "module_names",
+    "patch_graph",
+    "truncate_history",
+]

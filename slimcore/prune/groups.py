@@ -22,7 +22,13 @@ from torch import nn
 from torch_pruning.ops import OPTYPE
 
 from slimcore.prune.policy import GroupScore
-from slimcore.tp_compat import UnmappableGroup, channel_slice, expands_channels_only_spatially, frozen_index_mapping
+from slimcore.tp_compat import (
+    UnmappableGroup,
+    channel_slice,
+    expands_channels_only_spatially,
+    frozen_index_mapping,
+    module_names,
+)
 
 # Operations whose channel bookkeeping torch-pruning handles and whose outputs we can reason about.
 _SAFE_OPS = {OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.LINEAR, OPTYPE.ELEMENTWISE,
@@ -169,7 +175,7 @@ def _unsafe_reason(group: Any, dg: tp.DependencyGraph) -> str | None:
         n = _channel_count(dg, item)
         if n is not None and (len(item.idxs) != len(item.root_idxs) or any(not 0 <= i < n for i in item.idxs)):
             return (f"torch-pruning's channel index mapping is inconsistent at "
-                    f"{dg._module2name.get(module, type(module).__name__)} (split/concat/slice)")
+                    f"{module_names(dg).get(module, type(module).__name__)} (split/concat/slice)")
     return None
 
 
@@ -221,7 +227,7 @@ def _grouped_atoms(group: Any, dg: tp.DependencyGraph,
         out_side = dg.is_out_channel_pruning_fn(item.dep.handler)
         size = module.out_channels if out_side else module.in_channels
         if len(set(item.idxs)) != size:
-            return None, 0, f"grouped convolution {dg._module2name.get(module, '?')} only partly in the group"
+            return None, 0, f"grouped convolution {module_names(dg).get(module, '?')} only partly in the group"
         width = size // module.groups
         first: dict[int, int] = {}
         for idx, root in zip(item.idxs, item.root_idxs):
@@ -255,7 +261,7 @@ def collect_groups(model: nn.Module, dg: tp.DependencyGraph, classifier: nn.Modu
     :mod:`slimcore.tp_compat`); ``classifier`` (the logits layer) is never pruned.  Each skipped
     group is ``{"group": root name, "reason": why, "channels": BN channels it holds fixed}``.
     """
-    names = dg._module2name
+    names = module_names(dg)
     ignored = [classifier] if classifier is not None else []
     groups: list[ChannelGroup] = []
     skipped: list[dict[str, Any]] = []

@@ -17,6 +17,7 @@ from torch import nn
 from slimcore.plan import sync_split_sizes
 from slimcore.prune.groups import ChannelGroup
 from slimcore.prune.selection import Selection
+from slimcore.tp_compat import history_length, truncate_history
 
 Removals = list[tuple[ChannelGroup, torch.Tensor]]  # (group, root channels removed), as Selection.removals()
 
@@ -48,7 +49,7 @@ class Snapshot:
         modules = {id(m): m for m in model.modules()}
         modules.update({id(m): m for m in dg.module2node if isinstance(m, nn.Module)})
         self.states = [(m, self._copy(m.__dict__)) for m in modules.values()]
-        self.history = len(dg._pruning_history)
+        self.history = history_length(dg)
 
     @staticmethod
     def _copy(state: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +66,7 @@ class Snapshot:
         for module, state in self.states:
             module.__dict__.clear()
             module.__dict__.update(self._copy(state))
-        del dg._pruning_history[self.history:]
+        truncate_history(dg, self.history)
 
 
 def _run_once(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Size | None, str | None]:
