@@ -82,7 +82,7 @@ def test_readme_module_builds_a_prunable_model(tmp_path: Path, monkeypatch: pyte
 
 
 @pytest.mark.slow
-def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
+def test_readme_own_model_under_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     skip_without_dvc_checkout()
     pytest.importorskip("timm")
     import timm
@@ -94,6 +94,7 @@ def test_readme_own_model_under_dvc(tmp_path: Path) -> None:
     _copy_project(proj)
     name, source = readme_module()
     (proj / name).write_text(source)
+    monkeypatch.syspath_prepend(str(proj))  # the checkpoints are loaded here too, as a user in proj/ would
     extra = readme_params()
     params = merge(yaml.safe_load((proj / "params.yaml").read_text()), extra)
     params["prune"]["targets"] = [0.4]  # for time: one ratio, short schedules, few latency runs
