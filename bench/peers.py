@@ -181,7 +181,10 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
 def settings_digest(params: Params, sections: tuple[str, ...]) -> str:
     """12 hex digits that change with any of these params sections (``runtime`` is left out: it
     says how to compute, not what)."""
-    dump = params.model_dump(include=set(sections))
+    return _digest(params.model_dump(include=set(sections)))
+
+
+def _digest(dump: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -190,7 +193,7 @@ def penalty_digest(params: Params) -> str:
     were the top-level ``sparsity`` section, so run caches made then are found again."""
     dump = params.model_dump(include={"penalty", "prune"})
     dump["sparsity"] = dump["penalty"].pop("strength")
-    return hashlib.sha256(json.dumps(dump, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _digest(dump)
 
 
 class Bench:

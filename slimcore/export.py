@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from slimcore.errors import SlimcoreError
+from slimcore.files import atomic_write_bytes
 
 DEFAULT_OPSET = 17
 DEFAULT_ATOL = 1e-4
@@ -394,8 +395,6 @@ def export_onnx(model: nn.Module, out: Path | str, image_size: int, opset: int =
         >>> report = slimcore.export_onnx(pruned, "pruned.onnx", image_size=32)
         >>> report.bn_left   # 0: every BatchNorm was folded
     """
-    from slimcore.files import atomic_write_bytes
-
     data, report = export_model(model, image_size, opset, dynamic_batch, atol)
     atomic_write_bytes(out, data)
     return report
@@ -410,16 +409,14 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, image_size: int |
     model (see :func:`slimcore.checkpoint.load_checkpoint`); none by default.  ``out`` is written
     atomically, and only once onnxruntime's check passed.
     """
-    from slimcore.checkpoint import atomic_write_bytes, load_checkpoint
+    from slimcore.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint, trusted=list(trusted))
     model = loaded.model.float()  # the onnxruntime check runs in float32, whatever the file's dtype
     source = "--image-size"
     if image_size is None:
         image_size, source = default_image_size(model, loaded.meta, trace_size=loaded.trace_size)
-    data, report = export_model(model, image_size, opset, dynamic_batch, atol)
-    atomic_write_bytes(out, data)
-    return report, source
+    return export_onnx(model, out, image_size, opset, dynamic_batch, atol), source
 
 
 # --------------------------------------------------------------------------------------------

@@ -464,14 +464,13 @@ def _moved_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
     one warning line on stderr; a file holding both the old and the new key is refused."""
     if "sparsity" not in raw:
         return raw
-    penalty = raw.get("penalty")
-    if isinstance(penalty, dict) and "strength" in penalty:
-        raise ParamsError(f"{source}: sparsity and penalty.strength: both set; sparsity is the old name of "
-                          "penalty.strength: keep only penalty.strength")
+    penalty = {} if raw.get("penalty") is None else raw["penalty"]
     moved = {key: value for key, value in raw.items() if key != "sparsity"}
-    moved["penalty"] = {"strength": raw["sparsity"], **(penalty if isinstance(penalty, dict) else {})}
-    if penalty is not None and not isinstance(penalty, dict):
-        moved["penalty"] = penalty  # not a section: reported as such by validation
+    if isinstance(penalty, dict):  # otherwise not a section: reported as such by validation
+        if "strength" in penalty:
+            raise ParamsError(f"{source}: sparsity and penalty.strength: both set; sparsity is the old name of "
+                              "penalty.strength: keep only penalty.strength")
+        moved["penalty"] = {"strength": raw["sparsity"], **penalty}
     print(f"warning: {source}: sparsity is now penalty.strength: move the per-arch strengths there "
           "(the old key is read for one more release)", file=sys.stderr)
     return moved

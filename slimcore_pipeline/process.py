@@ -283,8 +283,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """
     from slimcore.files import atomic_write_bytes as write
 
-    check_not_stopped()
-    try:
+    try:  # check_not_stopped runs before anything is written and again before the rename
         write(path, data, mode=file_mode(), check=check_not_stopped)
     except OSError as err:  # disk full, read-only folder: one line naming the file and what to do
         from slimcore_pipeline.resources import write_error
