@@ -5,7 +5,9 @@ same pruning budget (a MAC speed-up: the pruned model keeps 1/S of the baseline'
 within 2%) and the same fine-tuning schedule:
 
 * ``slimcore``: the pipeline's default (``penalty`` with its ``penalty.strength.ARCH``, ``prune`` policy and the
-  ``speedupS`` target of the params file), i.e. what ``dvc repro`` does;
+  ``speedupS`` target of the params file), i.e. what ``dvc repro`` does: one sparse model per speed-up,
+  its penalty sized for that speed-up (``slimcore:bench.shared=1``: one sparse model for all of them,
+  sized for the largest, the pipeline's behaviour before);
 * ``paper``: the paper's recipe on slimcore's engine: the L1 subgradient on every gamma
   (``--paper-strength``, 1e-4 as in the paper) and global |gamma| ranking;
 * ``tp-bnscale``: Torch-Pruning's ``BNScalePruner`` (its network-slimming pruner; L1 on BN
@@ -13,7 +15,7 @@ within 2%) and the same fine-tuning schedule:
 * ``tp-groupnorm``: Torch-Pruning's ``GroupNormPruner`` (its strongest documented CNN pruner:
   growing group-norm regularisation, group magnitude importance), global ranking.
 
-A method may carry overrides (``slimcore:penalty.target=0.4,finetune.distill=0``): each variant
+A method may carry overrides (``slimcore:penalty.target=0.4,bench.kd=0.5``): each variant
 is its own row.  Every run is cached under ``--work`` by arch and method, so a second call only
 computes what is new.  The test set is the dataset's full test split; every accuracy comes
 with its 95% Wilson interval.
@@ -242,10 +244,37 @@ class Bench:
         return self.cached("baseline", make)
 
 
+def method_label(method: str, overrides: dict[str, Any]) -> str:
+    """A method's row label: ``slimcore`` or ``slimcore:key=value,...`` (overrides sorted)."""
+    return method + (":" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) if overrides else "")
+
+
 def run_method(bench: Bench, method: str, overrides: dict[str, Any], speedups: list[float],
                paper_strength: float) -> dict[str, Any]:
-    """Sparse-train from the baseline, prune to each speed-up, fine-tune; test top-1 at each step."""
-    label = method + (":" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) if overrides else "")
+    """Sparse-train from the baseline, prune to each speed-up, fine-tune; test top-1 at each step.
+
+    slimcore with ``penalty.target: auto`` trains one sparse model per speed-up, its penalty sized
+    for that speed-up alone, as the pipeline's ``sparse-train@ARCH-TARGET`` stages do: each cell
+    then carries its own ``sparse`` figure.
+    """
+    if method == "slimcore" and overrides.get("bench.shared"):  # the previous default: one sparse model
+        plain = {k: v for k, v in overrides.items() if k != "bench.shared"}
+        return {**run_sized(bench, method, plain, speedups, paper_strength), "method": method_label(method, overrides)}
+    if method == "slimcore" and len(speedups) > 1:
+        own = {k: v for k, v in overrides.items() if not k.startswith("bench.")}
+        params = with_overrides(bench.params, own) if own else bench.params
+        if params.penalty.target == "auto" and params.penalty.method != "l1":
+            runs = [run_sized(bench, method, overrides, [s], paper_strength) for s in speedups]
+            cells = {key: {**cell, "sparse": run["sparse"]} for run in runs for key, cell in run["cells"].items()}
+            return {"method": runs[0]["method"], "sparse": runs[-1]["sparse"], "cells": cells,
+                    "seconds": round(sum(run["seconds"] for run in runs), 1)}
+    return run_sized(bench, method, overrides, speedups, paper_strength)
+
+
+def run_sized(bench: Bench, method: str, overrides: dict[str, Any], speedups: list[float],
+              paper_strength: float) -> dict[str, Any]:
+    """One sparse model (its penalty sized for all of ``speedups``), pruned to each of them."""
+    label = method_label(method, overrides)
     bench_opts = {k.removeprefix("bench."): v for k, v in overrides.items() if k.startswith("bench.")}
     overrides = {k: v for k, v in overrides.items() if not k.startswith("bench.")}
     params = with_overrides(bench.params, overrides) if overrides else bench.params
@@ -348,7 +377,7 @@ def table(results: dict[str, dict[str, Any]], speedups: list[float]) -> str:
                 if c["after"]["top1"] == best:
                     after = f"**{after}**"
                 gap = versus(c["after"], best_peer["after"]) if best_peer and m.startswith("slimcore") else ""
-                lines.append(f"| {arch} | {s:g}x | {shown(m, arch)} | {fmt(r['sparse'])} | "
+                lines.append(f"| {arch} | {s:g}x | {shown(m, arch)} | {fmt(c.get('sparse', r['sparse']))} | "
                              f"{100 * c['macs_kept']:.1f}% | {fmt(c['before'])} | {after} | {gap} |")
     return "\n".join(lines)
 

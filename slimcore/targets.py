@@ -11,7 +11,8 @@ Five forms, each written in ``params.yaml`` the way DVC prints it in stage and f
   by another name: the same search, the same model), e.g. ``speedup2``, ``speedup1.5``; FLOPs
   here are thop's multiply-accumulate count (MACs), so S is a ratio of MACs, not of measured time;
 * ``safe``: the largest ratio whose validation top-1 drop stays within ``prune.max_drop``, read
-  from ``metrics/sensitivity/ARCH.json`` (written by the ``sensitivity@ARCH`` stage).
+  from ``metrics/sensitivity/ARCH-safe.json`` (written by the ``sensitivity@ARCH-safe`` stage, on
+  the ``safe`` target's own sparse model).
 
 F is written as Python prints it (``flops0.5``, not ``flops0.50`` or ``flops.5``), and S the same
 way without a trailing ``.0`` (``speedup2``, not ``speedup2.0``; ``speedup1.5``, not ``speedup1.50``):

@@ -1,6 +1,6 @@
 """The pipeline's stage graph for one arch, as a mermaid flowchart: ``make dag [ARCH=vgg16_bn]``.
 
-``dvc dag`` draws every arch's stages at once (39 lines, 1,491 columns on the default); the
+``dvc dag`` draws every arch's stages at once (39 lines, 1,954 columns on the default); the
 stages of one arch and the two shared ones (``profile``, ``evaluate``) are what to read.
 ``python -m slimcore_pipeline.dag [ARCH]`` (default: the first of ``archs``) reads ``dvc dag --dot`` and
 prints that subgraph as mermaid (GitHub and most markdown viewers draw it).
@@ -17,6 +17,7 @@ from pathlib import Path
 EDGE = re.compile(r'"(?P<src>[^"]+)"\s*->\s*"(?P<dst>[^"]+)"')
 SHARED = ("profile", "evaluate")
 ORDER = ["baseline-train", "sparse-train", "sensitivity", "prune", "finetune", "profile", "evaluate"]
+PER_TARGET = ("sparse-train", "sensitivity", "prune", "finetune")  # stages named ARCH-TARGET
 
 
 def _dvc() -> str:
@@ -30,7 +31,7 @@ def edges_of(dot: str) -> list[tuple[str, str]]:
 
 def _keeps(stage: str, arch: str) -> bool:
     name, _, item = stage.partition("@")
-    return stage in SHARED or item == arch or (item.startswith(f"{arch}-") and name in ("prune", "finetune"))
+    return stage in SHARED or item == arch or (item.startswith(f"{arch}-") and name in PER_TARGET)
 
 
 def mermaid(edges: Iterable[tuple[str, str]], arch: str) -> str:

@@ -1,6 +1,6 @@
 """One writer per set of outputs: an exclusive ``flock`` a stage holds for its whole run.
 
-``.slimcore/locks/STAGE.lock`` (STAGE: the stage name, e.g. ``sparse-train@vgg16_bn``, which
+``.slimcore/locks/STAGE.lock`` (STAGE: the stage name, e.g. ``sparse-train@vgg16_bn-0.2``, which
 names its outputs) holds the pid of its holder.  A second instance refuses at once; a holder
 that dies (even by SIGKILL) releases the lock with its last file descriptor, so a re-run
 after it takes the lock and resumes.  No torch here.

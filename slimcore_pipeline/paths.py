@@ -28,8 +28,14 @@ def target_tag(target: TargetLike) -> str:
 
 
 def checkpoint(arch: str, run: str) -> Path:
-    """``models/ARCH/{baseline,sparse}.pt``."""
+    """``models/ARCH/RUN.pt`` (``baseline``)."""
     return MODELS / arch / f"{run}.pt"
+
+
+def sparse(arch: str, target: TargetLike) -> Path:
+    """``models/ARCH/sparse-T.pt``: the sparse-trained model for the prune target T, its penalty
+    sized for T alone (``sparse-train@ARCH-T``)."""
+    return MODELS / arch / f"sparse-{target_tag(target)}.pt"
 
 
 def pruned(arch: str, target: TargetLike, fold: bool = True) -> Path:
@@ -50,10 +56,20 @@ def finetune_run(target: TargetLike) -> str:
     return f"finetune-{target_tag(target)}"
 
 
+def sparse_run(target: TargetLike) -> str:
+    """``sparse-train-T``: the run name of T's sparse training (its curves, timings and resume state)."""
+    return f"sparse-train-{target_tag(target)}"
+
+
+def sensitivity_run(target: TargetLike) -> str:
+    return f"sensitivity-{target_tag(target)}"
+
+
 def stage_name(run: str, arch: str) -> str:
     """The DVC stage that writes ``run`` of ``arch``, as ``dvc repro`` names it: ``finetune-0.2``
-    -> ``finetune@vgg16_bn-0.2``, ``sparse-train`` -> ``sparse-train@vgg16_bn``."""
-    for kind in ("finetune", "prune"):
+    -> ``finetune@vgg16_bn-0.2``, ``sparse-train-0.2`` -> ``sparse-train@vgg16_bn-0.2``,
+    ``baseline-train`` -> ``baseline-train@vgg16_bn``."""
+    for kind in ("sparse-train", "sensitivity", "finetune", "prune"):
         if run.startswith(f"{kind}-"):
             return f"{kind}@{arch}-{run[len(kind) + 1:]}"
     return f"{run}@{arch}"
@@ -77,10 +93,11 @@ def sensitivity_dir() -> Path:
     return METRICS / "sensitivity"
 
 
-def sensitivity_report(arch: str) -> Path:
-    """``metrics/sensitivity/ARCH.json``: the curve and ``safe_ratio``, the largest ratio whose
-    validation top-1 drop stays within ``prune.max_drop`` (read by the ``safe`` prune target)."""
-    return sensitivity_dir() / f"{arch}.json"
+def sensitivity_report(arch: str, target: TargetLike) -> Path:
+    """``metrics/sensitivity/ARCH-T.json``: the curve of T's sparse model and its ``safe_ratio``, the
+    largest ratio whose validation top-1 drop stays within ``prune.max_drop`` (read by the ``safe``
+    prune target, and by every target's warning)."""
+    return sensitivity_dir() / f"{arch}-{target_tag(target)}.json"
 
 
 def profile_report() -> Path:
@@ -144,9 +161,10 @@ def resume_state(arch: str, run: str) -> Path:
 
 def model_files(arch: str, targets: Iterable[TargetLike]) -> dict[str, Path]:
     """Every checkpoint of one arch, by the label used in metrics (``pruned-0.2``, ``finetuned-flops0.5`` ...)."""
-    files = {"baseline": checkpoint(arch, "baseline"), "sparse": checkpoint(arch, "sparse")}
+    files = {"baseline": checkpoint(arch, "baseline")}
     for t in targets:
         tag = target_tag(t)
+        files[f"sparse-{tag}"] = sparse(arch, t)
         files[f"pruned-{tag}"] = pruned(arch, t)
         files[f"pruned-{tag}-nofold"] = pruned(arch, t, fold=False)
         files[f"finetuned-{tag}"] = finetuned(arch, t)
@@ -154,24 +172,35 @@ def model_files(arch: str, targets: Iterable[TargetLike]) -> dict[str, Path]:
 
 
 def target_outputs(arch: str, target: TargetLike) -> list[Path]:
-    """Everything the prune and finetune stages of one (arch, target) write."""
-    return [pruned(arch, target), pruned(arch, target, fold=False), finetuned(arch, target),
+    """Everything the sparse-train, sensitivity, prune and finetune stages of one (arch, target) write."""
+    return [sparse(arch, target), curves(arch, sparse_run(target)), timings(arch, sparse_run(target)),
+            sensitivity_report(arch, target), timings(arch, sensitivity_run(target)),
+            pruned(arch, target), pruned(arch, target, fold=False), finetuned(arch, target),
             prune_report(arch, target), timings(arch, prune_run(target)),
             curves(arch, finetune_run(target)), timings(arch, finetune_run(target))]
 
 
 _NUMBER = r"\d+(?:\.\d+)?(?:e-?\d+)?"
-_TAG = rf"(?P<tag>(?:flops|params)?{_NUMBER}|safe)"
+_TAG = rf"(?P<tag>(?:flops|params|speedup)?{_NUMBER}|safe)"
 
 
 def _per_target_patterns(arch: str) -> list[tuple[Path, re.Pattern[str]]]:
     """Where per-target outputs of ``arch`` live, and the names they have there."""
     return [
-        (MODELS / arch, re.compile(rf"(?:pruned|finetuned)-{_TAG}(?:-nofold)?\.pt")),
+        (MODELS / arch, re.compile(rf"(?:sparse|pruned|finetuned)-{_TAG}(?:-nofold)?\.pt")),
         (prune_reports(), re.compile(rf"{re.escape(arch)}-{_TAG}\.json")),
-        (METRICS / arch, re.compile(rf"finetune-{_TAG}")),
-        (timings_dir() / arch, re.compile(rf"(?:prune|finetune)-{_TAG}\.json")),
+        (sensitivity_dir(), re.compile(rf"{re.escape(arch)}-{_TAG}\.json")),
+        (METRICS / arch, re.compile(rf"(?:sparse-train|finetune)-{_TAG}")),
+        (timings_dir() / arch, re.compile(rf"(?:sparse-train|sensitivity|prune|finetune)-{_TAG}\.json")),
     ]
+
+
+def per_arch_sparse_outputs(arch: str) -> list[Path]:
+    """What the pipeline wrote when it trained one sparse model per arch (``sparse-train@ARCH``,
+    ``sensitivity@ARCH``), before every target got its own: left in a workspace, the old checkpoint
+    would still feed the hash of the stages that read ``models/``."""
+    return [MODELS / arch / "sparse.pt", METRICS / arch / "sparse-train", timings(arch, "sparse-train"),
+            sensitivity_dir() / f"{arch}.json", timings(arch, "sensitivity")]
 
 
 def stale_target_outputs(archs: Iterable[str], targets: Iterable[TargetLike]) -> list[Path]:
@@ -179,11 +208,13 @@ def stale_target_outputs(archs: Iterable[str], targets: Iterable[TargetLike]) ->
 
     DVC never deletes the outputs of a stage that left ``dvc.yaml`` (a matrix entry of an old
     target); they would feed the hashes of the stages that read whole folders and linger in
-    experiments, so the ``profile`` stage removes them.
+    experiments, so the ``profile`` stage removes them, and what the per-arch sparse stages of
+    earlier versions left (:func:`per_arch_sparse_outputs`).
     """
     current = {target_tag(t) for t in targets}
     stale = []
     for arch in archs:
+        stale += [path for path in per_arch_sparse_outputs(arch) if path.exists()]
         for folder, pattern in _per_target_patterns(arch):
             if not folder.is_dir():
                 continue

@@ -287,51 +287,91 @@ DOC_BLOCKS = ("tradeoff", "gamma", "sensitivity")
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+    """An accuracy fraction in % (``n/a`` for a NaN: a model that could not be evaluated)."""
+    return f"{100 * x:.2f}%" if _finite(x) else "n/a"
 
 
-def describe(metrics: Path = Path("metrics")) -> dict[str, str]:
-    """The sentences of docs/plots.md about each chart's data, from ``metrics`` (eval.json, prune/,
-    sensitivity/): ``{block name: markdown}``. ``make plots`` writes them between the page's
-    ``<!-- generated: NAME -->`` markers; tests/test_plots.py checks the page against the metrics."""
-    from slimcore_pipeline.noise import image_points, within_noise
-
-    evals = json.loads((metrics / "eval.json").read_text())
+def _prune_reports(metrics: Path) -> dict[str, dict[str, Any]]:
+    """``metrics/prune/ARCH-T.json``, by arch and target tag."""
     prunes: dict[str, dict[str, Any]] = {}
     for path in sorted((metrics / "prune").glob("*.json")):
         report = json.loads(path.read_text())
         arch = path.stem[: -len(report["target"]) - 1]
         prunes.setdefault(arch, {})[report["target"]] = report
+    return prunes
+
+
+def _tradeoff_line(arch: str, ev: dict[str, Any], reports: dict[str, Any], tags: list[str]) -> str:
+    """One arch in the tradeoff block: the baseline, then per target its own sparse model, pruned and fine-tuned."""
+    from slimcore.targets import target_label
+    from slimcore_pipeline.noise import image_points, within_noise
+
+    n, base = ev["baseline"].get("test_images"), ev["baseline"]["top1"]
+    size = (f"{n} test images, one image = {image_points(n):.2f} pt" if n else "test-set size not recorded")
+    cells = []
+    for tag in tags:
+        pruned, tuned = ev[f"pruned-{tag}"]["top1"], ev[f"finetuned-{tag}"]["top1"]
+        sparse = ev.get(f"sparse-{tag}", {}).get("top1")
+        verdict = ("within noise of" if n and within_noise(tuned, base, n) else
+                   "equal to" if tuned == base else "above" if tuned > base else "below")
+        trained = "" if sparse is None else f"its sparse model {_pct(sparse)}, "
+        cells.append(f"{target_label(tag, reports[tag])}: {trained}{_pct(pruned)} pruned, "
+                     f"{_pct(tuned)} after fine-tuning ({verdict} the baseline)")
+    return f"- **{arch}** ({size}): dense baseline {_pct(base)}; " + "; ".join(cells) + "."
+
+
+def _gamma_line(arch: str, reports: dict[str, Any], tags: list[str]) -> str:
+    """One arch in the gamma block: each target's threshold, on its own sparse model."""
+    from slimcore.targets import target_label
+
+    marks = []
+    for tag in tags:
+        t = reports[tag]["threshold"]
+        marks.append(f"{target_label(tag, reports[tag])}: "
+                     + ("0 (only channels zeroed by sparse training removed)" if t <= 0 else f"{t:.3g}"))
+    return f"- **{arch}**: thresholds (each on its target's own sparse model) " + "; ".join(marks) + "."
+
+
+def _sensitivity_line(arch: str, metrics: Path, reports: dict[str, Any], tags: list[str]) -> str | None:
+    """One arch in the sensitivity block, from ``metrics/sensitivity/ARCH-T.json`` (None without any)."""
+    from slimcore.targets import target_label
+    from slimcore_pipeline.noise import image_points
+
+    cells, sizes = [], []
+    for tag in tags:
+        path = metrics / "sensitivity" / f"{arch}-{tag}.json"
+        if not path.is_file():
+            continue
+        sens = json.loads(path.read_text())
+        sizes.append(sens.get("val_images"))
+        cells.append(f"{target_label(tag, reports[tag])}'s sparse model: unpruned validation top-1 "
+                     f"{sens['reference_top1']:.2f}%, safe ratio {100 * sens['safe_ratio']:.4g}% "
+                     f"(drop <= {sens['max_drop']:g} pt)")
+    if not cells:
+        return None
+    vn = sizes[0]
+    return (f"- **{arch}**: " + "; ".join(cells)
+            + (f"; {vn} validation images, one image = {image_points(vn):.2f} pt." if vn else "."))
+
+
+def describe(metrics: Path = Path("metrics")) -> dict[str, str]:
+    """The sentences of docs/plots.md about each chart's data, from ``metrics`` (eval.json, prune/,
+    sensitivity/ARCH-T.json): ``{block name: markdown}``. ``make plots`` writes them between the page's
+    ``<!-- generated: NAME -->`` markers; tests/test_plots.py checks them on a small metrics folder."""
+    from slimcore.targets import parse_target
+
+    evals = json.loads((metrics / "eval.json").read_text())
+    prunes = _prune_reports(metrics)
     tradeoff, gamma, sensitivity = [], [], []
     for arch, ev in evals.items():
-        n = ev["baseline"].get("test_images")
-        tags = sorted(prunes.get(arch, {}), key=lambda t: prunes[arch][t]["requested_ratio"])
-        size = (f"{n} test images, one image = {image_points(n):.2f} pt" if n else "test-set size not recorded")
-        cells = []
-        for tag in tags:
-            pruned, tuned = ev[f"pruned-{tag}"]["top1"], ev[f"finetuned-{tag}"]["top1"]
-            base = ev["baseline"]["top1"]
-            verdict = ("within noise of" if n and within_noise(tuned, base, n) else
-                       "equal to" if tuned == base else "above" if tuned > base else "below")
-            cells.append(f"{100 * prunes[arch][tag]['requested_ratio']:.4g}%: {_pct(pruned)} before, "
-                         f"{_pct(tuned)} after fine-tuning ({verdict} the baseline)")
-        tradeoff.append(f"- **{arch}** ({size}): dense baseline {_pct(ev['baseline']['top1'])}, sparse-trained "
-                        f"{_pct(ev['sparse']['top1'])}; " + "; ".join(cells) + ".")
-        marks = []
-        for tag in tags:
-            t = prunes[arch][tag]["threshold"]
-            marks.append(f"{100 * prunes[arch][tag]['requested_ratio']:.4g}%: "
-                         + ("0 (only channels zeroed by sparse training removed)" if t <= 0 else f"{t:.3g}"))
-        if marks:
-            gamma.append(f"- **{arch}**: thresholds " + "; ".join(marks) + ".")
-        sens_path = metrics / "sensitivity" / f"{arch}.json"
-        if sens_path.is_file():
-            sens = json.loads(sens_path.read_text())
-            vn = sens.get("val_images")
-            sensitivity.append(
-                f"- **{arch}**: unpruned validation top-1 {sens['reference_top1']:.2f}%, safe ratio "
-                f"{100 * sens['safe_ratio']:.4g}% (drop <= {sens['max_drop']:g} pt)"
-                + (f"; {vn} validation images, one image = {image_points(vn):.2f} pt." if vn else "."))
+        reports = prunes.get(arch, {})
+        tags = sorted(reports, key=lambda t: (parse_target(t).sort_key(), reports[t]["requested_ratio"]))
+        tradeoff.append(_tradeoff_line(arch, ev, reports, tags))
+        if tags:
+            gamma.append(_gamma_line(arch, reports, tags))
+        line = _sensitivity_line(arch, metrics, reports, tags)
+        if line is not None:
+            sensitivity.append(line)
     return {"tradeoff": "\n".join(tradeoff), "gamma": "\n".join(gamma), "sensitivity": "\n".join(sensitivity)}
 
 

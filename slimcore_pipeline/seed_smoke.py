@@ -155,16 +155,22 @@ def stage_plan(params: Params, train_images: int, test_images: int, val_images: 
 
     passes = len(ratio_grid(params.prune.sensitivity_step)) + 1
     plan: list[PlannedStage] = []
+    targets = params.prune.parsed_targets()
+    trained = train_steps(train_images, params.train.batch_size, params.runtime.nproc) * params.train.batch_size \
+        * params.runtime.nproc * params.train.epochs
     for arch in params.archs:
-        for run, module, cfg in (("baseline-train", "baseline_train", params.train),
-                                 ("sparse-train", "sparse_train", params.train)):
-            seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
-                * params.runtime.nproc * cfg.epochs
-            plan.append(PlannedStage(f"{run}@{arch}", [f"stages.{module}", "--arch", arch], seen,
-                                     paths.timings(arch, run)))
-        plan.append(PlannedStage(f"sensitivity@{arch}", ["stages.sensitivity", "--arch", arch],
-                                 val_images * passes or None, paths.timings(arch, "sensitivity")))
-        targets = params.prune.parsed_targets()
+        plan.append(PlannedStage(f"baseline-train@{arch}", ["stages.baseline_train", "--arch", arch], trained,
+                                 paths.timings(arch, "baseline-train")))
+        for target in targets:  # one sparse model per target, and its sensitivity curve
+            tag = target.tag
+            plan.append(PlannedStage(f"sparse-train@{arch}-{tag}",
+                                     ["stages.sparse_train", "--arch", arch, "--target", tag], trained,
+                                     paths.timings(arch, paths.sparse_run(target))))
+        for target in targets:
+            tag = target.tag
+            plan.append(PlannedStage(f"sensitivity@{arch}-{tag}",
+                                     ["stages.sensitivity", "--arch", arch, "--target", tag],
+                                     val_images * passes or None, paths.timings(arch, paths.sensitivity_run(target))))
         for target in targets:
             tag = target.tag
             plan.append(PlannedStage(f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--target", tag], None,

@@ -9,8 +9,9 @@ happens: the cost is one slim, one FLOPs count and one pass over the validation 
 
 :func:`safe_ratio` turns the curve into one number, the largest grid ratio such that it and every
 smaller one lose at most ``prune.max_drop`` points of validation top-1 against the unpruned
-model; the ``safe`` prune target reads it from ``metrics/sensitivity/ARCH.json``
-(:func:`slimcore_pipeline.paths.sensitivity_report`).
+model; the pipeline measures each prune target's sparse model (``models/ARCH/sparse-T.pt``) into
+``metrics/sensitivity/ARCH-T.json``, and the ``safe`` target reads its ratio from
+``metrics/sensitivity/ARCH-safe.json`` (:func:`slimcore_pipeline.paths.sensitivity_report`).
 
 A ratio that slimming cannot deliver is kept in the curve, never dropped: a :class:`SlimError`
 gives a point with ``error`` set and no accuracy (it fails the budget), and a ratio bounded by the
@@ -101,7 +102,7 @@ class SensitivityPoint:
 
 @dataclass
 class SensitivityResult:
-    """The sensitivity curve of one model: what ``metrics/sensitivity/ARCH.json`` holds.
+    """The sensitivity curve of one model: what ``metrics/sensitivity/ARCH-T.json`` holds.
 
     ``reference_top1`` / ``reference_top5`` / ``reference_mflops`` / ``reference_params``: the
     unpruned (sparse-trained) model on the same validation split; ``safe_ratio``: see

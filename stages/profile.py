@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 def same_architecture(label: str) -> str:
     """The timed model whose architecture ``label`` shares (weights do not change latency)."""
-    if label == "sparse":
+    if label.startswith("sparse-"):  # sparse-T: the baseline's architecture, zeroed channels kept
         return "baseline"
     if label.startswith("pruned-"):
         return "finetuned-" + label.removeprefix("pruned-").removesuffix("-nofold")
@@ -92,7 +92,7 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
 
     FLOPs, parameters and bytes are measured for every checkpoint; latency for the baseline and
     each fine-tuned model (timed in interleaved rounds, in PyTorch and in onnxruntime): the other
-    checkpoints share their architectures (sparse: baseline; pruned: fine-tuned).
+    checkpoints share their architectures (sparse-T: baseline; pruned-T: fine-tuned-T).
     """
     with stage("profile"):
         params = params_for(params_file)
@@ -105,8 +105,11 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
 
         check_writable(paths.profile_report().parent, paths.latency_report().parent, paths.latency_table().parent)
         targets = params.prune.parsed_targets()
+        legacy = {path for arch in params.archs for path in paths.per_arch_sparse_outputs(arch)}
         for path in remove_stale_outputs(params.archs, targets):
-            console.log(f"profile: removed {path} (its target is no longer in prune.targets)")
+            why = ("an earlier version's one sparse model per arch: each target has its own now" if path in legacy
+                   else "its target is no longer in prune.targets")
+            console.log(f"profile: removed {path} ({why})")
         size, cfg = params.data.image_size, params.profile
         result: dict[str, dict[str, object]] = {}
         latency: dict[str, dict[str, dict[str, Any]]] = {}

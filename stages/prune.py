@@ -1,46 +1,53 @@
-"""Stage ``prune@ARCH-TARGET``: slim the sparse-trained model to a target (a channel ratio, a kept
-fraction of FLOPs or parameters, or the ``safe`` ratio; see slimcore/targets.py)."""
+"""Stage ``prune@ARCH-TARGET``: slim the target's sparse-trained model (``models/ARCH/sparse-TARGET.pt``)
+to the target (a channel ratio, a kept fraction of FLOPs or parameters, a MAC speed-up, or the
+``safe`` ratio; see slimcore/targets.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from stages._common import PARAMS_OPTION, check_target, console, params_for, run_app, stage, trace_inputs, write_json
 
+if TYPE_CHECKING:
+    from slimcore_pipeline.paths import TargetLike
+
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def read_safe_ratio(arch: str) -> float:
-    """``safe_ratio`` of ``metrics/sensitivity/ARCH.json`` (the ``sensitivity@ARCH`` stage's)."""
+def read_safe_ratio(arch: str, target: TargetLike) -> float:
+    """``safe_ratio`` of ``metrics/sensitivity/ARCH-TARGET.json`` (the ``sensitivity@ARCH-TARGET``
+    stage's, measured on the target's own sparse model)."""
     from slimcore.errors import SlimcoreError
     from slimcore_pipeline import paths
 
-    path = paths.sensitivity_report(arch)
+    path = paths.sensitivity_report(arch, target)
+    again = f"dvc repro sensitivity@{arch}-{paths.target_tag(target)}"
     if not path.is_file():
-        raise SlimcoreError(f"{path} not found: run the sensitivity stage first (dvc repro sensitivity@{arch})")
+        raise SlimcoreError(f"{path} not found: run the sensitivity stage first ({again})")
     try:
         ratio = json.loads(path.read_text())["safe_ratio"]
     except (ValueError, KeyError, TypeError) as err:
         raise SlimcoreError(f"{path}: no safe_ratio ({type(err).__name__}: {err}): run the sensitivity stage "
-                            f"again (dvc repro sensitivity@{arch})") from None
+                            f"again ({again})") from None
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise SlimcoreError(f"{path}: safe_ratio must be a ratio in [0, 1), got {ratio!r}")
     return float(ratio)
 
 
-def safe_ratio_hint(arch: str, max_drop: float) -> str:
+def safe_ratio_hint(arch: str, target: TargetLike, max_drop: float) -> str:
     """Where the warning points: the safe ratio when the sensitivity report exists."""
     from slimcore_pipeline import paths
 
     try:
         return (f"the safe ratio (top-1 drop within prune.max_drop={max_drop:g} pt) is "
-                f"{100 * read_safe_ratio(arch):.4g}% ({paths.sensitivity_report(arch)})")
+                f"{100 * read_safe_ratio(arch, target):.4g}% ({paths.sensitivity_report(arch, target)})")
     except ValueError:
-        return f"run the sensitivity stage (dvc repro sensitivity@{arch}) for the safe ratio"
+        return (f"run the sensitivity stage (dvc repro sensitivity@{arch}-{paths.target_tag(target)}) "
+                "for the safe ratio")
 
 
 def gamma_warning(name: str, report: Any, hint: str, safe_ratio: float | None = None) -> str | None:
@@ -81,10 +88,10 @@ def threshold_text(report: Any, group_score: str) -> str:
             f"layers; every removed channel scores at most this)")
 
 
-def measured_safe_ratio(arch: str) -> float | None:
+def measured_safe_ratio(arch: str, target: TargetLike) -> float | None:
     """The sensitivity stage's safe ratio, or None when it has not run (or its report is unreadable)."""
     try:
-        return read_safe_ratio(arch)
+        return read_safe_ratio(arch, target)
     except ValueError:
         return None
 
@@ -118,7 +125,7 @@ def main(
         params = params_for(params_file, arch)
         goal = check_target(params, target)
         name = f"prune@{arch}-{goal.tag}"
-        safe = read_safe_ratio(arch) if goal.kind == "safe" else None
+        safe = read_safe_ratio(arch, goal) if goal.kind == "safe" else None
         from slimcore_pipeline import paths
         from slimcore_pipeline.resources import check_disk, check_writable, tensor_bytes
 
@@ -130,7 +137,7 @@ def main(
         from slimcore_pipeline.process import save_model
 
         choice = params.model_for(arch)  # the pipeline's own entry: its python factory may run
-        sparse = load_model(paths.checkpoint(arch, "sparse"), expected_arch=choice.arch, trusted=choice)
+        sparse = load_model(paths.sparse(arch, goal), expected_arch=choice.arch, trusted=choice)
         check_disk(paths.pruned(arch, goal).parent, 2 * tensor_bytes(sparse), "the two pruned checkpoints")
         size = params.data.image_size
         example = trace_inputs(params)
@@ -168,7 +175,7 @@ def main(
             "channels": report.channels_per_layer,
         }
         if safe is not None:
-            summary["safe_ratio_from"] = paths.sensitivity_report(arch).as_posix()
+            summary["safe_ratio_from"] = paths.sensitivity_report(arch, goal).as_posix()
         write_json(paths.prune_report(arch, goal), summary)
         write_json(paths.timings(arch, paths.prune_run(goal)),
                    {"seconds": round(report.seconds, 3), "search_steps": report.search_steps})
@@ -181,8 +188,8 @@ def main(
             lines.append(f"warning: {name}: only {report.ratio_all_bn:.2%} of all {report.total_bn_channels} BN "
                          f"channels removed for a requested {ratio:.0%}: {report.skipped_bn_channels} BN channels "
                          f"are held fixed in skipped groups (see 'skipped' in {paths.prune_report(arch, goal)})")
-        measured = safe if safe is not None else measured_safe_ratio(arch)
-        lines.append(gamma_warning(name, report, safe_ratio_hint(arch, params.prune.max_drop), measured))
+        measured = safe if safe is not None else measured_safe_ratio(arch, goal)
+        lines.append(gamma_warning(name, report, safe_ratio_hint(arch, goal, params.prune.max_drop), measured))
         note = gamma_note(name, report, measured, params.prune.max_drop)
         if note:
             console.log(note)

@@ -1,5 +1,7 @@
-"""Stage ``sparse-train@ARCH``: train the arch with the slimming penalty on every BatchNorm gamma
-(``penalty``, its strength ``penalty.strength.ARCH``), from ``model.sparse_start``."""
+"""Stage ``sparse-train@ARCH-TARGET``: train the arch with the slimming penalty on every BatchNorm
+gamma (``penalty``, its strength ``penalty.strength.ARCH``), from ``model.sparse_start``, for one
+prune target: with ``penalty.target: auto`` the penalty zeroes the share of channels that target
+removes and no more, so a 2x model does not carry the dead channels a 4x budget needs."""
 
 from __future__ import annotations
 
@@ -9,18 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from stages._common import PARAMS_OPTION, console, params_for, run_app, stage
+from stages._common import PARAMS_OPTION, check_target, console, params_for, run_app, stage
 from stages._training import start_of, train_to_checkpoint
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from slimcore.targets import Target
     from slimcore_pipeline.config import Params
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[nn.BatchNorm2d, Any]] | None:
+def coupled_channels(model: nn.Module, params: Params, name: str) -> list[tuple[nn.BatchNorm2d, Any]] | None:
     """For ``penalty.method: group``: the BN channels ``slim`` removes together (see
     :func:`slimcore.prune.coupled_units`); None for the other methods.  A model whose graph
     cannot be traced gets the per-channel proximal step instead, with a warning."""
@@ -34,15 +37,16 @@ def coupled_channels(model: nn.Module, params: Params, arch: str) -> list[tuple[
     try:
         return coupled_units(model, torch.zeros(2, 3, size, size))  # zeros: no draw from the RNG
     except Exception as err:
-        console.print(f"[yellow]warning:[/] sparse-train@{arch}: cannot trace which channels slim removes "
+        console.print(f"[yellow]warning:[/] sparse-train@{name}: cannot trace which channels slim removes "
                       f"together ({type(err).__name__}: {err}); penalty.method group shrinks each channel "
                       "alone, as prox does")
         return None
 
 
-def penalty_share(model: nn.Module, params: Params, arch: str, said: list[float] | None = None) -> float:
+def penalty_share(model: nn.Module, params: Params, arch: str, goal: Target,
+                  said: list[float] | None = None) -> float:
     """``penalty.target`` as a share of BN channels: the number itself, or for ``auto`` the share
-    ``prune.targets`` need on this model (:func:`slimcore.penalty_target.share_for_targets`),
+    the prune target ``goal`` needs on this model (:func:`slimcore.penalty_target.share_for_targets`),
     logged when it differs from the last one in ``said``."""
     target = params.penalty.target
     if target != "auto":
@@ -52,47 +56,51 @@ def penalty_share(model: nn.Module, params: Params, arch: str, said: list[float]
     from slimcore.penalty_target import share_for_targets
     from stages._common import trace_inputs
 
-    share = share_for_targets(model, params.prune.parsed_targets(), trace_inputs(params),
+    share = share_for_targets(model, [goal], trace_inputs(params),
                               input_size=params.data.image_size, **params.prune.policy())
     if said is None or not said or said[-1] != share:
-        console.log(f"sparse-train@{arch}: penalty.target auto: {share:.1%} of the BN channels (what prune.targets "
-                    f"{', '.join(map(str, params.prune.targets))} remove from the model as it is now, plus a margin)")
+        what = ("no measured ratio yet: safe is found on this model afterwards" if goal.kind == "safe"
+                else f"what {goal.tag} removes from the model as it is now, plus a margin")
+        console.log(f"sparse-train@{arch}-{goal.tag}: penalty.target auto: {share:.1%} of the BN channels ({what})")
     if said is not None:
         said.append(share)
     return share
 
 
-def auto_share(params: Params, arch: str) -> Callable[[nn.Module], float] | None:
+def auto_share(params: Params, arch: str, goal: Target) -> Callable[[nn.Module], float] | None:
     """For ``penalty.target: auto`` (prox/group): the function the trainer calls at the start of
-    every epoch to re-resolve the share from the model as it is; None otherwise."""
+    every epoch to re-resolve ``goal``'s share from the model as it is; None otherwise."""
     if params.penalty.target != "auto" or params.penalty.method == "l1":
         return None
     said: list[float] = []
-    return lambda model: penalty_share(model, params, arch, said)
+    return lambda model: penalty_share(model, params, arch, goal, said)
 
 
 @app.command()
 def main(
     arch: str = typer.Option(..., help="architecture, one of params.yaml's archs"),
+    target: str = typer.Option(..., help="the prune target this sparse model is for (0.2, flops0.5, params0.3, "
+                                         "speedup2, safe): penalty.target auto sizes the penalty for it"),
     params_file: Path = PARAMS_OPTION,
     epochs: int | None = typer.Option(None, help="override train.epochs"),
     lr: float | None = typer.Option(None, help="override train.lr"),
     strength: float | None = typer.Option(None, "--strength", "--sparsity",
                                           help="override penalty.strength.ARCH"),
 ) -> None:
-    """Train ARCH with the penalty from model.sparse_start (scratch, baseline or weights); writes
-    models/ARCH/sparse.pt and metrics/ARCH/sparse-train/."""
-    with stage(f"sparse-train@{arch}"):
+    """Train ARCH with the penalty from model.sparse_start (scratch, baseline or weights) for TARGET;
+    writes models/ARCH/sparse-TARGET.pt and metrics/ARCH/sparse-train-TARGET/."""
+    with stage(f"sparse-train@{arch}-{target}"):
         params = params_for(params_file, arch, **{"train.epochs": epochs, "train.lr": lr,
                                                   f"penalty.strength.{arch}": strength})
+        goal = check_target(params, target)
         from slimcore_pipeline import paths
 
         start = start_of(params, arch, "sparse-train")
-        train_to_checkpoint(params, arch, "sparse-train", paths.checkpoint(arch, "sparse"),
+        train_to_checkpoint(params, arch, paths.sparse_run(goal), paths.sparse(arch, goal),
                             train_cfg=params.train, strength=params.penalty.strength[arch], init=start.init,
                             weights=start.weights, module="stages.sparse_train",
-                            units=lambda model: coupled_channels(model, params, arch),
-                            penalty_target=auto_share(params, arch))
+                            units=lambda model: coupled_channels(model, params, f"{arch}-{goal.tag}"),
+                            penalty_target=auto_share(params, arch, goal))
 
 
 if __name__ == "__main__":

@@ -45,11 +45,14 @@ def test_the_table_fits_160_columns_and_marks_missing_slots() -> None:
 
 
 def test_dag_keeps_one_archs_stages_and_the_shared_ones() -> None:
-    dot = "\n".join(['strict digraph {', '"baseline-train@vgg16_bn" -> "sparse-train@vgg16_bn";',
-                     '"baseline-train@resnet50" -> "sparse-train@resnet50";',
-                     '"sparse-train@vgg16_bn" -> "prune@vgg16_bn-0.2";', '"prune@vgg16_bn-0.2" -> "evaluate";',
-                     '"sparse-train@resnet50" -> "prune@resnet50-0.2";', '"prune@resnet50-0.2" -> "evaluate";', '}'])
+    dot = "\n".join(['strict digraph {', '"baseline-train@vgg16_bn" -> "sparse-train@vgg16_bn-0.2";',
+                     '"baseline-train@resnet50" -> "sparse-train@resnet50-0.2";',
+                     '"sparse-train@vgg16_bn-0.2" -> "sensitivity@vgg16_bn-0.2";',
+                     '"sensitivity@vgg16_bn-0.2" -> "prune@vgg16_bn-0.2";',
+                     '"sparse-train@vgg16_bn-0.2" -> "prune@vgg16_bn-0.2";', '"prune@vgg16_bn-0.2" -> "evaluate";',
+                     '"sparse-train@resnet50-0.2" -> "prune@resnet50-0.2";', '"prune@resnet50-0.2" -> "evaluate";',
+                     '}'])
     chart = mermaid(edges_of(dot), "vgg16_bn")
     assert chart.splitlines()[0] == "flowchart LR" and "resnet50" not in chart
-    assert chart.count("-->") == 3 and '["evaluate"]' in chart
+    assert chart.count("-->") == 5 and '["evaluate"]' in chart and '["sensitivity@vgg16_bn-0.2"]' in chart
     assert chart.index("baseline-train") < chart.index("sparse-train") < chart.index("prune@") < chart.index("evaluate")

@@ -181,13 +181,12 @@ def experiment(pipeline: Pipeline, rerun: tuple[Result, Result]) -> Experiment:
 
 def test_repro_writes_every_checkpoint(pipeline: Pipeline) -> None:
     models = pipeline.proj / "models" / ARCH
-    names = ["baseline", "sparse"] + [f"{kind}-{r}{suffix}" for r in RATIOS
-                                      for kind, suffix in (("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))]
+    names = ["baseline"] + [f"{kind}-{r}{suffix}" for r in RATIOS for kind, suffix in
+                            (("sparse", ""), ("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))]
     missing = [n for n in names if not (models / f"{n}.pt").is_file()]
     assert not missing, f"missing checkpoints {missing}\n{pipeline.repro.tail()}"
-    per_ratio = [f"{kind}@{ARCH}-{r}" for r in RATIOS for kind in ("prune", "finetune")]
-    for stage in (f"baseline-train@{ARCH}", f"sparse-train@{ARCH}", f"sensitivity@{ARCH}", *per_ratio, "profile",
-                  "evaluate"):
+    per_ratio = [f"{kind}@{ARCH}-{r}" for r in RATIOS for kind in ("sparse-train", "sensitivity", "prune", "finetune")]
+    for stage in (f"baseline-train@{ARCH}", *per_ratio, "profile", "evaluate"):
         assert f"Running stage '{stage}'" in pipeline.repro.output, pipeline.repro.tail()
 
 
@@ -200,7 +199,7 @@ def test_results_table_has_a_row_per_ratio(pipeline: Pipeline) -> None:
 
 def test_eval_and_profile_reports(pipeline: Pipeline) -> None:
     metrics = pipeline.proj / "metrics"
-    labels = {"baseline", "sparse"} | {f"{kind}-{r}" for r in RATIOS for kind in ("pruned", "finetuned")} \
+    labels = {"baseline"} | {f"{kind}-{r}" for r in RATIOS for kind in ("sparse", "pruned", "finetuned")} \
         | {f"pruned-{r}-nofold" for r in RATIOS}
     evals = json.loads((metrics / "eval.json").read_text())
     assert set(evals) == {ARCH}
@@ -228,14 +227,15 @@ def test_declared_metrics_are_one_small_summary_per_arch(pipeline: Pipeline) -> 
     files = next(iter(data.values()))["data"]
     assert set(files) == {f"metrics/summary/{ARCH}.json"}, sorted(files)
     summary = files[f"metrics/summary/{ARCH}.json"]["data"]
-    assert list(summary) == [f"r{i + 1}" for i in range(len(RATIOS))] + ["baseline", "safe_ratio"]
+    assert list(summary) == [f"r{i + 1}" for i in range(len(RATIOS))] + ["baseline"]
     assert 0 < summary["r1"]["top1"] <= 100 and 0 < summary["r2"]["macs_kept"] < summary["r1"]["macs_kept"] < 100
     details = json.loads((pipeline.proj / "metrics" / "details" / f"{ARCH}.json").read_text())
     assert [details[f"r{i + 1}"]["ratio"] for i in range(len(RATIOS))] == list(RATIOS)
     assert details["r1"]["params"] < details["baseline"]["params"] and details["r1"]["top1"] == summary["r1"]["top1"]
-    sensitivity = json.loads((pipeline.proj / "metrics" / "sensitivity" / f"{ARCH}.json").read_text())
-    assert summary["safe_ratio"] == sensitivity["safe_ratio"] and [p["ratio"] for p in sensitivity["points"]] == [
-        0.25, 0.5, 0.75]
+    for i, ratio in enumerate(RATIOS):  # each target's sparse model has its own curve and safe ratio
+        sensitivity = json.loads((pipeline.proj / "metrics" / "sensitivity" / f"{ARCH}-{ratio}.json").read_text())
+        assert details[f"r{i + 1}"]["safe_ratio"] == sensitivity["safe_ratio"]
+        assert [p["ratio"] for p in sensitivity["points"]] == [0.25, 0.5, 0.75]
     table = dvc("metrics", "show", cwd=pipeline.proj)  # no flags: one row per arch, under 160 columns
     assert table.returncode == 0 and max(map(len, table.output.splitlines())) <= 160, table.tail()
 
@@ -292,10 +292,10 @@ def test_checkpoints_stay_out_of_git(experiment: Experiment) -> None:
 
 
 def test_exp_run_reruns_only_what_the_targets_reach(experiment: Experiment) -> None:
-    """New prune.targets reach the prune side and, through penalty.target auto (the share of channels
-    the targets remove), sparse-train and the sensitivity of its model; the baseline is untouched."""
+    """A new prune target gets its own sparse model (penalty.target auto sizes it for that target),
+    its sensitivity curve, prune and fine-tuning; the baseline is untouched."""
     out = experiment.run.output
-    for stage in (f"sparse-train@{ARCH}", f"sensitivity@{ARCH}", f"prune@{ARCH}-{EXP_TARGET}",
+    for stage in (f"sparse-train@{ARCH}-{EXP_TARGET}", f"sensitivity@{ARCH}-{EXP_TARGET}", f"prune@{ARCH}-{EXP_TARGET}",
                   f"finetune@{ARCH}-{EXP_TARGET}", "profile", "evaluate"):
         assert f"Running stage '{stage}'" in out, experiment.run.tail()
     assert f"Running stage 'baseline-train@{ARCH}'" not in out, experiment.run.tail()
@@ -308,7 +308,7 @@ def test_exp_run_warns_only_of_the_new_ratios_outputs(experiment: Experiment) ->
     workspace before reproducing; nothing else may warn (no stale output, no old ratio)."""
     warnings = [line for line in experiment.run.output.splitlines() if "WARNING" in line]
     expected = {f"models/{ARCH}/{name}-{EXP_TARGET}{suffix}.pt"
-                for name, suffix in (("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))}
+                for name, suffix in (("sparse", ""), ("pruned", ""), ("pruned", "-nofold"), ("finetuned", ""))}
     named = {w.split("'")[1].split("/proj/")[-1] for w in warnings if "No file hash info found" in w}
     assert len(warnings) == len(named) and named <= expected, experiment.run.tail()
 
@@ -347,7 +347,7 @@ def test_exp_flops_target_lands_within_one_percent(experiment: Experiment, pipel
         assert abs(report["flops_fraction"] - 0.5) <= 0.005, report
     profile = json.loads((pipeline.proj / "metrics" / "profile.json").read_text())[ARCH]
     assert profile[f"pruned-{EXP_TARGET}"]["flops"] == report["flops_after"]
-    assert profile["sparse"]["flops"] == report["flops_before"]
+    assert profile[f"sparse-{EXP_TARGET}"]["flops"] == report["flops_before"]
 
 
 def test_exp_results_in_workspace_and_metrics_diff(experiment: Experiment, pipeline: Pipeline) -> None:
@@ -381,7 +381,7 @@ def test_exp_apply_of_other_targets_leaves_status_clean(experiment: Experiment, 
     status = ok([str(BIN / "dvc"), "status"], proj)
     assert "Data and pipelines are up to date" in status.output, status.tail()
     summary = json.loads((proj / "metrics" / "summary" / f"{ARCH}.json").read_text())
-    assert list(summary) == ["r1", "baseline", "safe_ratio"], summary
+    assert list(summary) == ["r1", "baseline"], summary
     compare = ok([sys.executable, "-m", "slimcore_pipeline.compare", "HEAD"], proj)  # main's [0.2, 0.5] vs [0.5]
     lines = compare.output.splitlines()
     assert max(map(len, lines)) <= 160 and len(lines) == 1 + len(RATIOS), compare.tail()

@@ -269,7 +269,7 @@ def test_profile_stage_reports_onnxruntime_latency_in_timings_only(tmp_path: Pat
     base = randomize_bn(build_model(arch, 10, params["model"]["stem"], 0.0625)).eval()
     pruned, _ = slim(base, ratio, torch.randn(2, 3, 8, 8))
     for label, path in paths.model_files(arch, [ratio]).items():
-        save_model(path, base if label in ("baseline", "sparse") else pruned)
+        save_model(path, base if label == "baseline" or label.startswith("sparse-") else pruned)
 
     result = runner.invoke(profile.app, [])
     assert result.exit_code == 0, result.output

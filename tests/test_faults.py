@@ -107,7 +107,8 @@ def test_bad_params_fail_fast_naming_the_key_and_write_nothing(tmp_path: Path, c
     ("baseline_train", ["--arch", "resnet50"], ["resnet50", "archs"]),
     ("prune", ["--arch", ARCH, "--target", "1.5"], ["--target", "[0, 1)"]),
     ("prune", ["--arch", ARCH, "--target", "flops"], ["--target", "unknown target", "flopsF"]),
-    ("prune", ["--arch", ARCH, "--target", "safe"], ["metrics/sensitivity/vgg16_bn.json", "sensitivity@vgg16_bn"]),
+    ("prune", ["--arch", ARCH, "--target", "safe"],
+     ["metrics/sensitivity/vgg16_bn-safe.json", "sensitivity@vgg16_bn-safe"]),
 ])
 def test_bad_options_by_hand_fail_the_same_way(tmp_path: Path, module: str, args: list[str], named: list[str]) -> None:
     project = _project(tmp_path)
@@ -219,7 +220,7 @@ def test_prune_stage_twice_gives_byte_identical_outputs(tmp_path: Path) -> None:
     from tests.conftest import randomize_bn
 
     project = _project(tmp_path, **{"model.width": 0.125})
-    save_model(project / "models" / ARCH / "sparse.pt", randomize_bn(build_model(ARCH, 10, "cifar", 0.125)))
+    save_model(project / "models" / ARCH / "sparse-0.5.pt", randomize_bn(build_model(ARCH, 10, "cifar", 0.125)))
     runs = []
     for _ in range(2):
         proc = _stage(project, "prune", "--arch", ARCH, "--target", "0.5")

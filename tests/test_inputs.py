@@ -271,12 +271,12 @@ def test_nan_weights_are_named_not_blamed_on_the_learning_rate(tmp_path: Path) -
     model = ModelSpec("torchvision", ARCH, 10, "cifar", 0.0625).build()
     with torch.no_grad():
         model.features[0].weight[0, 0, 0, 0] = float("nan")
-    save_model(project / "models" / ARCH / "sparse.pt", model)
+    save_model(project / "models" / ARCH / "sparse-0.2.pt", model)
     line = _refused(project, "prune", "--arch", ARCH, "--target", "0.2",
-                    expect=("sparse.pt: features.0.weight holds NaN or inf values", "re-create or replace"))
+                    expect=("sparse-0.2.pt: features.0.weight holds NaN or inf values", "re-create or replace"))
     assert "learning rate" not in line
     with pytest.raises(ModelError):
-        load_model(project / "models" / ARCH / "sparse.pt")
+        load_model(project / "models" / ARCH / "sparse-0.2.pt")
 
 
 def test_duplicate_yaml_key_is_refused(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_readme_own_model_under_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     extra = readme_params()
     params = merge(yaml.safe_load((proj / "params.yaml").read_text()), extra)
     params["prune"]["targets"] = [0.4]  # for time: one ratio, short schedules, few latency runs
-    params["train"].update(epochs=3, warmup_epochs=0, milestones=[2])
+    params["train"].update(epochs=1, warmup_epochs=0, milestones=[])
     params["finetune"].update(epochs=1, milestones=[])
     params["profile"].update(latency_runs=3, warmup_runs=1)
     params["prune"]["sensitivity_step"] = 0.25  # a 3-ratio sensitivity grid

@@ -1,4 +1,4 @@
-"""penalty.target auto: the share of BN channels sparse training zeroes, derived from prune.targets."""
+"""penalty.target auto: the share of BN channels sparse training zeroes, derived from the prune target."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from slimcore.models import build_model
 from slimcore.penalty_target import DEFAULT_MARGIN, MAX_SHARE, SAFE_ONLY_SHARE, share_for_targets
 from slimcore.prune import slim_to
+from slimcore.targets import parse_target
 from slimcore_pipeline.config import PenaltyConfig, load_params, with_overrides
 from stages.sparse_train import penalty_share
 from tests.conftest import randomize_bn
@@ -50,12 +51,18 @@ def test_params_accept_auto_and_refuse_other_words() -> None:
         PenaltyConfig(target=1.0)
 
 
-def test_the_stage_resolves_auto_from_prune_targets_and_passes_numbers_through() -> None:
+def test_the_stage_sizes_auto_for_its_own_target_alone_and_passes_numbers_through() -> None:
     params = with_overrides(load_params(), {"penalty.target": "auto", "penalty.method": "group",
                                            "prune.targets": [0.2, 0.5], "data.image_size": 16})
-    assert penalty_share(_vgg(), params, "vgg16_bn") == pytest.approx(0.5 + DEFAULT_MARGIN)
+    # each target's sparse model: sized for that target, not for the largest one requested
+    assert penalty_share(_vgg(), params, "vgg16_bn", parse_target(0.2)) == pytest.approx(0.2 + DEFAULT_MARGIN)
+    assert penalty_share(_vgg(), params, "vgg16_bn", parse_target(0.5)) == pytest.approx(0.5 + DEFAULT_MARGIN)
+    assert penalty_share(_vgg(), params, "vgg16_bn", parse_target("safe")) == SAFE_ONLY_SHARE
+    flops = penalty_share(_vgg(), params, "vgg16_bn", parse_target("speedup2"))
+    assert flops == pytest.approx(share_for_targets(_vgg(), ["flops0.5"], torch.randn(2, 3, 16, 16),
+                                                    input_size=16, **params.prune.policy()))
     fixed = with_overrides(params, {"penalty.target": 0.3})
-    assert penalty_share(_vgg(), fixed, "vgg16_bn") == 0.3
+    assert penalty_share(_vgg(), fixed, "vgg16_bn", parse_target(0.2)) == 0.3
     # the paper's subgradient pulls every gamma: auto resolves to 0 (no share) without a search
     paper = with_overrides(params, {"penalty.method": "l1"})
-    assert penalty_share(_vgg(), paper, "vgg16_bn") == 0.0
+    assert penalty_share(_vgg(), paper, "vgg16_bn", parse_target(0.2)) == 0.0

@@ -217,21 +217,25 @@ def _expected_outs(params) -> dict[str, set[str]]:
 
     expected: dict[str, set[str]] = {}
     for arch in params.archs:
-        for stage, run, ckpt in (("baseline-train", "baseline-train", "baseline"),
-                                 ("sparse-train", "sparse-train", "sparse")):
-            expected[f"{stage}@{arch}"] = posix(paths.checkpoint(arch, ckpt), paths.curves(arch, run),
-                                                paths.timings(arch, run))
-        expected[f"sensitivity@{arch}"] = posix(paths.sensitivity_report(arch), paths.timings(arch, "sensitivity"))
+        expected[f"baseline-train@{arch}"] = posix(paths.checkpoint(arch, "baseline"),
+                                                   paths.curves(arch, "baseline-train"),
+                                                   paths.timings(arch, "baseline-train"))
         for target in params.prune.parsed_targets():
             tag = paths.target_tag(target)
+            sparse, sensitivity = f"sparse-train@{arch}-{tag}", f"sensitivity@{arch}-{tag}"
+            expected[sparse] = posix(paths.sparse(arch, target), paths.curves(arch, paths.sparse_run(target)),
+                                     paths.timings(arch, paths.sparse_run(target)))
+            expected[sensitivity] = posix(paths.sensitivity_report(arch, target),
+                                          paths.timings(arch, paths.sensitivity_run(target)))
             prune, finetune = f"prune@{arch}-{tag}", f"finetune@{arch}-{tag}"
             expected[prune] = posix(paths.pruned(arch, target), paths.pruned(arch, target, fold=False),
                                     paths.prune_report(arch, target), paths.timings(arch, paths.prune_run(target)))
             run = paths.finetune_run(target)
             expected[finetune] = posix(paths.finetuned(arch, target), paths.curves(arch, run),
                                        paths.timings(arch, run))
-            # together the two stages write exactly what the profile stage removes for a dropped target
-            assert expected[prune] | expected[finetune] == posix(*paths.target_outputs(arch, target))
+            # together the four stages write exactly what the profile stage removes for a dropped target
+            assert expected[sparse] | expected[sensitivity] | expected[prune] | expected[finetune] \
+                == posix(*paths.target_outputs(arch, target))
     expected["profile"] = posix(paths.profile_report(), paths.latency_report(), paths.latency_table())
     expected["evaluate"] = posix(paths.results_table(), paths.plots_dir(), paths.eval_report(), paths.details_dir(),
                                  paths.summaries())
@@ -242,9 +246,9 @@ def test_rendered_stage_names(rendered, params) -> None:
     names = set(rendered)
     for arch in params.archs:
         assert f"baseline-train@{arch}" in names
-        assert f"sparse-train@{arch}" in names
-        assert f"sensitivity@{arch}" in names
         for target in params.prune.parsed_targets():
+            assert f"sparse-train@{arch}-{paths.target_tag(target)}" in names, sorted(names)
+            assert f"sensitivity@{arch}-{paths.target_tag(target)}" in names, sorted(names)
             assert f"prune@{arch}-{paths.target_tag(target)}" in names, sorted(names)
             assert f"finetune@{arch}-{paths.target_tag(target)}" in names, sorted(names)
     assert {"profile", "evaluate"} <= names
@@ -272,19 +276,30 @@ def test_declared_metrics_are_the_summaries_only() -> None:
 def test_stale_target_outputs_are_found_and_only_those(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What a dropped target left behind is found; current targets and other archs are untouched."""
     monkeypatch.chdir(tmp_path)
-    dropped = [0.6, "flops0.5", "params0.3", "safe", 1e-05]
+    dropped = [0.6, "flops0.5", "params0.3", "speedup4", "safe", 1e-05]
     for arch, target in [("vgg16_bn", 0.2), ("vgg16_bn", "flops0.25"), *[("vgg16_bn", t) for t in dropped],
                          ("resnet50", 0.6), ("resnet50", "safe")]:
         for path in paths.target_outputs(arch, target):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("x")
-    paths.checkpoint("vgg16_bn", "sparse").write_text("x")
+    paths.checkpoint("vgg16_bn", "baseline").write_text("x")
     stale = paths.stale_target_outputs(["vgg16_bn"], [0.2, "flops0.25"])
     assert sorted(stale) == sorted(p for t in dropped for p in paths.target_outputs("vgg16_bn", t))
+    # what an earlier version's one sparse model per arch left: found too, for this arch only
+    for arch in ("vgg16_bn", "resnet50"):
+        for path in paths.per_arch_sparse_outputs(arch):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("x")
+    legacy = paths.stale_target_outputs(["vgg16_bn"], [0.2, "flops0.25"])
+    assert sorted(legacy) == sorted(stale + paths.per_arch_sparse_outputs("vgg16_bn"))
+    assert Path("models/vgg16_bn/sparse.pt") in legacy and Path("metrics/sensitivity/vgg16_bn.json") in legacy
 
 
 @pytest.mark.parametrize("target,files", [
-    (0.2, ["models/A/pruned-0.2.pt", "models/A/finetuned-0.2.pt", "metrics/prune/A-0.2.json"]),
+    (0.2, ["models/A/sparse-0.2.pt", "models/A/pruned-0.2.pt", "models/A/finetuned-0.2.pt",
+           "metrics/prune/A-0.2.json", "metrics/sensitivity/A-0.2.json", "metrics/A/sparse-train-0.2"]),
+    ("speedup2", ["models/A/sparse-speedup2.pt", "metrics/timings/A/sparse-train-speedup2.json",
+                  "metrics/timings/A/sensitivity-speedup2.json", "models/A/pruned-speedup2-nofold.pt"]),
     ("flops0.5", ["models/A/pruned-flops0.5.pt", "models/A/pruned-flops0.5-nofold.pt",
                   "metrics/prune/A-flops0.5.json", "metrics/timings/A/prune-flops0.5.json"]),
     ("params0.3", ["models/A/finetuned-params0.3.pt", "metrics/A/finetune-params0.3"]),
@@ -292,7 +307,7 @@ def test_stale_target_outputs_are_found_and_only_those(tmp_path: Path, monkeypat
 ])
 def test_target_names_in_paths(target: object, files: list[str]) -> None:
     outs = {p.as_posix() for p in paths.target_outputs("A", target)}
-    assert set(files) <= outs and len(outs) == 7
+    assert set(files) <= outs and len(outs) == 12
 
 
 def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
@@ -300,17 +315,18 @@ def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
     for arch in params.archs:
         for target in params.prune.parsed_targets():
             tag = paths.target_tag(target)
-            assert paths.checkpoint(arch, "sparse").as_posix() in rendered[f"prune@{arch}-{tag}"]["deps"]
+            sparse = paths.sparse(arch, target).as_posix()
+            assert sparse in rendered[f"prune@{arch}-{tag}"]["deps"]
+            assert paths.sensitivity_report(arch, target).as_posix() in rendered[f"prune@{arch}-{tag}"]["deps"]
             assert paths.pruned(arch, target).as_posix() in rendered[f"finetune@{arch}-{tag}"]["deps"]
-            prune_cmd = rendered[f"prune@{arch}-{tag}"]["cmd"]
-            assert f"--arch {arch}" in prune_cmd and f"--target {tag}" in prune_cmd
-        # starting weights (model.weights) for both training stages; sparse-train may start from the baseline
-        for stage in ("baseline-train", "sparse-train"):
-            assert params.model.weights in rendered[f"{stage}@{arch}"]["deps"], stage
-        assert paths.checkpoint(arch, "baseline").as_posix() in rendered[f"sparse-train@{arch}"]["deps"]
-        # the sensitivity curve reads the sparse model; evaluate reads the curve (see below)
-        assert paths.checkpoint(arch, "sparse").as_posix() in rendered[f"sensitivity@{arch}"]["deps"]
-        assert f"--arch {arch}" in rendered[f"sensitivity@{arch}"]["cmd"]
+            # each target's sparse model starts from the baseline (or model.weights); its curve reads it
+            assert paths.checkpoint(arch, "baseline").as_posix() in rendered[f"sparse-train@{arch}-{tag}"]["deps"]
+            assert params.model.weights in rendered[f"sparse-train@{arch}-{tag}"]["deps"]
+            assert sparse in rendered[f"sensitivity@{arch}-{tag}"]["deps"]
+            for stage in ("sparse-train", "sensitivity", "prune"):
+                cmd = rendered[f"{stage}@{arch}-{tag}"]["cmd"]
+                assert f"--arch {arch}" in cmd and f"--target {tag}" in cmd, stage
+        assert params.model.weights in rendered[f"baseline-train@{arch}"]["deps"]
     for name in ("profile", "evaluate"):
         assert _covered(paths.finetuned(params.archs[0], params.prune.targets[0]).as_posix(),
                         rendered[name]["deps"]), name
@@ -318,20 +334,21 @@ def test_rendered_data_deps_chain_the_stages(rendered, params) -> None:
 
 
 def test_evaluate_reads_the_reports_without_depending_on_their_folders(rendered, params) -> None:
-    """evaluate reads metrics/prune/ARCH-T.json and metrics/sensitivity/ARCH.json, but a folder dep
+    """evaluate reads metrics/prune/ARCH-T.json and metrics/sensitivity/ARCH-T.json, but a folder dep
     would hash what `dvc exp apply` leaves of targets no longer requested (evaluate: changed deps).
     What those reports hold is a function of evaluate's deps: the sparse checkpoints, the params and
     the code of the stages that write them."""
     evaluate = rendered["evaluate"]
     for report in (paths.prune_report(params.archs[0], params.prune.targets[0]),
-                   paths.sensitivity_report(params.archs[0])):
+                   paths.sensitivity_report(params.archs[0], params.prune.targets[0])):
         assert not _covered(report.as_posix(), evaluate["deps"]), report
     raw = _raw_stages()
     for writer in ("prune", "sensitivity"):
         code = [d for d in _dep_paths(raw[writer]) if d.split("/")[0] in CODE_PACKAGES]
         assert not [d for d in code if not _covered(d, evaluate["deps"])], writer
     for arch in params.archs:
-        assert _covered(paths.checkpoint(arch, "sparse").as_posix(), evaluate["deps"])
+        for target in params.prune.targets:
+            assert _covered(paths.sparse(arch, target).as_posix(), evaluate["deps"])
 
 
 @pytest.mark.parametrize("name", STAGES)

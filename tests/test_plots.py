@@ -48,42 +48,55 @@ def _history(epochs: int, top1: float, lr: float) -> list[dict[str, float]]:
 
 
 def _inputs() -> dict[str, Any]:
-    """write_plot_data's keyword arguments, shaped like what the evaluate stage gathers."""
+    """write_plot_data's keyword arguments, shaped like what the evaluate stage gathers: one sparse
+    model per target (``sparse-T``, run ``sparse-train-T``), each with its own sensitivity curve."""
     evals, profile, prunes, histories, gammas = {}, {}, {}, {}, {}
     gen = torch.Generator().manual_seed(0)
     for i, arch in enumerate(ARCHS):
-        evals[arch] = {"baseline": _ev(0.90 + i / 100, 0.99), "sparse": _ev(0.88), "pruned-0.2": _ev(0.85),
-                       "pruned-0.2-nofold": _ev(0.5), "finetuned-0.2": _ev(0.8912, 0.987),
+        evals[arch] = {"baseline": _ev(0.90 + i / 100, 0.99), "sparse-0.2": _ev(0.88), "sparse-0.5": _ev(0.86, 0.97),
+                       "pruned-0.2": _ev(0.85), "pruned-0.2-nofold": _ev(0.5), "finetuned-0.2": _ev(0.8912, 0.987),
                        "pruned-0.5": _ev(float("nan")), "pruned-0.5-nofold": _ev(0.1), "finetuned-0.5": _ev(0.87)}
-        flops = {"baseline": 100e6, "sparse": 100e6, "pruned-0.2": 64e6, "pruned-0.2-nofold": 64e6,
-                 "finetuned-0.2": 64e6, "pruned-0.5": 25e6, "pruned-0.5-nofold": 25e6, "finetuned-0.5": 25e6}
+        flops = {"baseline": 100e6, "sparse-0.2": 100e6, "sparse-0.5": 100e6, "pruned-0.2": 64e6,
+                 "pruned-0.2-nofold": 64e6, "finetuned-0.2": 64e6, "pruned-0.5": 25e6, "pruned-0.5-nofold": 25e6,
+                 "finetuned-0.5": 25e6}
         profile[arch] = {"image_size": 16, **{k: {"flops": f, "params": int(f / 100), "bytes": int(f / 25)}
                                               for k, f in flops.items()}}
         prunes[arch] = {"0.2": {"requested_ratio": 0.2, "true_ratio": 0.2015, "threshold": 3.2e-5},
                         "0.5": {"requested_ratio": 0.5, "true_ratio": 0.5, "threshold": 0.0123}}
         histories[arch] = {"finetune-0.5": _history(FT_EPOCHS, 0.87, 0.01),  # any order in, fixed order out
-                           "sparse-train": _history(TRAIN_EPOCHS, 0.88, 0.1),
+                           "sparse-train-0.5": _history(TRAIN_EPOCHS, 0.86, 0.1),
+                           "sparse-train-0.2": _history(TRAIN_EPOCHS, 0.88, 0.1),
                            "baseline-train": _history(TRAIN_EPOCHS, 0.9, 0.1),
                            "finetune-0.2": _history(FT_EPOCHS, 0.89, 0.01)}
-        sparse = torch.cat([10 ** (torch.rand(300, generator=gen) * 3 - 6), torch.rand(200, generator=gen) + 0.05,
-                            torch.zeros(3)])
-        gammas[arch] = {"baseline": torch.rand(500, generator=gen) * 0.9 + 0.1, "sparse": sparse}
+        sparse_02 = torch.cat([10 ** (torch.rand(300, generator=gen) * 3 - 6), torch.rand(200, generator=gen) + 0.05,
+                               torch.zeros(3)])
+        sparse_05 = torch.cat([10 ** (torch.rand(400, generator=gen) * 2 - 6), torch.rand(100, generator=gen) + 0.05,
+                               torch.zeros(20)])
+        gammas[arch] = {"baseline": torch.rand(500, generator=gen) * 0.9 + 0.1, "sparse-0.2": sparse_02,
+                        "sparse-0.5": sparse_05}
     return {"archs": ARCHS, "targets": TARGETS, "evals": evals, "profile": profile, "prunes": prunes,
             "histories": histories, "gammas": gammas,
-            "sensitivity": {arch: _sensitivity(i) for i, arch in enumerate(ARCHS)}}
+            "sensitivity": {arch: {"0.2": _sensitivity(i), "0.5": _sensitivity(i, 1)} for i, arch in enumerate(ARCHS)}}
 
 
-def _sensitivity(i: int) -> dict[str, Any]:
-    """Shaped like metrics/sensitivity/ARCH.json: a non-monotone curve, one ratio that cannot be slimmed."""
-    curve = {0.25: 97.5, 0.5: 95.0 - i, 0.75: None}  # vgg16_bn: safe at 50%; resnet50: at 25%
+def _sensitivity(i: int, j: int = 0) -> dict[str, Any]:
+    """Shaped like metrics/sensitivity/ARCH-T.json: a non-monotone curve, one ratio that cannot be slimmed
+    (``j`` 0: the 20% target's sparse model; 1: the 50% one's, sparser: it keeps more at every ratio)."""
+    curve = {0.25: 97.5, 0.5: 95.0 - i + j, 0.75: None if j == 0 else 95.5 - i}
+    # vgg16_bn: safe at 50% (20%'s model), 75% (50%'s); resnet50: at 25%, 50%
     points = [{"ratio": r, "true_ratio": None if t is None else r - 0.01, "ratio_all_bn": None if t is None else r / 2,
                "exact": False, "bound_by": [], "threshold": 0.01, "top1": t, "top5": None if t is None else 99.0,
                "drop": None if t is None else round(98.0 - t, 4), "mflops": None if t is None else 100 * (1 - r),
                "params": None if t is None else int(1000 * (1 - r)), "error": "no" if t is None else None,
                "within_budget": t is not None and 98.0 - t <= 3.0} for r, t in curve.items()]
+    safe = 0.0
+    for point in points:
+        if not point["within_budget"]:
+            break
+        safe = point["ratio"]
     return {"arch": ARCHS[i], "max_drop": 3.0, "step": 0.25, "reference_top1": 98.0, "reference_top5": 99.5,
             "reference_mflops": 100.0, "reference_params": 1000, "val_images": 144, "image_size": 16,
-            "policy": {}, "safe_ratio": 0.5 - 0.25 * i, "points": points}
+            "policy": {}, "safe_ratio": safe, "points": points}
 
 
 def _rows(content: bytes) -> list[dict[str, str]]:
@@ -104,10 +117,15 @@ def tables() -> dict[str, list[dict[str, str]]]:
 def test_tradeoff_has_the_baseline_reference_both_curves_and_ratio_labels(tables: dict) -> None:
     rows = [r for r in tables["tradeoff.csv"] if r["arch"] == "resnet50"]
     assert list(rows[0]) == list(TRADEOFF_FIELDS)
-    assert [r["series"] for r in rows] == [BASELINE, SPARSE, PRUNED, FINETUNED, PRUNED, FINETUNED]
-    baseline, sparse = rows[0], rows[1]
+    assert [r["series"] for r in rows] == [BASELINE, SPARSE, PRUNED, FINETUNED, SPARSE, PRUNED, FINETUNED]
+    baseline = rows[0]
     assert (baseline["top1"], baseline["top5"], baseline["mflops"], baseline["label"]) == ("91", "99", "100", "")
-    assert (sparse["top1"], sparse["label"]) == ("88", "")  # the sparse model is not a "ratio 0" of the curves
+    # one sparse model per target, at the dense FLOPs, labelled with the target it was trained for
+    sparse = [r for r in rows if r["series"] == SPARSE]
+    assert [(r["label"], r["top1"], r["top5"], r["mflops"]) for r in sparse] == [("20%", "88", "100", "100"),
+                                                                                ("50%", "86", "97", "100")]
+    assert [r["true_ratio"] for r in sparse] == ["", ""]  # not pruned
+    assert [(r["point_label"], r["label_row"]) for r in sparse] == [("20%", ""), ("50%", "")]  # 2 points apart
     pruned = [r for r in rows if r["series"] == PRUNED]
     tuned = [r for r in rows if r["series"] == FINETUNED]
     assert [r["label"] for r in pruned] == [r["label"] for r in tuned] == ["20%", "50%"]
@@ -123,21 +141,48 @@ def test_curves_draw_fine_tuning_after_training_in_percent(tables: dict) -> None
     rows = [r for r in tables["curves.csv"] if r["arch"] == "vgg16_bn"]
     assert list(rows[0]) == list(CURVE_FIELDS)
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    assert runs == ["baseline-train", "sparse-train", "finetune-0.2", "finetune-0.5"]
-    assert [int(rows[[r["run"] for r in rows].index(run)]["order"]) for run in runs] == [0, 1, 2, 3]
+    # the baseline, then per target its own sparse training and its fine-tuning
+    assert runs == ["baseline-train", "sparse-train-0.2", "finetune-0.2", "sparse-train-0.5", "finetune-0.5"]
+    first = {run: rows[[r["run"] for r in rows].index(run)] for run in runs}
+    assert [int(first[run]["order"]) for run in runs] == [0, 1, 2, 3, 4]
+    # a target's sparse training and fine-tuning are one line of work (one colour in the chart)
+    assert [first[run]["target"] for run in runs] == [BASELINE, "20%", "20%", "50%", "50%"]
     assert {r["metric"] for r in rows} == set(CURVE_METRICS)
 
     def epochs(run: str) -> list[int]:
         return [int(r["epoch"]) for r in rows if r["run"] == run and r["metric"] == "lr"]
 
-    assert epochs("baseline-train") == epochs("sparse-train") == list(range(1, TRAIN_EPOCHS + 1))
+    assert epochs("baseline-train") == epochs("sparse-train-0.2") == epochs("sparse-train-0.5") == \
+        list(range(1, TRAIN_EPOCHS + 1))
     for run in ("finetune-0.2", "finetune-0.5"):
         assert epochs(run) == list(range(TRAIN_EPOCHS + 1, TRAIN_EPOCHS + FT_EPOCHS + 1))
         assert [int(r["run_epoch"]) for r in rows if r["run"] == run and r["metric"] == "lr"] == [1, 2]
     value = {(r["run"], r["run_epoch"], r["metric"]): float(r["value"]) for r in rows}
-    assert value[("sparse-train", "4", "val_top1")] == pytest.approx(88.0)  # percent
-    assert value[("sparse-train", "2", "train_loss")] == pytest.approx(1.0)
+    assert value[("sparse-train-0.2", "4", "val_top1")] == pytest.approx(88.0)  # percent
+    assert value[("sparse-train-0.5", "4", "val_top1")] == pytest.approx(86.0)
+    assert value[("sparse-train-0.2", "2", "train_loss")] == pytest.approx(1.0)
     assert value[("finetune-0.2", "2", "lr")] == pytest.approx(0.005)  # the learning rate as is
+
+
+def test_each_fine_tuning_continues_after_its_own_sparse_training() -> None:
+    """finetune-T starts from T's own pruned sparse model: its epochs follow sparse-train-T's last,
+    whatever the other sparse trainings (or the baseline) ran."""
+    histories = {"finetune-0.5": _history(2, 0.9, 0.1), "sparse-train-0.5": _history(6, 0.9, 0.1),
+                 "finetune-0.2": _history(2, 0.9, 0.1), "sparse-train-0.2": _history(3, 0.9, 0.1),
+                 "baseline-train": _history(5, 0.9, 0.1)}
+    rows = plotdata.curve_rows("a", histories, labels={"0.5": "FLOPs 50%"})
+
+    def epochs(run: str) -> list[int]:
+        return [r["epoch"] for r in rows if r["run"] == run and r["metric"] == "lr"]
+
+    assert epochs("finetune-0.2") == [4, 5] and epochs("finetune-0.5") == [7, 8]
+    assert epochs("sparse-train-0.2") == [1, 2, 3] and epochs("sparse-train-0.5") == list(range(1, 7))
+    assert {r["run"]: r["target"] for r in rows} == {"baseline-train": BASELINE, "sparse-train-0.2": "20%",
+                                                     "finetune-0.2": "20%", "sparse-train-0.5": "FLOPs 50%",
+                                                     "finetune-0.5": "FLOPs 50%"}
+    assert plotdata.run_target("sparse-train-flops0.5") == ("sparse-train", plotdata.parse_target("flops0.5"))
+    assert plotdata.run_target("finetune-safe")[0] == "finetune"
+    assert plotdata.run_target("baseline-train") is None and plotdata.run_target("sparse-train-nope") is None
 
 
 def test_curves_without_sparse_training_start_fine_tuning_after_the_baseline() -> None:
@@ -148,31 +193,35 @@ def test_curves_without_sparse_training_start_fine_tuning_after_the_baseline() -
 def test_gamma_histogram_uses_shared_log_bins_and_marks_every_threshold(tables: dict) -> None:
     rows = [r for r in tables["gamma_hist.csv"] if r["arch"] == "vgg16_bn"]
     assert list(rows[0]) == list(GAMMA_FIELDS)
-    bins = {m: [r for r in rows if r["kind"] == "bin" and r["model"] == m] for m in ("baseline", "sparse")}
+    models = list(dict.fromkeys(r["model"] for r in rows if r["kind"] == "bin"))
+    assert models == ["baseline", "sparse-0.2", "sparse-0.5"]  # one histogram per sparse model
+    bins = {m: [r for r in rows if r["kind"] == "bin" and r["model"] == m] for m in models}
     zeros = {m: bins[m].pop(0) for m in bins}  # the exact zeros' own bar comes first
-    assert {z["label"] for z in zeros.values()} == {plotdata.ZERO_BIN} and zeros["sparse"]["gamma"] == "0"
-    assert float(zeros["sparse"]["pct"]) == pytest.approx(100 * 3 / 503, abs=1e-3) and zeros["baseline"]["pct"] == "0"
-    zero_hi, first_lo = float(zeros["sparse"]["bin_hi"]), float(bins["sparse"][0]["bin_lo"])
+    assert {z["label"] for z in zeros.values()} == {plotdata.ZERO_BIN} and zeros["sparse-0.2"]["gamma"] == "0"
+    assert float(zeros["sparse-0.2"]["pct"]) == pytest.approx(100 * 3 / 503, abs=1e-3)
+    assert float(zeros["sparse-0.5"]["pct"]) == pytest.approx(100 * 20 / 520, abs=1e-3)
+    assert zeros["baseline"]["pct"] == "0"
+    zero_hi, first_lo = float(zeros["sparse-0.2"]["bin_hi"]), float(bins["sparse-0.2"][0]["bin_lo"])
     assert zero_hi * 10 ** (2 / plotdata.BINS_PER_DECADE) <= first_lo * 1.0001  # a gap of 2+ bins
-    assert np.floor(np.log10(float(zeros["sparse"]["bin_lo"]))) == np.floor(np.log10(zero_hi))  # within a decade
+    assert np.floor(np.log10(float(zeros["sparse-0.2"]["bin_lo"]))) == np.floor(np.log10(zero_hi))  # in a decade
     edges = {m: [(r["bin_lo"], r["bin_hi"]) for r in rs] for m, rs in bins.items()}
-    assert edges["baseline"] == edges["sparse"]
-    lo = np.array([float(r["bin_lo"]) for r in bins["sparse"]])
-    hi = np.array([float(r["bin_hi"]) for r in bins["sparse"]])
+    assert edges["baseline"] == edges["sparse-0.2"] == edges["sparse-0.5"]  # shared by every model of the arch
+    lo = np.array([float(r["bin_lo"]) for r in bins["sparse-0.2"]])
+    hi = np.array([float(r["bin_hi"]) for r in bins["sparse-0.2"]])
     step = 10 ** (1 / plotdata.BINS_PER_DECADE)
     assert np.allclose(hi / lo, step, rtol=1e-5)  # log-spaced
     gammas = torch.cat(list(_inputs()["gammas"]["vgg16_bn"].values())).double()
     smallest, largest = float(gammas[gammas > 0].min()), float(gammas.max())
     assert lo[0] <= smallest < lo[0] * step * 1.0001 and hi[-1] / step / 1.0001 < largest <= hi[-1]  # tight
-    centre = np.array([float(r["gamma"]) for r in bins["sparse"]])
+    centre = np.array([float(r["gamma"]) for r in bins["sparse-0.2"]])
     assert np.allclose(centre, np.sqrt(lo * hi), rtol=1e-5)
-    for model, n_small in (("baseline", 0), ("sparse", 300)):
-        pct = np.array([float(r["pct"]) for r in bins[model]]) + float(zeros[model]["pct"])
-        assert pct.sum() - (len(pct) - 1) * float(zeros[model]["pct"]) == pytest.approx(100.0, abs=1e-3)
-        below = pct[hi <= 1e-3 * 1.0001].sum() - (hi <= 1e-3 * 1.0001).sum() * float(zeros[model]["pct"])
-        assert below == pytest.approx(100 * n_small / (500 + 3 * (model == "sparse")), abs=1e-3)
-    thresholds = [(r["label"], float(r["gamma"]), r["model"]) for r in rows if r["kind"] == "threshold"]
-    assert thresholds == [("20%", 3.2e-5, "sparse"), ("50%", 0.0123, "sparse")]
+    for model, n_small, total in (("baseline", 0, 500), ("sparse-0.2", 300, 503), ("sparse-0.5", 400, 520)):
+        pct = np.array([float(r["pct"]) for r in bins[model]])
+        assert pct.sum() + float(zeros[model]["pct"]) == pytest.approx(100.0, abs=1e-3)
+        assert pct[hi <= 1e-3 * 1.0001].sum() == pytest.approx(100 * n_small / total, abs=1e-3)
+    # each target's threshold is drawn on the histogram of the sparse model it pruned
+    thresholds = [(r["label"], float(r["gamma"]), r["model"], r["label_row"]) for r in rows if r["kind"] == "threshold"]
+    assert thresholds == [("20%", 3.2e-5, "sparse-0.2", "0"), ("50%", 0.0123, "sparse-0.5", "0")]
 
 
 @pytest.mark.parametrize("values,first,last", [
@@ -198,6 +247,13 @@ def test_write_plot_data_is_deterministic_and_atomic(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == names  # no temporary files left
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    shuffled = _inputs()  # dicts in another order: the same bytes (rows follow archs and targets, not dict order)
+    shuffled["histories"] = {a: dict(reversed(list(h.items()))) for a, h in shuffled["histories"].items()}
+    shuffled["gammas"] = {a: dict(reversed(list(g.items()))) for a, g in shuffled["gammas"].items()}
+    shuffled["sensitivity"] = {a: dict(reversed(list(r.items()))) for a, r in shuffled["sensitivity"].items()}
+    write_plot_data(tmp_path / "c", **shuffled)
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
 
 
 def test_csv_cells() -> None:
@@ -315,8 +371,10 @@ def test_a_filled_spec_renders_to_svg_and_png_offline(tradeoff_spec: dict[str, A
 
 
 @pytest.mark.parametrize("name,texts", [
-    ("training curves", ("train loss", "validation top-1 (%)", "learning rate (log)", "finetune-0.5", "pruned")),
-    ("BN gamma histogram", ("prune 20%", "prune 50%", "BN channels (%)", "sparse", "baseline")),
+    ("training curves", ("train loss", "validation top-1 (%)", "learning rate (log)", "dense baseline", "20%", "50%",
+                         "pruned", "target")),
+    ("BN gamma histogram", ("prune 20%", "prune 50%", "BN channels (%)", "sparse-0.2", "sparse-0.5", "baseline")),
+    ("top-1 vs FLOPs", ("sparse-trained", "20%", "50%")),
 ])
 def test_every_chart_renders_and_tells_revisions_apart(name: str, texts: tuple[str, ...]) -> None:
     svg = render_plots.render(_filled_spec(name, ("HEAD", "workspace")), "svg").decode()
@@ -395,24 +453,38 @@ def test_targets_beyond_the_ratio_are_labelled_and_ordered() -> None:
     and their fine-tuning curves follow the ratios' in the legend."""
     inputs = _inputs()
     targets = [0.2, "flops0.5", "safe"]
-    for arch in ARCHS:
+    for i, arch in enumerate(ARCHS):
         for tag, ratio, threshold in (("flops0.5", 0.31, 0.002), ("safe", 0.45, 0.02)):
-            for label in (f"pruned-{tag}", f"finetuned-{tag}"):
+            for label in (f"sparse-{tag}", f"pruned-{tag}", f"finetuned-{tag}"):
                 inputs["evals"][arch][label] = _ev(0.8)
-                inputs["profile"][arch][label] = {"flops": 50e6, "params": 1, "bytes": 1}
+                inputs["profile"][arch][label] = {"flops": 100e6 if label.startswith("sparse") else 50e6,
+                                                  "params": 1, "bytes": 1}
             inputs["prunes"][arch][tag] = {"requested_ratio": ratio, "true_ratio": ratio, "threshold": threshold}
+            inputs["gammas"][arch][f"sparse-{tag}"] = inputs["gammas"][arch]["sparse-0.2"]
+            inputs["sensitivity"][arch][tag] = _sensitivity(i)
         inputs["histories"][arch] = {"finetune-safe": _history(FT_EPOCHS, 0.8, 0.01),
+                                     "sparse-train-safe": _history(TRAIN_EPOCHS, 0.8, 0.1),
                                      "finetune-flops0.5": _history(FT_EPOCHS, 0.8, 0.01),
                                      "finetune-0.2": _history(FT_EPOCHS, 0.8, 0.01),
-                                     "sparse-train": _history(TRAIN_EPOCHS, 0.88, 0.1)}
+                                     "sparse-train-flops0.5": _history(TRAIN_EPOCHS, 0.8, 0.1),
+                                     "sparse-train-0.2": _history(TRAIN_EPOCHS, 0.88, 0.1)}
     tables = {name: _rows(content) for name, content in plotdata.plot_tables(**{**inputs, "targets": targets}).items()}
     tuned = [r for r in tables["tradeoff.csv"] if r["arch"] == "vgg16_bn" and r["series"] == plotdata.FINETUNED]
     assert [(r["label"], r["ratio"]) for r in tuned] == [("20%", "20"), ("FLOPs 50%", "31"), ("safe (45%)", "45")]
-    runs = list(dict.fromkeys(r["run"] for r in tables["curves.csv"] if r["arch"] == "vgg16_bn"))
-    assert runs == ["sparse-train", "finetune-0.2", "finetune-flops0.5", "finetune-safe"]
-    marks = [(r["label"], r["gamma"]) for r in tables["gamma_hist.csv"]
+    sparse = [r for r in tables["tradeoff.csv"] if r["arch"] == "vgg16_bn" and r["series"] == plotdata.SPARSE]
+    assert [r["label"] for r in sparse] == ["20%", "FLOPs 50%", "safe (45%)"]
+    # at the same top-1 (80%), two sparse models share one label beside their points
+    assert [r["point_label"] for r in sparse] == ["20%", "FLOPs 50%, safe (45%)", "FLOPs 50%, safe (45%)"]
+    curves = [r for r in tables["curves.csv"] if r["arch"] == "vgg16_bn"]
+    assert list(dict.fromkeys((r["run"], r["target"]) for r in curves)) == [
+        ("sparse-train-0.2", "20%"), ("finetune-0.2", "20%"), ("sparse-train-flops0.5", "FLOPs 50%"),
+        ("finetune-flops0.5", "FLOPs 50%"), ("sparse-train-safe", "safe (45%)"), ("finetune-safe", "safe (45%)")]
+    marks = [(r["label"], r["gamma"], r["model"]) for r in tables["gamma_hist.csv"]
              if r["arch"] == "vgg16_bn" and r["kind"] == "threshold"]
-    assert marks == [("20%", "3.2e-05"), ("FLOPs 50%", "0.002"), ("safe (45%)", "0.02")]
+    assert marks == [("20%", "3.2e-05", "sparse-0.2"), ("FLOPs 50%", "0.002", "sparse-flops0.5"),
+                     ("safe (45%)", "0.02", "sparse-safe")]
+    sens = [r for r in tables["sensitivity.csv"] if r["arch"] == "vgg16_bn"]
+    assert list(dict.fromkeys(r["target"] for r in sens)) == ["20%", "FLOPs 50%", "safe (45%)"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,26 +493,39 @@ def test_targets_beyond_the_ratio_are_labelled_and_ordered() -> None:
 
 
 def test_sensitivity_rows_start_unpruned_and_keep_every_grid_ratio(tables: dict) -> None:
-    rows = [r for r in tables["sensitivity.csv"] if r["arch"] == "vgg16_bn"]
-    assert list(rows[0]) == list(plotdata.SENSITIVITY_FIELDS)
+    everything = tables["sensitivity.csv"]
+    assert list(everything[0]) == list(plotdata.SENSITIVITY_FIELDS)
+    # one curve per (arch, target): the sparse model trained for that target, in the order of the targets
+    assert list(dict.fromkeys((r["arch"], r["target"]) for r in everything)) == [
+        ("vgg16_bn", "20%"), ("vgg16_bn", "50%"), ("resnet50", "20%"), ("resnet50", "50%")]
+    rows = [r for r in everything if r["arch"] == "vgg16_bn" and r["target"] == "20%"]
     assert [r["label"] for r in rows] == ["unpruned", "25%", "50%", "75%"]
     assert [r["ratio"] for r in rows] == ["0", "25", "50", "75"]  # percent
     assert [r["top1"] for r in rows] == ["98", "97.5", "95", ""]  # the ratio that cannot be slimmed: no mark
     assert [r["mflops"] for r in rows] == ["100", "75", "50", ""]
     assert [r["within_budget"] for r in rows] == ["1", "1", "1", "0"]
     assert {r["safe_ratio"] for r in rows} == {"50"} and {r["budget_top1"] for r in rows} == {"95"}
-    other = [r for r in tables["sensitivity.csv"] if r["arch"] == "resnet50"]
+    assert {r["legend"] for r in rows} == {"20% (safe 50%)"}
+    sparser = [r for r in everything if r["arch"] == "vgg16_bn" and r["target"] == "50%"]
+    assert [r["top1"] for r in sparser] == ["98", "97.5", "96", "95.5"]  # measured on the 50% target's own model
+    assert {r["safe_ratio"] for r in sparser} == {"75"} and {r["legend"] for r in sparser} == {"50% (safe 75%)"}
+    other = [r for r in everything if r["arch"] == "resnet50" and r["target"] == "20%"]
     assert {r["safe_ratio"] for r in other} == {"25"} and other[2]["within_budget"] == "0"
     without = plotdata.plot_tables(**{**_inputs(), "sensitivity": None})
     assert "sensitivity.csv" not in without  # older callers: the three files as before
+    partial = _inputs()
+    del partial["sensitivity"]["resnet50"]["0.2"]  # a target without a report: no curve, the others drawn
+    rows = _rows(plotdata.plot_tables(**partial)["sensitivity.csv"])
+    assert {(r["arch"], r["target"]) for r in rows} == {("vgg16_bn", "20%"), ("vgg16_bn", "50%"), ("resnet50", "50%")}
 
 
 @pytest.mark.parametrize("name,texts", [
-    ("sensitivity by ratio", ("requested share of prunable BN channels removed (%)", "safe 50%", "safe 25%")),
-    ("sensitivity by FLOPs", ("MFLOPs per image", "safe 50%", "validation top-1 (%)")),
+    ("sensitivity by ratio", ("requested share of prunable BN channels removed (%)", "20% (safe 50%)",
+                              "50% (safe 75%)", "20% (safe 25%)", "50% (safe 50%)")),
+    ("sensitivity by FLOPs", ("MFLOPs per image", "20% (safe 50%)", "validation top-1 (%)")),
 ])
-def test_the_sensitivity_charts_render_one_line_per_arch_and_mark_the_safe_ratio(name: str,
-                                                                                 texts: tuple[str, ...]) -> None:
+def test_the_sensitivity_charts_render_one_line_per_target_in_each_arch_and_mark_the_safe_ratio(
+        name: str, texts: tuple[str, ...]) -> None:
     svg = render_plots.render(_filled_spec(name, ("HEAD", "workspace")), "svg").decode()
     for text in (*texts, "vgg16_bn", "resnet50", "revision", "HEAD", "workspace"):
         assert text in svg, text
@@ -454,9 +539,9 @@ def test_the_sensitivity_charts_render_one_line_per_arch_and_mark_the_safe_ratio
 def _pruned_only_zeros(inputs: dict[str, Any]) -> dict[str, Any]:
     """What the proximal penalties give: many exact zeros, and thresholds of 0 (only zeros removed)."""
     for arch in ARCHS:
-        sparse = inputs["gammas"][arch]["sparse"]
-        inputs["gammas"][arch]["sparse"] = torch.cat([torch.zeros(400), sparse[300:]])
         for tag in ("0.2", "0.5"):
+            sparse = inputs["gammas"][arch][f"sparse-{tag}"]
+            inputs["gammas"][arch][f"sparse-{tag}"] = torch.cat([torch.zeros(400), sparse[300:]])
             inputs["prunes"][arch][tag]["threshold"] = 0.0
     return inputs
 
@@ -468,9 +553,10 @@ def test_every_chart_shows_data_in_every_panel_and_no_label_overlaps(case: str, 
     if case == "zero thresholds":
         inputs = _pruned_only_zeros(inputs)
     if case == "close ratios":  # nearly the same FLOPs at both ratios: their labels would collide on one row
-        for arch in ARCHS:
+        for arch in ARCHS:  # and both sparse models at nearly the same top-1: so would their labels
             for label in ("pruned-0.5", "pruned-0.5-nofold", "finetuned-0.5"):
                 inputs["profile"][arch][label]["flops"] = 63.5e6
+            inputs["evals"][arch]["sparse-0.5"]["top1"] = 0.8805
     specs = render_plots.fill_specs(plotdata.plot_tables(**inputs), revs, ROOT / "dvc.yaml", ROOT / ".dvc" / "plots")
     assert len(specs) == 5
     for name, spec in specs.items():
@@ -516,7 +602,7 @@ def test_accuracies_carry_their_95_percent_interval_from_the_set_size(tables: di
     assert (float(val["lo"]), float(val["hi"])) == pytest.approx((100 * lo, 100 * hi), abs=1e-3)
     sens = next(r for r in tables["sensitivity.csv"] if r["label"] == "unpruned")
     assert sens["images"] == "144" and float(sens["top1_lo"]) < 98 < float(sens["top1_hi"])
-    assert sens["legend"] == "vgg16_bn (safe 50%)"
+    assert sens["legend"] == "20% (safe 50%)" and sens["target"] == "20%"
     assert plotdata.interval_pct(None, 10) == (None, None) and plotdata.interval_pct(90.0, None) == (None, None)
 
 
@@ -539,3 +625,33 @@ def test_the_committed_charts_show_their_data() -> None:
     specs = render_plots.fill_specs(tables, ("workspace",), ROOT / "dvc.yaml", ROOT / ".dvc" / "plots")
     for name, spec in specs.items():
         assert render_plots.chart_problems(spec, name) == [], name
+
+
+# --------------------------------------------------------------------------------------------
+# the sentences of docs/plots.md (render_plots.describe)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_doc_blocks_name_each_targets_own_sparse_model(tmp_path: Path) -> None:
+    """describe() reads metrics/eval.json, metrics/prune/ARCH-T.json and metrics/sensitivity/ARCH-T.json."""
+    inputs = _inputs()
+    (tmp_path / "prune").mkdir()
+    (tmp_path / "sensitivity").mkdir()
+    (tmp_path / "eval.json").write_text(json.dumps({"vgg16_bn": inputs["evals"]["vgg16_bn"]}))
+    for tag, report in inputs["prunes"]["vgg16_bn"].items():
+        (tmp_path / "prune" / f"vgg16_bn-{tag}.json").write_text(json.dumps({**report, "target": tag}))
+        (tmp_path / "sensitivity" / f"vgg16_bn-{tag}.json").write_text(
+            json.dumps(inputs["sensitivity"]["vgg16_bn"][tag]))
+    blocks = render_plots.describe(tmp_path)
+    assert blocks["tradeoff"] == (
+        "- **vgg16_bn** (359 test images, one image = 0.28 pt): dense baseline 90.00%; "
+        "20%: its sparse model 88.00%, 85.00% pruned, 89.12% after fine-tuning (within noise of the baseline); "
+        "50%: its sparse model 86.00%, n/a pruned, 87.00% after fine-tuning (within noise of the baseline).")
+    assert blocks["gamma"] == ("- **vgg16_bn**: thresholds (each on its target's own sparse model) "
+                               "20%: 3.2e-05; 50%: 0.0123.")
+    assert blocks["sensitivity"] == (
+        "- **vgg16_bn**: 20%'s sparse model: unpruned validation top-1 98.00%, safe ratio 50% (drop <= 3 pt); "
+        "50%'s sparse model: unpruned validation top-1 98.00%, safe ratio 75% (drop <= 3 pt); "
+        "144 validation images, one image = 0.69 pt.")
+    page = "a\n<!-- generated: tradeoff -->\nold\n<!-- /generated -->\n"
+    assert render_plots.fill_doc(page, {"tradeoff": "new"}) == page.replace("old", "new")

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_pipeline_stages_are_named_as_dvc_names_them() -> None:
     stages = progress.pipeline_stages(ROOT / "dvc.yaml", ROOT / "params.yaml")
-    assert len(stages) == 29 and len(set(stages)) == 29
+    assert len(stages) == 41 and len(set(stages)) == 41
     assert stages[:3] == ["baseline-train@vgg16_bn", "baseline-train@resnet50", "baseline-train@mobilenet_v2"]
     assert "prune@resnet50-0.6" in stages and "finetune@vgg16_bn-0.2" in stages
     assert stages[-2:] == ["profile", "evaluate"]
@@ -27,7 +27,9 @@ def test_pipeline_stages_are_named_as_dvc_names_them() -> None:
 def test_log_names_are_dvc_stage_names() -> None:
     assert paths.stage_name("finetune-0.2", "vgg16_bn") == "finetune@vgg16_bn-0.2"
     assert paths.stage_name("finetune-flops0.5", "resnet50") == "finetune@resnet50-flops0.5"
-    assert paths.stage_name("sparse-train", "mobilenet_v2") == "sparse-train@mobilenet_v2"
+    assert paths.stage_name("sparse-train-speedup2", "mobilenet_v2") == "sparse-train@mobilenet_v2-speedup2"
+    assert paths.stage_name("sensitivity-0.2", "resnet50") == "sensitivity@resnet50-0.2"
+    assert paths.stage_name("baseline-train", "resnet50") == "baseline-train@resnet50"
     assert not [p for p in (ROOT / "stages").glob("*.py") if '{run}@{arch}' in p.read_text()]
 
 
@@ -49,14 +51,14 @@ def test_announce_counts_the_stages_of_one_run_and_records_durations(tmp_path: P
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(progress, "dvc_run_id", lambda: "123-456")
     said: list[str] = []
-    for name in ("baseline-train@vgg16_bn", "sparse-train@vgg16_bn"):
+    for name in ("baseline-train@vgg16_bn", "sparse-train@vgg16_bn-0.2"):
         with progress.announce(name, said.append):
             pass
-    assert said[0].startswith("stage 1/29 baseline-train@vgg16_bn: 0s since the run's first stage")
-    assert said[2].startswith("stage 2/29 sparse-train@vgg16_bn: 0s since the run's first stage, at most ~")
+    assert said[0].startswith("stage 1/41 baseline-train@vgg16_bn: 0s since the run's first stage")
+    assert said[2].startswith("stage 2/41 sparse-train@vgg16_bn-0.2: 0s since the run's first stage, at most ~")
     assert said[1].startswith("stage baseline-train@vgg16_bn: done in ")
     durations = progress._read(progress.STATE_DIR / progress.DURATIONS)
-    assert set(durations) == {"baseline-train@vgg16_bn", "sparse-train@vgg16_bn"}
+    assert set(durations) == {"baseline-train@vgg16_bn", "sparse-train@vgg16_bn-0.2"}
     monkeypatch.setattr(progress, "pipeline_stages", lambda: 1 / 0)  # bookkeeping never fails a stage
     with progress.announce("evaluate", said.append):
         pass

@@ -17,10 +17,12 @@ from torch import nn
 from tests.test_faults import ARCH, _project, _said, _stage
 
 WIDTH = 0.125
+TARGETS = ("0.5", "safe", "flops0.6", "speedup1.5", "params0.1")  # what these tests prune to
 
 
 def _sparse(project: Path, gammas: str) -> None:
-    """models/ARCH/sparse.pt with dense gammas (all in [0.5, 1]) or bimodal ones (half ~1e-4)."""
+    """models/ARCH/sparse-T.pt for every T of :data:`TARGETS` (one model), with dense gammas (all in
+    [0.5, 1]) or bimodal ones (half ~1e-4)."""
     from slimcore.checkpoint import save_model
     from slimcore.models import build_model
     from tests.conftest import coupled_bimodal, randomize_bn
@@ -28,7 +30,8 @@ def _sparse(project: Path, gammas: str) -> None:
     model = randomize_bn(build_model(ARCH, 10, "cifar", WIDTH).eval())
     if gammas == "bimodal":
         model = coupled_bimodal(model, torch.randn(1, 3, 8, 8), zero_fraction=0.5)
-    save_model(project / "models" / ARCH / "sparse.pt", model)
+    for target in TARGETS:
+        save_model(project / "models" / ARCH / f"sparse-{target}.pt", model)
 
 
 def _prune(project: Path, target: str) -> tuple[str, dict]:
@@ -55,7 +58,7 @@ def test_removing_nonnegligible_channels_warns_in_one_line_and_records_it(dense:
     assert f"prune@{ARCH}-0.5" in line and "prune.warn_gamma=0.01" in line
     assert f"removes {report['nonnegligible_removed']} channels" in line
     assert f"threshold {report['threshold']:.3g}" in line
-    assert f"run the sensitivity stage (dvc repro sensitivity@{ARCH})" in line
+    assert f"run the sensitivity stage (dvc repro sensitivity@{ARCH}-0.5)" in line
     assert report["warn_gamma"] == pytest.approx(0.01)
     assert report["nonnegligible_removed"] > 0 and report["threshold"] > 0.01
     assert report["target"] == "0.5" and report["requested_ratio"] == 0.5
@@ -67,16 +70,17 @@ def test_safe_target_reads_the_sensitivity_report_and_names_the_safe_ratio(dense
     said = _said(proc)
     assert proc.returncode == 2 and "Traceback" not in said, said[-3000:]
     (error,) = [line for line in said.splitlines() if "error:" in line]
-    assert f"metrics/sensitivity/{ARCH}.json" in error and f"dvc repro sensitivity@{ARCH}" in error
+    assert f"metrics/sensitivity/{ARCH}-safe.json" in error and f"dvc repro sensitivity@{ARCH}-safe" in error
     assert not (dense / "models" / ARCH / "pruned-safe.pt").exists()
 
-    sensitivity = dense / "metrics" / "sensitivity" / f"{ARCH}.json"
+    sensitivity = dense / "metrics" / "sensitivity" / f"{ARCH}-safe.json"
     sensitivity.parent.mkdir(parents=True)
     sensitivity.write_text(json.dumps({"safe_ratio": 0.3, "curve": []}))
+    (sensitivity.parent / f"{ARCH}-0.5.json").write_text(json.dumps({"safe_ratio": 0.3, "curve": []}))
     said, report = _prune(dense, "safe")
     assert report["target"] == "safe" and report["requested_ratio"] == 0.3
     assert abs(report["true_ratio"] - 0.3) <= 0.01
-    assert report["safe_ratio_from"] == f"metrics/sensitivity/{ARCH}.json"
+    assert report["safe_ratio_from"] == f"metrics/sensitivity/{ARCH}-safe.json"
     for name in ("pruned-safe.pt", "pruned-safe-nofold.pt"):
         assert (dense / "models" / ARCH / name).is_file()
     assert (dense / "metrics" / "timings" / ARCH / "prune-safe.json").is_file()
@@ -87,7 +91,8 @@ def test_safe_target_reads_the_sensitivity_report_and_names_the_safe_ratio(dense
     # above the measured safe ratio, the warning names it
     said, _ = _prune(dense, "0.5")
     (line,) = [w for w in _warnings(said) if "warn_gamma" in w]
-    assert f"the safe ratio (top-1 drop within prune.max_drop=2 pt) is 30% (metrics/sensitivity/{ARCH}.json)" in line
+    assert f"the safe ratio (top-1 drop within prune.max_drop=2 pt) is 30% (metrics/sensitivity/{ARCH}-0.5.json)" \
+        in line
 
 
 def test_flops_target_writes_its_files_and_lands_or_says_why(tmp_path: Path) -> None:

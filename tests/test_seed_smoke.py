@@ -57,27 +57,29 @@ def test_stage_plan_follows_the_pipeline(tmp_path: Path) -> None:
     plan = stage_plan(params, train_images=100, test_images=30, val_images=10)
     names = [stage.name for stage in plan]
     assert names == [
-        "baseline-train@vgg16_bn", "sparse-train@vgg16_bn", "sensitivity@vgg16_bn", "prune@vgg16_bn-0.2",
-        "prune@vgg16_bn-0.5",
+        "baseline-train@vgg16_bn", "sparse-train@vgg16_bn-0.2", "sparse-train@vgg16_bn-0.5",
+        "sensitivity@vgg16_bn-0.2", "sensitivity@vgg16_bn-0.5", "prune@vgg16_bn-0.2", "prune@vgg16_bn-0.5",
         "finetune@vgg16_bn-0.2", "finetune@vgg16_bn-0.5",
-        "baseline-train@resnet50", "sparse-train@resnet50", "sensitivity@resnet50", "prune@resnet50-0.2",
-        "prune@resnet50-0.5",
+        "baseline-train@resnet50", "sparse-train@resnet50-0.2", "sparse-train@resnet50-0.5",
+        "sensitivity@resnet50-0.2", "sensitivity@resnet50-0.5", "prune@resnet50-0.2", "prune@resnet50-0.5",
         "finetune@resnet50-0.2", "finetune@resnet50-0.5", "profile", "evaluate"]
     by_name = {stage.name: (stage.args, stage.images) for stage in plan}
     timing = {stage.name: stage.timing for stage in plan}
-    assert timing["sparse-train@vgg16_bn"] == Path("metrics/timings/vgg16_bn/sparse-train.json")
+    assert timing["sparse-train@vgg16_bn-0.5"] == Path("metrics/timings/vgg16_bn/sparse-train-0.5.json")
     assert timing["prune@resnet50-0.5"] == Path("metrics/timings/resnet50/prune-0.5.json")
     assert timing["finetune@resnet50-0.2"] == Path("metrics/timings/resnet50/finetune-0.2.json")
     assert timing["profile"] is None and timing["evaluate"] is None
-    assert timing["sensitivity@resnet50"] == Path("metrics/timings/resnet50/sensitivity.json")
+    assert timing["sensitivity@resnet50-0.2"] == Path("metrics/timings/resnet50/sensitivity-0.2.json")
     # the validation split, for the unpruned model and each of the 19 ratios of the 0.05 grid
-    assert by_name["sensitivity@resnet50"] == (["stages.sensitivity", "--arch", "resnet50"], 10 * 20)
+    assert by_name["sensitivity@resnet50-0.2"] == (["stages.sensitivity", "--arch", "resnet50", "--target", "0.2"],
+                                                   10 * 20)
     assert by_name["prune@resnet50-0.5"] == (["stages.prune", "--arch", "resnet50", "--target", "0.5"], None)
     # 100 images over 2 processes: 50 each, 3 full batches of 16 -> 3 x 16 x 2 images a step
     assert train_steps(100, 16, 2) == 3
-    assert by_name["sparse-train@vgg16_bn"] == (["stages.sparse_train", "--arch", "vgg16_bn"], 96)
+    assert by_name["sparse-train@vgg16_bn-0.2"] == (["stages.sparse_train", "--arch", "vgg16_bn", "--target", "0.2"],
+                                                    96)
     assert by_name["finetune@resnet50-0.2"][1] == 96
-    assert by_name["evaluate"] == (["stages.evaluate"], 30 * 2 * 8)  # 8 checkpoints per arch
+    assert by_name["evaluate"] == (["stages.evaluate"], 30 * 2 * 9)  # 9 checkpoints per arch: 1 + 4 per target
     assert by_name["profile"][1] is None
 
 
@@ -120,7 +122,7 @@ def test_a_failing_stage_stops_the_smoke_and_keeps_its_log(tmp_path: Path, monke
     assert result.exit_code == 1, result.output
     log = workspace / "logs" / "01-prune-vgg16_bn-0.5.log"
     assert f"prune@vgg16_bn-0.5 exited with 2 (log: {log})" in result.output
-    assert "sparse.pt" in log.read_text() and "sparse.pt" in result.output
+    assert "sparse-0.5.pt" in log.read_text() and "sparse-0.5.pt" in result.output
     assert (workspace / "params.yaml").is_file()
 
 
@@ -166,9 +168,9 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
             f"\n--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(workspace.glob("logs/*.log")))
         runs[mode] = _digests(workspace)
         stages = json.loads(report.read_text())["stages"]
-        assert [s["stage"] for s in stages] == ["baseline-train@vgg16_bn", "sparse-train@vgg16_bn",
-                                                "sensitivity@vgg16_bn", "prune@vgg16_bn-0.5", "finetune@vgg16_bn-0.5",
-                                                "profile", "evaluate"]
+        assert [s["stage"] for s in stages] == ["baseline-train@vgg16_bn", "sparse-train@vgg16_bn-0.5",
+                                                "sensitivity@vgg16_bn-0.5", "prune@vgg16_bn-0.5",
+                                                "finetune@vgg16_bn-0.5", "profile", "evaluate"]
         # 128 images of 100 classes: the 28 classes with two give one each to the validation split,
         # 100 train (6 batches of 16); the sensitivity stage reads the 28 for the unpruned model and 3 ratios
         assert [s["images"] for s in stages] == [96, 96, 28 * 4, None, 96, None, 32 * 5]
@@ -180,7 +182,8 @@ def test_seed_smoke_runs_every_stage_on_cpu(tmp_path: Path, monkeypatch: pytest.
                                   "root": str(workspace / "data")}
         assert params["runtime"]["amp"] == "bf16" and params["model"]["stem"] == "imagenet"
         evals = json.loads((workspace / "metrics" / "eval.json").read_text())
-        assert set(evals["vgg16_bn"]) == {"baseline", "sparse", "pruned-0.5", "pruned-0.5-nofold", "finetuned-0.5"}
+        assert set(evals["vgg16_bn"]) == {"baseline", "sparse-0.5", "pruned-0.5", "pruned-0.5-nofold",
+                                          "finetuned-0.5"}
         assert (workspace / "metrics" / "results.md").is_file()
         for stage in ("baseline-train@vgg16_bn", "evaluate"):
             assert stage in result.output

@@ -1,4 +1,4 @@
-"""The sensitivity curve (slimcore_pipeline.sensitivity) and the ``sensitivity@ARCH`` stage."""
+"""The sensitivity curve (slimcore_pipeline.sensitivity) and the ``sensitivity@ARCH-TARGET`` stage."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from tests.helpers.params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+TARGET = "0.5"  # the prune target whose sparse model the stage measures
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def tiny_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, 
     torch.manual_seed(0)
     model = build_model(arch, 10, params["model"]["stem"], 0.0625)
     coupled_bimodal(model, torch.randn(2, 3, 8, 8), zero_fraction=0.5).eval()
-    save_model(paths.checkpoint(arch, "sparse"), model, run="sparse-train")
+    save_model(paths.sparse(arch, TARGET), model, run=paths.sparse_run(TARGET))
     return arch, params
 
 
@@ -208,10 +209,10 @@ def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_proje
         return splits
 
     monkeypatch.setattr(data, "load_splits", guarded)
-    result = runner.invoke(stage.app, ["--arch", arch])
+    result = runner.invoke(stage.app, ["--arch", arch, "--target", TARGET])
     assert result.exit_code == 0, result.output
     assert calls and calls[0] > 0
-    report = json.loads(paths.sensitivity_report(arch).read_text())
+    report = json.loads(paths.sensitivity_report(arch, TARGET).read_text())
     assert set(report) == {"arch", "max_drop", "step", "reference_top1", "reference_top5", "reference_mflops",
                            "reference_params", "val_images", "image_size", "policy", "safe_ratio", "points",
                            "warn_gamma", "gammas_below_warn"}
@@ -220,7 +221,8 @@ def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_proje
     assert 0.25 <= report["gammas_below_warn"] <= 1  # half the channels were zeroed
     assert "reached no sparsity" not in result.output
     said = " ".join(result.output.split())  # the cost, said before the work
-    assert f"sensitivity@{arch}: 3 ratios (prune.sensitivity_step 0.25), each one slim and one pass over the" in said
+    assert (f"sensitivity@{arch}-{TARGET}: 3 ratios (prune.sensitivity_step 0.25), each one slim and one pass "
+            "over the") in said
     assert (report["arch"], report["max_drop"], report["step"], report["val_images"]) == (arch, 2.0, 0.25, calls[0])
     assert report["policy"] == PruneConfig(**params["prune"]).policy()
     assert [p["ratio"] for p in report["points"]] == [0.25, 0.5, 0.75]
@@ -231,13 +233,13 @@ def test_the_stage_writes_the_curve_reading_only_the_validation_split(tiny_proje
         assert point["drop"] == pytest.approx(report["reference_top1"] - point["top1"], abs=1e-3)
     points = [SensitivityPoint(ratio=p["ratio"], top1=p["top1"]) for p in report["points"]]
     assert report["safe_ratio"] == safe_ratio(points, report["reference_top1"], 2.0)
-    assert f"sensitivity@{arch}: safe ratio {report['safe_ratio']:g} (val top-1 " in " ".join(result.output.split())
+    assert f"sensitivity@{arch}-{TARGET}: safe ratio {report['safe_ratio']:g} (val top-1 " in said
     assert "budget 2 pt)" in result.output
     # the json holds no wall-clock figure: those go to the timings file, and only there
-    assert list(json.loads(paths.timings(arch, "sensitivity").read_text())) == ["seconds"]
-    first = paths.sensitivity_report(arch).read_bytes()
-    assert runner.invoke(stage.app, ["--arch", arch]).exit_code == 0
-    assert paths.sensitivity_report(arch).read_bytes() == first  # same inputs, same bytes
+    assert list(json.loads(paths.timings(arch, paths.sensitivity_run(TARGET)).read_text())) == ["seconds"]
+    first = paths.sensitivity_report(arch, TARGET).read_bytes()
+    assert runner.invoke(stage.app, ["--arch", arch, "--target", TARGET]).exit_code == 0
+    assert paths.sensitivity_report(arch, TARGET).read_bytes() == first  # same inputs, same bytes
 
 
 def test_a_sparse_model_with_no_sparsity_is_named_in_one_warning(tiny_project: tuple[str, dict]) -> None:
@@ -249,13 +251,13 @@ def test_a_sparse_model_with_no_sparsity_is_named_in_one_warning(tiny_project: t
     arch, params = tiny_project
     torch.manual_seed(0)
     dense = randomize_bn(build_model(arch, 10, params["model"]["stem"], 0.0625)).eval()  # gammas in [0.5, 1]
-    save_model(paths.checkpoint(arch, "sparse"), dense, run="sparse-train")
-    result = runner.invoke(stage.app, ["--arch", arch])
+    save_model(paths.sparse(arch, TARGET), dense, run=paths.sparse_run(TARGET))
+    result = runner.invoke(stage.app, ["--arch", arch, "--target", TARGET])
     assert result.exit_code == 0, result.output
-    report = json.loads(paths.sensitivity_report(arch).read_text())
+    report = json.loads(paths.sensitivity_report(arch, TARGET).read_text())
     assert report["gammas_below_warn"] == 0.0
     said = " ".join(result.output.split())
-    assert (f"warning: sensitivity@{arch}: sparse-train reached no sparsity: 0.0% of BN gammas below 0.01; "
+    assert (f"warning: sensitivity@{arch}-{TARGET}: sparse-train reached no sparsity: 0.0% of BN gammas below 0.01; "
             f"raise penalty.strength.{arch} or train.epochs") in said
 
 
@@ -273,6 +275,6 @@ def test_the_stage_refuses_an_empty_validation_split(tiny_project: tuple[str, di
         return splits
 
     monkeypatch.setattr(data, "load_splits", empty)
-    result = runner.invoke(stage.app, ["--arch", arch])
+    result = runner.invoke(stage.app, ["--arch", arch, "--target", TARGET])
     assert result.exit_code == 2 and "validation split" in result.output and "val_fraction" in result.output
-    assert not paths.sensitivity_report(arch).exists()
+    assert not paths.sensitivity_report(arch, TARGET).exists()
