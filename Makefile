@@ -34,9 +34,9 @@ seed-smoke: $(STAMP)  ## the seed preset end to end on synthetic CIFAR-100, a fe
 	$(BIN)/python -m slimcore_pipeline.seed_smoke configs/seed-cifar100.yaml $(CPU_FLAG) $(SMOKE_ARGS)
 
 # Real data on a laptop CPU (docs/benchmarks.md): Fashion-MNIST as Debian's dataset-fashion-mnist
-# installs it (`apt-get install dataset-fashion-mnist`), all three archs in about 30 minutes on 2 cores.
+# installs it (`apt-get install dataset-fashion-mnist`), all three archs in about 16 minutes on 2 cores.
 # Runs `dvc exp run --temp`: params.yaml, dvc.lock and metrics/ here stay as committed.
-fashion-mnist: $(STAMP)  ## the Fashion-MNIST CPU preset as a DVC experiment (about 30 min on 2 cores)
+fashion-mnist: $(STAMP)  ## the Fashion-MNIST CPU preset as a DVC experiment (about 16 min on 2 cores)
 	$(BIN)/python -m slimcore_pipeline.preset configs/fashion-mnist.yaml --allow-cpu $(PRESET_ARGS)
 
 peers: $(STAMP)  ## slimcore vs the paper's recipe and Torch-Pruning at 2x/4x MACs on Fashion-MNIST (docs/benchmarks.md)

@@ -233,13 +233,15 @@ def data_summary(splits: Any, eval_test: bool, section: str) -> str:
 def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train_cfg: Any,
                         strength: float, init: Path | None = None, weights: Path | None = None,
                         module: str, units: Callable[[nn.Module], Any] | None = None,
-                        penalty_target: Callable[[nn.Module], float] | None = None) -> None:
+                        penalty_target: Callable[[nn.Module], float] | None = None,
+                        meta_run: str | None = None) -> None:
     """Train a model and save it to ``out``: from the checkpoint ``init``, else built through
     params' ``models`` and initialised from the ``weights`` file (random init without one).
 
     ``strength``: the penalty's (0: no penalty); ``units`` gives its coupled channels (from the starting model) and
     ``penalty_target`` the share of BN channels it shrinks, re-resolved from the model at the
-    start of every epoch (sparse-train with ``penalty.target: auto`` only).
+    start of every epoch (sparse-train with ``penalty.target: auto`` only). ``meta_run``: the run
+    the checkpoint records (default ``run``; every sparse-train-T records ``sparse-train``).
     Resumes from the run's last finished epoch if an earlier attempt was interrupted (only with
     the same settings, arch, start checkpoint and weights file).  With ``runtime.nproc > 1`` the
     stage ``module`` first relaunches itself under torchrun.
@@ -309,7 +311,7 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
             final = history[-1] if history else None
             # only what the same inputs reproduce exactly: no wall-clock figure goes in here
             # (the strength goes in as meta "sparsity", the key every earlier checkpoint has)
-            save_model(out, model.cpu(), run=run, history=[vars(h) for h in history],
+            save_model(out, model.cpu(), run=meta_run or run, history=[vars(h) for h in history],
                        val_top1=final.val_top1 if final else None, test_top1=final.test_top1 if final else None,
                        sparsity=strength, normalization=splits.normalization, torch_version=str(torch.__version__))
             write_timings(paths.timings(arch, run), trainer.timings, ctx)

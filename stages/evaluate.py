@@ -114,7 +114,10 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
                 if label == "baseline" or label.startswith("sparse-"):  # baseline, sparse-T: |gamma| histograms
                     gammas[arch][label] = gamma_magnitudes(model).cpu()
                 if meta.get("history"):  # trained checkpoints: baseline-train, sparse-train-T, finetune-T
-                    histories[arch][meta["run"]] = meta["history"]
+                    # every sparse checkpoint records the run sparse-train: its file names the target
+                    run = paths.sparse_run(label.removeprefix("sparse-")) if label.startswith("sparse-") \
+                        else meta["run"]
+                    histories[arch][run] = meta["history"]
             prunes[arch] = {t.tag: json.loads(paths.prune_report(arch, t).read_text()) for t in targets}
         write_json(paths.eval_report(), evals)
         write_summaries(params, evals, profile, prunes, sensitivity)

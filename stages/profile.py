@@ -42,6 +42,24 @@ def remove_stale_outputs(archs: list[str], targets: list[Any]) -> list[Path]:
     return stale
 
 
+def removal_lines(removed: list[Path], archs: list[str]) -> list[str]:
+    """What the stale-output sweep removed, in at most two lines: outputs of dropped targets
+    (counted, with the first few named), and what an earlier version's per-arch sparse stages left."""
+    from slimcore_pipeline import paths
+
+    legacy = {path for arch in archs for path in paths.per_arch_sparse_outputs(arch)}
+    lines = []
+    for group, why in (([p for p in removed if p not in legacy], "of targets no longer in prune.targets (DVC never "
+                        "deletes what a dropped matrix stage wrote)"),
+                       ([p for p in removed if p in legacy], "left by an earlier version's one sparse model per "
+                        "arch (each target has its own now)")):
+        if group:
+            more = f" and {len(group) - 3} more" if len(group) > 3 else ""
+            shown = ", ".join(p.as_posix() for p in group[:3]) + more
+            lines.append(f"profile: removed {len(group)} output{'s' if len(group) != 1 else ''} {why}: {shown}")
+    return lines
+
+
 def onnxruntime_latencies(models: dict[str, Any], size: int, runs: int, warmup: int,
                           threads: int) -> dict[str, dict[str, float]]:
     """onnxruntime CPU latency of each model, exported in memory as ONNX (BatchNorm folded, checked
@@ -105,11 +123,8 @@ def main(params_file: Path = PARAMS_OPTION) -> None:
 
         check_writable(paths.profile_report().parent, paths.latency_report().parent, paths.latency_table().parent)
         targets = params.prune.parsed_targets()
-        legacy = {path for arch in params.archs for path in paths.per_arch_sparse_outputs(arch)}
-        for path in remove_stale_outputs(params.archs, targets):
-            why = ("an earlier version's one sparse model per arch: each target has its own now" if path in legacy
-                   else "its target is no longer in prune.targets")
-            console.log(f"profile: removed {path} ({why})")
+        for line in removal_lines(remove_stale_outputs(params.archs, targets), params.archs):
+            console.log(line)
         size, cfg = params.data.image_size, params.profile
         result: dict[str, dict[str, object]] = {}
         latency: dict[str, dict[str, dict[str, Any]]] = {}

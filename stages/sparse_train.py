@@ -5,6 +5,7 @@ removes and no more, so a 2x model does not carry the dead channels a 4x budget 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,13 +95,34 @@ def main(
                                                   f"penalty.strength.{arch}": strength})
         goal = check_target(params, target)
         from slimcore_pipeline import paths
+        from stages import _reuse
 
+        name, run, out = f"sparse-train@{arch}-{goal.tag}", paths.sparse_run(goal), paths.sparse(arch, goal)
         start = start_of(params, arch, "sparse-train")
-        train_to_checkpoint(params, arch, paths.sparse_run(goal), paths.sparse(arch, goal),
+        key = _reuse.reuse_key(params, arch, start) if _reuse.target_independent(params, arch) else None
+        if key is not None:
+            source = _reuse.restore(arch, key, out, paths.curves(arch, run), paths.timings(arch, run))
+            if source is not None:
+                console.log(f"{name}: {why_shared(params, arch)}, so every prune target trains the same model "
+                            f"from the same inputs: copied {source}'s ({_reuse.kept_runs(arch) / key}) to {out}")
+                return
+        train_to_checkpoint(params, arch, run, out,
                             train_cfg=params.train, strength=params.penalty.strength[arch], init=start.init,
                             weights=start.weights, module="stages.sparse_train",
                             units=lambda model: coupled_channels(model, params, f"{arch}-{goal.tag}"),
-                            penalty_target=auto_share(params, arch, goal))
+                            penalty_target=auto_share(params, arch, goal), meta_run=_reuse.META_RUN)
+        if key is not None and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 wrote the files
+            _reuse.keep(arch, key, out, paths.curves(arch, run), name)
+
+
+def why_shared(params: Params, arch: str) -> str:
+    """Why the penalty ignores the prune target (see :func:`stages._reuse.target_independent`)."""
+    pen = params.penalty
+    if pen.strength[arch] == 0:
+        return f"penalty.strength.{arch} is 0"
+    if pen.method == "l1":
+        return "penalty.method l1 pulls every gamma whatever the target"
+    return f"penalty.target is the fixed share {float(pen.target):g}"
 
 
 if __name__ == "__main__":

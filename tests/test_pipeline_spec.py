@@ -450,3 +450,18 @@ def test_no_checkpoint_is_tracked_by_git() -> None:
                              text=True).stdout.split()
     committed = [f for f in tracked if PurePosixPath(f).name != ".gitignore"]
     assert not committed, f"checkpoints tracked by git (DVC outputs must stay out of git): {committed}"
+
+
+def test_the_profile_stage_sums_up_what_it_removed() -> None:
+    """Dropping targets removes a dozen files per target: the log says how many and why, in a line each."""
+    from stages.profile import removal_lines
+
+    dropped = [p for t in (0.6, "speedup4") for p in paths.target_outputs("vgg16_bn", t)]
+    legacy = paths.per_arch_sparse_outputs("vgg16_bn")
+    lines = removal_lines(dropped + legacy, ["vgg16_bn"])
+    assert len(lines) == 2
+    assert lines[0].startswith(f"profile: removed {len(dropped)} outputs of targets no longer in prune.targets")
+    assert lines[0].endswith(f"and {len(dropped) - 3} more") and dropped[0].as_posix() in lines[0]
+    assert lines[1].startswith(f"profile: removed {len(legacy)} outputs left by an earlier version's one sparse "
+                               "model per arch")
+    assert removal_lines([], ["vgg16_bn"]) == []
