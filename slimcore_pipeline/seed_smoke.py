@@ -153,36 +153,26 @@ def stage_plan(params: Params, train_images: int, test_images: int, val_images: 
     unpruned model and once per ratio of its grid."""
     from slimcore_pipeline.sensitivity import ratio_grid
 
-    passes = len(ratio_grid(params.prune.sensitivity_step)) + 1
-    plan: list[PlannedStage] = []
+    def seen(cfg: Any) -> int:  # images a training stage pushes through its model: full batches x epochs
+        return train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
+            * params.runtime.nproc * cfg.epochs
+
+    # the stages of each (arch, target), in dvc.yaml's order: kind, module, images, run name of its timing file
+    per_target = (("sparse-train", "sparse_train", seen(params.train), paths.sparse_run),
+                  ("sensitivity", "sensitivity", val_images * (len(ratio_grid(params.prune.sensitivity_step)) + 1)
+                   or None, paths.sensitivity_run),
+                  ("prune", "prune", None, paths.prune_run),
+                  ("finetune", "finetune", seen(params.finetune), paths.finetune_run))
     targets = params.prune.parsed_targets()
-    trained = train_steps(train_images, params.train.batch_size, params.runtime.nproc) * params.train.batch_size \
-        * params.runtime.nproc * params.train.epochs
+    plan: list[PlannedStage] = []
     for arch in params.archs:
-        plan.append(PlannedStage(f"baseline-train@{arch}", ["stages.baseline_train", "--arch", arch], trained,
-                                 paths.timings(arch, "baseline-train")))
-        for target in targets:  # one sparse model per target, and its sensitivity curve
-            tag = target.tag
-            plan.append(PlannedStage(f"sparse-train@{arch}-{tag}",
-                                     ["stages.sparse_train", "--arch", arch, "--target", tag], trained,
-                                     paths.timings(arch, paths.sparse_run(target))))
-        for target in targets:
-            tag = target.tag
-            plan.append(PlannedStage(f"sensitivity@{arch}-{tag}",
-                                     ["stages.sensitivity", "--arch", arch, "--target", tag],
-                                     val_images * passes or None, paths.timings(arch, paths.sensitivity_run(target))))
-        for target in targets:
-            tag = target.tag
-            plan.append(PlannedStage(f"prune@{arch}-{tag}", ["stages.prune", "--arch", arch, "--target", tag], None,
-                                     paths.timings(arch, paths.prune_run(target))))
-        for target in targets:
-            tag, cfg = target.tag, params.finetune
-            seen = train_steps(train_images, cfg.batch_size, params.runtime.nproc) * cfg.batch_size \
-                * params.runtime.nproc * cfg.epochs
-            plan.append(PlannedStage(f"finetune@{arch}-{tag}", ["stages.finetune", "--arch", arch, "--target", tag],
-                                     seen, paths.timings(arch, paths.finetune_run(target))))
+        plan.append(PlannedStage(f"baseline-train@{arch}", ["stages.baseline_train", "--arch", arch],
+                                 seen(params.train), paths.timings(arch, "baseline-train")))
+        for kind, module, images, run_of in per_target:
+            plan += [PlannedStage(f"{kind}@{arch}-{t.tag}", [f"stages.{module}", "--arch", arch, "--target", t.tag],
+                                  images, paths.timings(arch, run_of(t))) for t in targets]
     plan.append(PlannedStage("profile", ["stages.profile"], None, None))
-    checkpoints = sum(len(paths.model_files(arch, params.prune.parsed_targets())) for arch in params.archs)
+    checkpoints = sum(len(paths.model_files(arch, targets)) for arch in params.archs)
     plan.append(PlannedStage("evaluate", ["stages.evaluate"], test_images * checkpoints, None))
     return plan
 

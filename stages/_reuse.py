@@ -38,12 +38,9 @@ def reuse_key(params: Params, arch: str, start: Start) -> str:
     """The fingerprint of everything a target-independent sparse-train run of ``arch`` reads."""
     import torch
 
-    from stages._training import code_signature, data_signature, fingerprint
+    from stages._training import inputs_fingerprint
 
-    return fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, META_RUN,
-                       start.init if start.init is not None else "scratch",
-                       start.weights if start.weights is not None else "no weights",
-                       code_signature(), data_signature(params.data.root), str(torch.__version__))
+    return inputs_fingerprint(params, arch, start.init, start.weights, META_RUN, str(torch.__version__))
 
 
 def kept_runs(arch: str) -> Path:

@@ -69,6 +69,15 @@ def data_signature(root: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def inputs_fingerprint(params: Params, arch: str, init: Path | None, weights: Path | None, *parts: Any) -> str:
+    """:func:`fingerprint` of what a training run of ``arch`` reads, and ``parts``: every params section
+    but ``prune`` and ``profile``, the start checkpoint and weights file (by content), the project's
+    code and the data folder. The resume state and the kept sparse runs (``stages/_reuse.py``) use it."""
+    return fingerprint(params.model_dump(exclude={"prune", "profile"}), arch,
+                       init if init is not None else "scratch", weights if weights is not None else "no weights",
+                       code_signature(), data_signature(params.data.root), *parts)
+
+
 def fingerprint(*parts: Any) -> str:
     """A stable hash of settings and input files: resume only a run with the same inputs."""
     h = hashlib.sha256()
@@ -301,10 +310,8 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
         trainer = Trainer(model, train_cfg, ctx, train, val, desc=paths.stage_name(run, arch), penalty=penalty,
                           test_loader=test, retarget=retarget)
         # files (Path) are hashed by content: a resume never mixes a changed start or weights file
-        key = fingerprint(params.model_dump(exclude={"prune", "profile"}), arch, run, strength,
-                          params.prune.model_dump() if retarget else None,
-                          init if init is not None else "scratch", weights if weights is not None else "no weights",
-                          code_signature(), data_signature(params.data.root))
+        key = inputs_fingerprint(params, arch, init, weights, run, strength,
+                                 params.prune.model_dump() if retarget else None)
         state = paths.resume_state(arch, run)
         history = trainer.fit(state_path=state, fingerprint=key, curves_dir=paths.curves(arch, run))
         if ctx.is_main:
@@ -330,6 +337,6 @@ def train_to_checkpoint(params: Params, arch: str, run: str, out: Path, *, train
 
 
 __all__ = ["CHANCE_MARGIN_PT", "Start", "chance_warning", "code_signature", "data_signature", "data_summary",
-           "fingerprint",
+           "fingerprint", "inputs_fingerprint",
            "near_chance", "relaunch_under_torchrun", "seed_everything", "start_of", "starting_model",
            "train_to_checkpoint", "write_timings"]

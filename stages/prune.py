@@ -38,16 +38,16 @@ def read_safe_ratio(arch: str, target: TargetLike) -> float:
     return float(ratio)
 
 
-def safe_ratio_hint(arch: str, target: TargetLike, max_drop: float) -> str:
-    """Where the warning points: the safe ratio when the sensitivity report exists."""
+def safe_ratio_hint(arch: str, target: TargetLike, max_drop: float, measured: float | None) -> str:
+    """Where the warning points: the safe ratio ``measured`` (:func:`measured_safe_ratio`), or the
+    stage that measures it when there is none."""
     from slimcore_pipeline import paths
 
-    try:
-        return (f"the safe ratio (top-1 drop within prune.max_drop={max_drop:g} pt) is "
-                f"{100 * read_safe_ratio(arch, target):.4g}% ({paths.sensitivity_report(arch, target)})")
-    except ValueError:
+    if measured is None:
         return (f"run the sensitivity stage (dvc repro sensitivity@{arch}-{paths.target_tag(target)}) "
                 "for the safe ratio")
+    return (f"the safe ratio (top-1 drop within prune.max_drop={max_drop:g} pt) is "
+            f"{100 * measured:.4g}% ({paths.sensitivity_report(arch, target)})")
 
 
 def gamma_warning(name: str, report: Any, hint: str, safe_ratio: float | None = None) -> str | None:
@@ -189,7 +189,8 @@ def main(
                          f"channels removed for a requested {ratio:.0%}: {report.skipped_bn_channels} BN channels "
                          f"are held fixed in skipped groups (see 'skipped' in {paths.prune_report(arch, goal)})")
         measured = safe if safe is not None else measured_safe_ratio(arch, goal)
-        lines.append(gamma_warning(name, report, safe_ratio_hint(arch, goal, params.prune.max_drop), measured))
+        hint = safe_ratio_hint(arch, goal, params.prune.max_drop, measured)
+        lines.append(gamma_warning(name, report, hint, measured))
         note = gamma_note(name, report, measured, params.prune.max_drop)
         if note:
             console.log(note)
